@@ -1,0 +1,226 @@
+"""The `proalign-engine` command line."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import __version__
+from .errors import ProAlignError
+
+
+def _entries(features, manifest):
+    from .features import list_slides
+
+    if (features is None) == (manifest is None):
+        raise click.UsageError("give exactly one of --features DIR or --manifest CSV")
+    try:
+        entries = list_slides(features=features, manifest=manifest)
+    except (OSError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    if not entries:
+        raise click.UsageError(f"no .h5 or .pt feature files found in {features or manifest}")
+    return entries
+
+
+class _Group(click.Group):
+    """Turns our own errors into one clear line and exit code 2 instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ProAlignError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="proalign-engine")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """ProAlign slide embeddings for whole-slide-image archives."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+features_opts = [
+    click.option("--features", type=click.Path(file_okay=False), help="Folder of per-slide .h5/.pt feature files."),
+    click.option("--manifest", type=click.Path(dir_okay=False), help="CSV with columns slide_id,path instead of a folder."),
+]
+
+
+def _with(options):
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+    return deco
+
+
+@main.command()
+@_with(features_opts)
+@click.option("--prototypes", "prototypes", required=True, type=click.Path(dir_okay=False), help="Prototype file (K, d).")
+@click.option("--out", required=True, type=click.Path(), help="The LMDB store (a folder); created if missing.")
+@click.option("--method", default="proalign", show_default=True,
+              type=click.Choice(["proalign", "panther", "h2t", "protocount", "mean"]))
+@click.option("--tau", multiple=True, type=float, help="Attention temperature(s); several give one row each. [0.1]")
+@click.option("--over", default="patches", show_default=True, type=click.Choice(["patches", "prototypes"]))
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Stored embedding dtype.")
+@click.option("--backend", default=None, help="Aggregation backend (default: fastest live; see `doctor`).")
+@click.option("--encoder-id", default=None, help="Encoder name recorded in provenance (default: the file's attribute).")
+@click.option("--overwrite", is_flag=True, help="Redo slides already stored with the same options.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Run report JSON path.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def embed(features, manifest, prototypes, out, method, tau, over, dtype, backend, encoder_id, overwrite, report, progress):
+    """Embed every slide's patch features into the store at --out (resumable, idempotent).
+
+    Exit code 0 when every slide is stored, 1 when any slide failed (see the run report)."""
+    from .pipeline import EmbedOptions, embed_features
+
+    opts = EmbedOptions(method=method, taus=tuple(tau) or (0.1,), over=over, dtype=dtype, backend=backend,
+                        encoder_id=encoder_id)
+    try:
+        rep = embed_features(_entries(features, manifest), prototypes, out, opts, overwrite=overwrite,
+                             report_path=report, progress=progress)
+    except (ValueError, RuntimeError) as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(f"store: {Path(out).resolve()}")
+    click.echo(rep.summary())
+    for sid, why in rep.failed.items():
+        click.echo(f"FAILED {sid}: {why}", err=True)
+    click.echo(f"report: {rep.report_path}")
+    sys.exit(0 if rep.ok else 1)
+
+
+@main.group()
+def prototypes():
+    """Build prototype sets."""
+
+
+@prototypes.command("build")
+@_with(features_opts)
+@click.option("--init", "init", default="kmeans", show_default=True, type=click.Choice(["kmeans", "text", "file"]))
+@click.option("--k", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--pool-size", default=100_000, show_default=True, type=click.IntRange(1))
+@click.option("--text-prototypes", type=click.Path(dir_okay=False), help="init=text: text prototypes t_k (K, D).")
+@click.option("--projection", type=click.Path(dir_okay=False), help="init=text: projection W (d, D), z = x W.")
+@click.option("--tau-a", default=0.01, show_default=True, type=float, help="init=text: allocation temperature.")
+@click.option("--top-fraction", default=0.01, show_default=True, type=float, help="init=text: M_k as a pool fraction.")
+@click.option("--from", "from_file", type=click.Path(dir_okay=False), help="init=file: prototype file to start from.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors or .npz.")
+@click.option("--force", is_flag=True, help="Save even a collapsed set.")
+def prototypes_build(features, manifest, init, k, seed, pool_size, text_prototypes, projection, tau_a, top_fraction,
+                     from_file, out, force):
+    """Build a prototype set from a cohort's features (METHOD.md Step 3)."""
+    from .prototypes.build import build_prototype_set
+    from .prototypes.io import read_matrix, read_prototype_file, save_prototypes
+
+    entries = _entries(features, manifest)
+    text = read_prototype_file(text_prototypes)[0] if text_prototypes else None
+    proj = read_matrix(projection) if projection else None
+    initial = read_prototype_file(from_file)[0] if from_file else None
+    ps = build_prototype_set(entries, init=init, k=k, seed=seed, pool_size=pool_size, text_prototypes=text,
+                             projection=proj, tau_a=tau_a, top_fraction=top_fraction, initial=initial)
+    click.echo(f"pool: {ps.meta['pool_size']} patches from {ps.meta['n_slides']} slides "
+               f"({len(ps.meta['skipped_slides'])} skipped)")
+    for sid, why in ps.meta["skipped_slides"].items():
+        click.echo(f"skipped {sid}: {why}", err=True)
+    click.echo("usage per prototype: " + " ".join(f"{j}:{u:.3f}" for j, u in enumerate(ps.usage)))
+    if ps.collapsed and not force:
+        click.echo(f"error: collapsed prototype set: prototypes {ps.collapsed} have < 0.1% usage; "
+                   f"not saved (use --force to save anyway)", err=True)
+        sys.exit(1)
+    h = save_prototypes(out, ps.prototypes, {**ps.meta, "engine_version": __version__})
+    click.echo(f"wrote {out} (K={ps.prototypes.shape[0]}, d={ps.prototypes.shape[1]}, hash {h})")
+
+
+@main.group()
+def store():
+    """Inspect, export and verify an embedding store."""
+
+
+@store.command("ls")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def store_ls(path):
+    """One line per slide: id, N, shape, method."""
+    from .store import open_store
+
+    with open_store(path) as s:
+        for sid, rec in s.items():
+            click.echo(f"{sid}\tN={rec.n_patches}\tshape={tuple(rec.embedding.shape)}\t{rec.meta.get('method')}")
+        click.echo(f"{len(s)} slides", err=True)
+
+
+@store.command("show")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("slide_id")
+def store_show(path, slide_id):
+    """Provenance and a preview of one slide's embedding."""
+    from .store import open_store
+
+    with open_store(path) as s:
+        if slide_id not in s:
+            raise click.ClickException(f"slide {slide_id!r} is not in {path}")
+        rec = s.record(slide_id)
+    click.echo(json.dumps({**rec.meta, "n_patches": rec.n_patches}, indent=2))
+    e = rec.embedding.astype(np.float32)
+    click.echo(f"embedding: shape {e.shape} {rec.embedding.dtype}, first values {np.round(e.ravel()[:6], 4).tolist()}")
+
+
+@store.command("export")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(["npy", "parquet", "h5"]))
+@click.option("--out", required=True, type=click.Path(), help="File (npy, parquet) or folder (h5).")
+def store_export(path, fmt, out):
+    """Export to .npy (+ ids), parquet, or TRIDENT-style slide_features .h5 files."""
+    from .store import open_store
+    from .store.export import export_store
+
+    with open_store(path) as s:
+        written = export_store(s, fmt, out)
+    click.echo(f"wrote {len(written)} file(s) under {Path(out).resolve()}")
+
+
+@store.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def store_verify(path):
+    """Check every record; exit 1 when any is damaged."""
+    from .store import open_store
+    from .store.export import verify_store
+
+    with open_store(path) as s:
+        n = len(s)
+        problems = verify_store(s)
+    for sid, why in problems.items():
+        click.echo(f"BAD {sid}: {why}", err=True)
+    click.echo(f"{n - len(problems)} of {n} records OK")
+    sys.exit(1 if problems else 0)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json):
+    """Versions, live backends and devices, and why the others are not live."""
+    from .doctor import report
+
+    r = report()
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"proalign-engine {__version__}  python {r['python']}  {r['platform']}")
+    for p, v in r["packages"].items():
+        click.echo(f"  {p:12s} {v}")
+    click.echo(f"  {'proalign._C':12s} {r['native_module']}")
+    click.echo(f"devices: cuda={r['devices']['cuda']} {r['devices']['cuda_devices']}")
+    for name, b in r["backends"].items():
+        click.echo(f"backend {name:8s} {'live' if b['live'] else 'off: ' + b['why_not']}  methods={','.join(b['methods'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Reading TRIDENT / CLAM patch feature files, one slide at a time.
+
+`.h5`: dataset `features` (N, d) (CLAM writes it as it extracts, so chunks may be one row; some
+tools keep a leading batch axis, (1, N, d)) and usually `coords` (N, 2), with their attributes.
+`.pt`: a tensor (N, d) (CLAM `pt_files`), or a dict holding one under "features".
+Any float dtype is accepted; nothing is converted until the caller asks.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import FeatureFileError
+
+FEATURE_SUFFIXES = (".h5", ".pt")
+LMDB_MAX_KEY_BYTES = 511
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    slide_id: str
+    path: Path
+
+
+@dataclass
+class FeatureFile:
+    slide_id: str
+    path: Path
+    features: np.ndarray  # (N, d), the file's own float dtype (bfloat16 .pt files come as float32)
+    coords: np.ndarray | None = None
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def source(self) -> dict:
+        st = self.path.stat()
+        return {"path": str(self.path.resolve()), "bytes": st.st_size, "mtime": int(st.st_mtime),
+                "dtype": str(self.features.dtype), "encoder": self.attrs.get("encoder")}
+
+
+def _plain(v):
+    """h5 attribute value -> JSON-friendly Python value."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _squeeze_batch(a, name: str, path: Path, slide_id: str, width: int | None = None):
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2 or (width is not None and a.shape[1] != width):
+        want = f"(N, {width})" if width else "(N, d)"
+        raise FeatureFileError(path, f"dataset {name!r} has shape {a.shape}, expected {want}", slide_id)
+    return a
+
+
+def _check_features(feats: np.ndarray, path: Path, slide_id: str) -> np.ndarray:
+    if not np.issubdtype(feats.dtype, np.floating):
+        raise FeatureFileError(path, f"features have dtype {feats.dtype}, expected a float dtype", slide_id)
+    if feats.shape[0] == 0:
+        raise FeatureFileError(path, "zero patches (features has 0 rows)", slide_id)
+    if feats.shape[1] == 0:
+        raise FeatureFileError(path, "features have 0 columns", slide_id)
+    bad = ~np.isfinite(feats).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise FeatureFileError(
+            path, f"{len(rows)} of {len(feats)} feature rows contain NaN or inf (first rows: {rows[:5].tolist()})",
+            slide_id)
+    return feats
+
+
+def read_features(path: str | os.PathLike, slide_id: str | None = None) -> FeatureFile:
+    """Read one slide's features (and coords/attributes when present); raise FeatureFileError
+    naming the file and the problem otherwise."""
+    path = Path(path)
+    slide_id = slide_id or path.stem
+    if not path.is_file():
+        raise FeatureFileError(path, "file not found", slide_id)
+    try:
+        if path.suffix == ".h5":
+            return _read_h5(path, slide_id)
+        if path.suffix == ".pt":
+            return _read_pt(path, slide_id)
+    except FeatureFileError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
+        raise FeatureFileError(path, f"unreadable: {type(e).__name__}: {e}", slide_id) from e
+    raise FeatureFileError(path, f"unknown feature file type {path.suffix!r} (expected .h5 or .pt)", slide_id)
+
+
+def _read_h5(path: Path, slide_id: str) -> FeatureFile:
+    with h5py.File(path, "r") as f:
+        if "features" not in f or not isinstance(f["features"], h5py.Dataset):
+            raise FeatureFileError(path, f"no 'features' dataset (found: {sorted(f.keys())})", slide_id)
+        ds = f["features"]
+        feats = _squeeze_batch(ds[()], "features", path, slide_id)
+        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        attrs.update({k: _plain(v) for k, v in ds.attrs.items()})
+        coords = None
+        if "coords" in f:
+            coords = _squeeze_batch(f["coords"][()], "coords", path, slide_id, width=2)
+            attrs.update({f"coords.{k}": _plain(v) for k, v in f["coords"].attrs.items()})
+            if len(coords) != len(feats):
+                raise FeatureFileError(path, f"{len(coords)} coords but {len(feats)} feature rows", slide_id)
+    return FeatureFile(slide_id, path, _check_features(feats, path, slide_id), coords, attrs)
+
+
+def _load_pt(path: Path):
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        obj = obj.get("features")
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError("expected a tensor (N, d) or a dict with a 'features' tensor")
+    if obj.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        obj = obj.float()
+    return obj.numpy()
+
+
+def _read_pt(path: Path, slide_id: str) -> FeatureFile:
+    feats = _squeeze_batch(_load_pt(path), "features", path, slide_id)
+    return FeatureFile(slide_id, path, _check_features(feats, path, slide_id))
+
+
+def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """Selected rows (sorted, unique) of a feature file, for sampling a prototype pool without
+    reading whole slides where the format allows it."""
+    if path.suffix == ".h5":
+        with h5py.File(path, "r") as f:
+            ds = f["features"]
+            return ds[0, rows] if ds.ndim == 3 else ds[rows]
+    return _squeeze_batch(_load_pt(path), "features", path, path.stem)[rows]
+
+
+def check_slide_id(slide_id: str, where: str) -> None:
+    if not slide_id:
+        raise FeatureFileError(where, "empty slide id")
+    n = len(slide_id.encode("utf-8"))
+    if n > LMDB_MAX_KEY_BYTES:
+        raise FeatureFileError(where, f"slide id is {n} bytes, longer than LMDB's key limit of "
+                                      f"{LMDB_MAX_KEY_BYTES} bytes", slide_id[:40] + "...")
+
+
+def list_slides(features: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None) -> list[SlideEntry]:
+    """Slides of a cohort, sorted by id: every .h5/.pt file under a folder (id = file name
+    without extension), or the rows of a manifest CSV with columns `slide_id` and `path`
+    (relative paths are taken from the manifest's folder)."""
+    if (features is None) == (manifest is None):
+        raise ValueError("give exactly one of a features folder or a manifest")
+    if features is not None:
+        root = Path(features)
+        if not root.is_dir():
+            raise FileNotFoundError(f"features folder not found: {root}")
+        entries = [SlideEntry(p.stem, p) for p in sorted(root.rglob("*")) if p.suffix in FEATURE_SUFFIXES]
+    else:
+        mpath = Path(manifest)
+        with open(mpath, newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"slide_id", "path"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"manifest {mpath} lacks column(s) {sorted(missing)} (has {reader.fieldnames})")
+            entries = [SlideEntry(r["slide_id"].strip(), (mpath.parent / r["path"].strip())) for r in reader]
+    seen: dict[str, Path] = {}
+    for e in entries:
+        if e.slide_id in seen:
+            raise ValueError(f"slide id {e.slide_id!r} appears twice: {seen[e.slide_id]} and {e.path}")
+        seen[e.slide_id] = e.path
+    return sorted(entries, key=lambda e: e.slide_id)
