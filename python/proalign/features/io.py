@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def read_features(path: str | os.PathLike, slide_id: str | None = None) -> Featu
             return _read_pt(path, slide_id)
     except FeatureFileError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
         raise FeatureFileError(path, f"unreadable: {type(e).__name__}: {e}", slide_id) from e
     raise FeatureFileError(path, f"unknown feature file type {path.suffix!r} (expected .h5 or .pt)", slide_id)
 

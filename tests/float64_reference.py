@@ -1,0 +1,77 @@
+"""Independent float64 numpy implementations of every aggregation method, written from
+METHOD.md without looking at the package code paths (loops and explicit formulas)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _unit(a):
+    return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+def _softmax(a, axis):
+    a = a - a.max(axis=axis, keepdims=True)
+    e = np.exp(a)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def proalign(x, c, tau, over="patches", keys=None, queries=None):
+    x = np.asarray(x, np.float64)
+    kx = x if keys is None else np.asarray(keys, np.float64)
+    qc = np.asarray(c if queries is None else queries, np.float64)
+    n, d = x.shape
+    k = qc.shape[0]
+    s = np.array([[kx[i] @ qc[j] / np.linalg.norm(kx[i]) / np.linalg.norm(qc[j]) for j in range(k)]
+                  for i in range(n)]) / tau
+    per_patch = _softmax(s, axis=1)
+    pi = per_patch.sum(axis=0) / n
+    h = np.zeros((k, d))
+    for j in range(k):
+        w = _softmax(s[:, j], axis=0) if over == "patches" else per_patch[:, j] / per_patch[:, j].sum()
+        h[j] = (w[:, None] * x).sum(axis=0)
+    return np.concatenate([pi, h.ravel()])
+
+
+def panther(x, c, eps=1.0, tau=1.0):
+    x = np.asarray(x, np.float64)
+    m0 = np.asarray(c, np.float64)
+    n, d = x.shape
+    k = m0.shape[0]
+    var0 = np.full((k, d), eps)
+    logp = np.empty((n, k))
+    for j in range(k):
+        diff = x - m0[j]
+        logp[:, j] = (-0.5 * np.log(2 * np.pi * var0[j]) - 0.5 * diff ** 2 / var0[j]).sum(axis=1) + np.log(1.0 / k)
+    q = _softmax(logp, axis=1)
+    nk = q.sum(axis=0)
+    pi = (nk + tau) / (nk + tau).sum()
+    mu = np.empty((k, d))
+    var = np.empty((k, d))
+    for j in range(k):
+        mu[j] = ((q[:, j:j + 1] * x).sum(axis=0) + tau * m0[j]) / (nk[j] + tau)
+        ex2 = ((q[:, j:j + 1] * x ** 2).sum(axis=0) + tau * (var0[j] + m0[j] ** 2)) / (nk[j] + tau)
+        var[j] = ex2 - mu[j] ** 2
+    return np.concatenate([pi, mu.ravel(), var.ravel()])
+
+
+def nearest(x, c):
+    return np.argmax(_unit(np.asarray(x, np.float64)) @ _unit(np.asarray(c, np.float64)).T, axis=1)
+
+
+def h2t(x, c):
+    xn = _unit(np.asarray(x, np.float64))
+    a = nearest(x, c)
+    out = np.zeros((len(c), xn.shape[1]))
+    for j in range(len(c)):
+        if (a == j).any():
+            out[j] = xn[a == j].mean(axis=0)
+    return out.ravel()
+
+
+def protocount(x, c):
+    a = nearest(x, c)
+    return np.array([(a == j).sum() for j in range(len(c))], np.float64) / len(x)
+
+
+def mean(x, c):
+    return np.asarray(x, np.float64).mean(axis=0)
