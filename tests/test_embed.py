@@ -1,0 +1,172 @@
+"""The main job `embed --features`: values, provenance, resume, idempotence, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import float64_reference as ref
+import proalign
+from proalign.features import read_features
+from proalign.prototypes.io import prototype_hash, save_prototypes
+from proalign.synthetic import write_cohort
+
+
+@pytest.fixture
+def cohort(tmp_path, rng):
+    feats = tmp_path / "features"
+    write_cohort(feats, n_slides=5, d=32, n_range=(20, 200), g=4, seed=int(rng.integers(1000)))
+    protos = rng.standard_normal((4, 32)).astype(np.float32)
+    ppath = tmp_path / "p.safetensors"
+    save_prototypes(ppath, protos, {"init": "test"})
+    return feats, ppath, protos
+
+
+def test_embed_stores_reference_values_with_provenance(tmp_path, cli, cohort):
+    feats, ppath, protos = cohort
+    out = tmp_path / "s.lmdb"
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--tau", 0.1, "--tau", 0.5,
+            "--dtype", "float32", check=0)
+    assert "5 embedded, 0 already stored, 0 failed" in r.stdout
+    with proalign.open_store(out) as s:
+        assert len(s) == 5
+        for sid in s:
+            x = read_features(feats / f"{sid}.h5").features
+            e = s[sid]
+            assert e.shape == (2, 4 + 4 * 32) and e.dtype == np.float32
+            np.testing.assert_allclose(e[0], ref.proalign(x, protos, 0.1), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(e[1], ref.proalign(x, protos, 0.5), rtol=1e-5, atol=1e-6)
+            m = s.meta(sid)
+            assert m["n_patches"] == len(x) and m["prototypes"]["hash"] == prototype_hash(protos)
+            assert m["taus"] == [0.1, 0.5] and m["encoder"] == "conch_v1" and m["engine_version"] == proalign.__version__
+            assert m["feature_source"]["path"] == str((feats / f"{sid}.h5").resolve()) and m["backend"] == "torch"
+    report = json.loads(open(r.stdout.split("report: ")[1].strip()).read())
+    assert report["ok"] and len(report["done"]) == 5 and report["timing"]["total_s"] > 0
+
+
+@pytest.mark.parametrize("method", ["panther", "h2t", "protocount", "mean"])
+def test_embed_baselines(tmp_path, cli, cohort, method):
+    feats, ppath, protos = cohort
+    out = tmp_path / "s.lmdb"
+    cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--method", method, check=0)
+    with proalign.open_store(out) as s:
+        for sid in s:
+            x = read_features(feats / f"{sid}.h5").features
+            want = getattr(ref, method)(x, protos)
+            np.testing.assert_allclose(s[sid].astype(np.float64), want, rtol=2e-3, atol=2e-3)  # float16 store
+
+
+def test_rerun_skips_and_overwrite_redoes(tmp_path, cli, cohort):
+    feats, ppath, _ = cohort
+    out = tmp_path / "s.lmdb"
+    cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, check=0)
+    t0 = proalign.open_store(out).meta("SYN-" + sorted(os.listdir(feats))[0][4:-3])["time"]
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, check=0)
+    assert "0 embedded, 5 already stored" in r.stdout
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--tau", 0.2, check=0)
+    assert "5 embedded, 0 already stored" in r.stdout  # other options: not the same record
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--tau", 0.2, "--overwrite", check=0)
+    assert "5 embedded" in r.stdout
+    assert t0  # provenance carries the time
+
+
+def test_manifest_input(tmp_path, cli, cohort):
+    feats, ppath, _ = cohort
+    files = sorted(feats.iterdir())
+    man = tmp_path / "m.csv"
+    man.write_text("slide_id,path\n" + "".join(f"patient{i},{p}\n" for i, p in enumerate(files[:3])))
+    out = tmp_path / "s.lmdb"
+    cli("embed", "--manifest", man, "--prototypes", ppath, "--out", out, check=0)
+    assert list(proalign.open_store(out)) == ["patient0", "patient1", "patient2"]
+
+
+def test_bad_slides_are_reported_and_the_rest_go_on(tmp_path, cli, cohort, rng):
+    feats, ppath, protos = cohort
+    out = tmp_path / "s.lmdb"
+    cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, check=0)
+    before = {sid: proalign.open_store(out)[sid].copy() for sid in proalign.open_store(out)}
+    with h5py.File(feats / "nan.h5", "w") as f:
+        f["features"] = np.full((3, 32), np.nan, np.float32)
+    with h5py.File(feats / "empty.h5", "w") as f:
+        f["features"] = np.zeros((0, 32), np.float32)
+    with h5py.File(feats / "wrongdim.h5", "w") as f:
+        f["features"] = np.zeros((5, 48), np.float32)
+    with h5py.File(feats / "nofeatures.h5", "w") as f:
+        f["coords"] = np.zeros((5, 2))
+    (feats / "truncated.h5").write_bytes((feats / f"{next(iter(before))}.h5").read_bytes()[:500])
+    with h5py.File(feats / "good-new.h5", "w") as f:
+        f["features"] = rng.standard_normal((9, 32)).astype(np.float32)
+    report_path = tmp_path / "report.json"
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--report", report_path, check=1)
+    rep = json.loads(report_path.read_text())
+    assert not rep["ok"] and rep["done"] == ["good-new"] and len(rep["skipped"]) == 5
+    failed = rep["failed"]
+    assert "NaN or inf" in failed["nan"] and "zero patches" in failed["empty"]
+    assert "feature dim 48 does not match the prototypes' dim 32" in failed["wrongdim"]
+    assert "no 'features' dataset" in failed["nofeatures"] and "unreadable" in failed["truncated"]
+    for name in ["nan", "empty", "wrongdim", "nofeatures", "truncated"]:
+        assert f"FAILED {name}: " in r.stderr and f"{name}.h5" in failed[name]
+    with proalign.open_store(out) as s:
+        assert len(s) == 6
+        for sid, e in before.items():
+            np.testing.assert_array_equal(s[sid], e)
+
+
+def test_slide_id_too_long_for_lmdb(tmp_path, cli, cohort):
+    feats, ppath, _ = cohort
+    files = sorted(feats.iterdir())
+    man = tmp_path / "m.csv"
+    long_id = "TCGA-" + "x" * 600
+    man.write_text(f"slide_id,path\n{long_id},{files[0]}\nshort,{files[1]}\n")
+    out = tmp_path / "s.lmdb"
+    r = cli("embed", "--manifest", man, "--prototypes", ppath, "--out", out, check=1)
+    assert "longer than LMDB's key limit of 511 bytes" in r.stderr and files[0].name in r.stderr
+    assert list(proalign.open_store(out)) == ["short"]
+
+
+def test_store_held_by_another_writer(tmp_path, cli, cohort):
+    feats, ppath, _ = cohort
+    out = tmp_path / "s.lmdb"
+    holder = subprocess.Popen([sys.executable, "-c", f"import proalign,time; s=proalign.open_store({str(out)!r}, "
+                               f"write=True); print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, check=2)
+        assert "open for writing by another process" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_after_kill(tmp_path, cli, rng):
+    """SIGKILL a run mid-way, rerun: every slide stored exactly once, equal to a clean run."""
+    feats = tmp_path / "features"
+    write_cohort(feats, n_slides=60, d=256, n_range=(2000, 4000), g=8, seed=int(rng.integers(1000)))
+    ppath = tmp_path / "p.safetensors"
+    save_prototypes(ppath, rng.standard_normal((8, 256)).astype(np.float32), {})
+    clean, resumed = tmp_path / "clean.lmdb", tmp_path / "resumed.lmdb"
+    cli("embed", "--features", feats, "--prototypes", ppath, "--out", clean, check=0)
+    exe = os.path.join(os.path.dirname(sys.executable), "proalign-engine")
+    proc = subprocess.Popen([exe, "embed", "--features", str(feats), "--prototypes", str(ppath), "--out",
+                             str(resumed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (resumed / "data.mdb").exists() and len(proalign.open_store(resumed)) >= 10:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(proalign.open_store(resumed))
+    assert 10 <= n_before < 60, "the run must be killed mid-way"
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", resumed, check=0)
+    assert f"{60 - n_before} embedded, {n_before} already stored" in r.stdout
+    a, b = proalign.open_store(clean), proalign.open_store(resumed)
+    assert list(a) == list(b) and len(b) == 60
+    for sid in a:
+        np.testing.assert_array_equal(a[sid], b[sid])
