@@ -19,16 +19,11 @@ def proalign(x, c, tau, over="patches", keys=None, queries=None):
     x = np.asarray(x, np.float64)
     kx = x if keys is None else np.asarray(keys, np.float64)
     qc = np.asarray(c if queries is None else queries, np.float64)
-    n, d = x.shape
-    k = qc.shape[0]
-    s = np.array([[kx[i] @ qc[j] / np.linalg.norm(kx[i]) / np.linalg.norm(qc[j]) for j in range(k)]
-                  for i in range(n)]) / tau
+    s = _unit(kx) @ _unit(qc).T / tau  # (N, K)
     per_patch = _softmax(s, axis=1)
-    pi = per_patch.sum(axis=0) / n
-    h = np.zeros((k, d))
-    for j in range(k):
-        w = _softmax(s[:, j], axis=0) if over == "patches" else per_patch[:, j] / per_patch[:, j].sum()
-        h[j] = (w[:, None] * x).sum(axis=0)
+    pi = per_patch.mean(axis=0)
+    w = _softmax(s, axis=0) if over == "patches" else per_patch / per_patch.sum(axis=0)
+    h = np.einsum("nk,nd->kd", w, x)
     return np.concatenate([pi, h.ravel()])
 
 

@@ -87,3 +87,10 @@ def test_bad_inputs(rng):
         proalign.aggregate(x, c, method="nope")
     with pytest.raises(ValueError, match="unknown backend"):
         proalign.aggregate(x, c, backend="nope")
+
+
+def test_panther_with_released_config_values(rng):
+    """PANTHER's released config.json runs eps=0.1, tau=0.001; the same formulas hold."""
+    x, c = _data(rng, 300, 32, 8, scale=0.3)
+    got = proalign.aggregate(x, c, method="panther", eps=0.1, prior_strength=1e-3)
+    np.testing.assert_allclose(got, ref.panther(x, c, eps=0.1, tau=1e-3), rtol=1e-4, atol=1e-5)

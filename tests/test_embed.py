@@ -12,6 +12,7 @@ import pytest
 
 import float64_reference as ref
 import proalign
+from proalign.aggregate import live_backends
 from proalign.features import read_features
 from proalign.prototypes.io import prototype_hash, save_prototypes
 from proalign.synthetic import write_cohort
@@ -44,7 +45,7 @@ def test_embed_stores_reference_values_with_provenance(tmp_path, cli, cohort):
             m = s.meta(sid)
             assert m["n_patches"] == len(x) and m["prototypes"]["hash"] == prototype_hash(protos)
             assert m["taus"] == [0.1, 0.5] and m["encoder"] == "conch_v1" and m["engine_version"] == proalign.__version__
-            assert m["feature_source"]["path"] == str((feats / f"{sid}.h5").resolve()) and m["backend"] == "torch"
+            assert m["feature_source"]["path"] == str((feats / f"{sid}.h5").resolve()) and m["backend"] in live_backends()
     report = json.loads(open(r.stdout.split("report: ")[1].strip()).read())
     assert report["ok"] and len(report["done"]) == 5 and report["timing"]["total_s"] > 0
 

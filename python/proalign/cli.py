@@ -72,18 +72,21 @@ def _with(options):
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored embedding dtype.")
 @click.option("--backend", default=None, help="Aggregation backend (default: fastest live; see `doctor`).")
+@click.option("--panther-eps", default=1.0, show_default=True, type=float, help="panther: prior variance.")
+@click.option("--panther-prior", default=1.0, show_default=True, type=float, help="panther: prior strength tau.")
 @click.option("--encoder-id", default=None, help="Encoder name recorded in provenance (default: the file's attribute).")
 @click.option("--overwrite", is_flag=True, help="Redo slides already stored with the same options.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Run report JSON path.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
-def embed(features, manifest, prototypes, out, method, tau, over, dtype, backend, encoder_id, overwrite, report, progress):
+def embed(features, manifest, prototypes, out, method, tau, over, dtype, backend, panther_eps, panther_prior, encoder_id,
+          overwrite, report, progress):
     """Embed every slide's patch features into the store at --out (resumable, idempotent).
 
     Exit code 0 when every slide is stored, 1 when any slide failed (see the run report)."""
     from .pipeline import EmbedOptions, embed_features
 
     opts = EmbedOptions(method=method, taus=tuple(tau) or (0.1,), over=over, dtype=dtype, backend=backend,
-                        encoder_id=encoder_id)
+                        encoder_id=encoder_id, panther_eps=panther_eps, panther_prior=panther_prior)
     try:
         rep = embed_features(_entries(features, manifest), prototypes, out, opts, overwrite=overwrite,
                              report_path=report, progress=progress)

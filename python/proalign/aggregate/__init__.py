@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import reference
+from . import numba_cpu, reference
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
 
@@ -27,6 +27,14 @@ class Backend:
     methods: tuple[str, ...]
     available: Callable[[], str | None]  # None when live, else the reason it is not
     run: Callable[..., torch.Tensor]
+    device: str | None = None  # "cpu" / "cuda": the inputs it takes; None: any
+    fused: bool = False  # fused kernels take the default options only (over=patches, space=visual)
+
+    def supports(self, method: str, x: torch.Tensor, options: dict) -> bool:
+        if method not in self.methods or (self.device and x.device.type != self.device):
+            return False
+        return not self.fused or (options.get("over", "patches") == "patches"
+                                  and options.get("keys") is None and options.get("queries") is None)
 
 
 def _torch_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], **opts) -> torch.Tensor:
@@ -39,7 +47,13 @@ def _torch_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[flo
     return getattr(reference, method)(x, c, **opts)
 
 
+def _numba_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], **opts) -> torch.Tensor:
+    return torch.from_numpy(numba_cpu.proalign(x.float().numpy(), c.float().numpy(), taus))
+
+
+# In order of preference: the first live backend that supports a call runs it.
 BACKENDS: dict[str, Backend] = {
+    "numba": Backend("numba", ("proalign",), numba_cpu.unavailable, _numba_run, device="cpu", fused=True),
     "torch": Backend("torch", METHODS, lambda: None, _torch_run),
 }
 
@@ -48,16 +62,21 @@ def live_backends(method: str = "proalign") -> list[str]:
     return [b.name for b in BACKENDS.values() if method in b.methods and b.available() is None]
 
 
-def resolve_backend(method: str, backend: str | None) -> Backend:
+def resolve_backend(method: str, backend: str | None, x: torch.Tensor | None = None,
+                    options: dict | None = None) -> Backend:
+    """The named backend (checked), or the first live one that supports this call."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    x = torch.empty(0, 1) if x is None else x
+    options = options or {}
     if backend is None:
-        return BACKENDS[live_backends(method)[0]]
+        return next(b for b in BACKENDS.values() if b.supports(method, x, options) and b.available() is None)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     b = BACKENDS[backend]
-    if method not in b.methods:
-        raise ValueError(f"backend {backend!r} does not implement method {method!r}")
+    if not b.supports(method, x, options):
+        raise ValueError(f"backend {backend!r} does not support method {method!r} with these options on "
+                         f"{x.device.type} inputs (fused backends: over=patches, space=visual)")
     why_not = b.available()
     if why_not:
         raise RuntimeError(f"backend {backend!r} is not available: {why_not}")
@@ -99,7 +118,7 @@ def aggregate(
     if method == "proalign" and (not taus or min(taus) <= 0):
         raise ValueError(f"tau must be > 0, got {taus}")
     options = {k: _as_tensor(v) if k in ("keys", "queries") and v is not None else v for k, v in options.items()}
-    out = resolve_backend(method, backend).run(method, xt, ct, taus, **options).float()
+    out = resolve_backend(method, backend, xt, options).run(method, xt, ct, taus, **options).float()
     if not (several and method == "proalign"):
         out = out[0]
     return out.cpu().numpy() if is_numpy else out

@@ -34,17 +34,23 @@ class EmbedOptions:
     dtype: str = "float16"  # how embeddings are stored
     backend: str | None = None  # None: fastest live backend
     encoder_id: str | None = None  # default: the feature file's `encoder` attribute
+    panther_eps: float = 1.0  # METHOD.md defaults; PANTHER's released config.json runs 0.1
+    panther_prior: float = 1.0  # and 0.001 (its script flags never reach the model)
 
     def key(self, prototypes_hash: str) -> dict:
         """What a stored record must match to count as done (the backend does not change it)."""
         k = {"method": self.method, "dtype": self.dtype, "prototypes": prototypes_hash}
         if self.method == "proalign":
             k.update(taus=list(self.taus), over=self.over)
+        if self.method == "panther":
+            k.update(eps=self.panther_eps, prior_strength=self.panther_prior)
         return k
 
     def aggregate_kwargs(self) -> dict:
         if self.method == "proalign":
             return {"tau": list(self.taus) if len(self.taus) > 1 else self.taus[0], "over": self.over}
+        if self.method == "panther":
+            return {"eps": self.panther_eps, "prior_strength": self.panther_prior}
         return {}
 
 
@@ -128,7 +134,7 @@ def embed_features(
     (also written as JSON to `report_path`, default `<store>/reports/run-<time>.json`)."""
     c, _ = read_prototype_file(prototypes)
     phash = prototype_hash(c)
-    backend = resolve_backend(options.method, options.backend).name
+    backend = resolve_backend(options.method, options.backend, options=options.aggregate_kwargs()).name
     key = options.key(phash)
     report = RunReport(str(store_path), str(prototypes), {**asdict(options), "backend": backend})
     t_start = time.perf_counter()
