@@ -6,9 +6,9 @@ setup(
     version="0.1.0",
     description="ProAlign slide embeddings for whole-slide-image archives",
     python_requires=">=3.10",
-    package_dir={"proalign": "python/proalign"},
+    package_dir={"proalign": "python/proalign", "proalign.kernels": "kernels"},
     packages=["proalign", "proalign.aggregate", "proalign.features", "proalign.prototypes", "proalign.store",
-              "proalign.pipeline", "proalign.bench"],
+              "proalign.pipeline", "proalign.bench", "proalign.kernels"],
     install_requires=[
         "numpy>=1.26",
         "torch>=2.4",  # pinned to the local CPU wheel by constraints.txt; unpinned pip pulls a CUDA build

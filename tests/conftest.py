@@ -5,6 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter (must be set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,4 +1,6 @@
 """Every fused backend against the float64 reference over a grid of shapes, dtypes and tau."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,61 @@ def test_dispatch_prefers_fused_and_falls_back():
     if CPU_FUSED:
         with pytest.raises(ValueError, match="does not support"):
             resolve_backend("proalign", CPU_FUSED[0], x, {"over": "prototypes"})
+
+
+TRITON = [] if BACKENDS["triton"].available() else ["triton"]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter runs every program in numpy: a reduced grid (all d and K, small and large N).
+TRITON_GRID = [(n, d, k) for n in (1, 7, 1000) for d, k in ((64, 1), (512, 16), (768, 32), (1024, 16))]
+TRITON_GRID += [(100_003, 128, 16)] if INTERPRETED else [(100_003, 1024, 32), (100_003, 512, 16)]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Partial buffers start as NaN: a slot the kernel forgets to write poisons the result."""
+    from proalign.kernels import proalign_attention
+
+    monkeypatch.setattr(proalign_attention, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+
+
+def _device():
+    return "cpu" if INTERPRETED else "cuda"
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("n,d,k", TRITON_GRID)
+def test_triton_matches_float64(rng, poisoned, backend, n, d, k):
+    x, c = _data(rng, n, d, k)
+    taus = [0.05, 1.0]
+    got = proalign.aggregate(torch.from_numpy(x).to(_device()), torch.from_numpy(c), tau=taus, backend=backend)
+    for row, t in zip(got.cpu().numpy(), taus):
+        np.testing.assert_allclose(row, ref.proalign(x, c, t), rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_dtypes_and_extreme_tau(rng, poisoned, backend, dtype):
+    x, c = _data(rng, 999, 64, 16)
+    xt = torch.from_numpy(x * 30).to(dtype)
+    for tau in (0.1, 1e-4):
+        got = proalign.aggregate(xt.to(_device()), torch.from_numpy(c), tau=tau, backend=backend).cpu().numpy()
+        assert np.isfinite(got).all()
+        want = ref.proalign(xt.double().numpy(), c, tau)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_ragged_batch_one_launch(rng, poisoned, backend):
+    xs = [_data(rng, n, 48, 5)[0] for n in (1, 250, 3, 700, 64)]
+    c = _data(rng, 1, 48, 5)[1]
+    got = proalign.aggregate_batch([torch.from_numpy(x).to(_device()) for x in xs], c, tau=[0.1, 0.3], backend=backend)
+    for x, e in zip(xs, got):
+        for row, t in zip(e.cpu().numpy(), [0.1, 0.3]):
+            np.testing.assert_allclose(row, ref.proalign(x, c, t), rtol=1e-4, atol=2e-5)
+
+
+def test_aggregate_batch_on_cpu_backends(rng):
+    xs = [_data(rng, n, 16, 3)[0] for n in (5, 40)]
+    c = _data(rng, 1, 16, 3)[1]
+    for x, e in zip(xs, proalign.aggregate_batch(xs, c, tau=0.2)):
+        np.testing.assert_allclose(e, ref.proalign(x, c, 0.2), rtol=1e-4, atol=2e-5)

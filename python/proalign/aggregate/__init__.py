@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import numba_cpu, reference
+from . import gpu, numba_cpu, reference
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
 
@@ -28,6 +28,8 @@ class Backend:
     available: Callable[[], str | None]  # None when live, else the reason it is not
     run: Callable[..., torch.Tensor]
     device: str | None = None  # "cpu" / "cuda": the inputs it takes; None: any
+    ragged: bool = False  # takes a whole batch of slides in one launch (lengths=...)
+    auto: bool = True  # picked by backend=None (False: only when named, e.g. the Triton interpreter)
     fused: bool = False  # fused kernels take the default options only (over=patches, space=visual)
 
     def supports(self, method: str, x: torch.Tensor, options: dict) -> bool:
@@ -51,8 +53,19 @@ def _numba_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[flo
     return torch.from_numpy(numba_cpu.proalign(x.float().numpy(), c.float().numpy(), taus))
 
 
+def _triton_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], lengths=None,
+                **opts) -> torch.Tensor:
+    from ..kernels.proalign_attention import proalign_ragged
+
+    x = x.contiguous()
+    out = proalign_ragged(x, torch.tensor([x.shape[0]]) if lengths is None else lengths, c, taus)
+    return out if lengths is not None else out[0]
+
+
 # In order of preference: the first live backend that supports a call runs it.
 BACKENDS: dict[str, Backend] = {
+    "triton": Backend("triton", ("proalign",), gpu.triton_unavailable, _triton_run, device=gpu.TRITON_DEVICE,
+                      fused=True, auto=not gpu.TRITON_INTERPRET, ragged=True),
     "numba": Backend("numba", ("proalign",), numba_cpu.unavailable, _numba_run, device="cpu", fused=True),
     "torch": Backend("torch", METHODS, lambda: None, _torch_run),
 }
@@ -70,7 +83,8 @@ def resolve_backend(method: str, backend: str | None, x: torch.Tensor | None = N
     x = torch.empty(0, 1) if x is None else x
     options = options or {}
     if backend is None:
-        return next(b for b in BACKENDS.values() if b.supports(method, x, options) and b.available() is None)
+        return next(b for b in BACKENDS.values()
+                    if b.auto and b.supports(method, x, options) and b.available() is None)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     b = BACKENDS[backend]
@@ -122,3 +136,24 @@ def aggregate(
     if not (several and method == "proalign"):
         out = out[0]
     return out.cpu().numpy() if is_numpy else out
+
+
+def aggregate_batch(xs: Sequence, prototypes, method: str = "proalign", tau: float | Sequence[float] = 0.1,
+                    backend: str | None = None, **options) -> list:
+    """`aggregate` for a batch of slides of different N. Ragged backends (Triton) embed the whole
+    batch in one launch; the others go slide by slide. Returns one embedding per slide."""
+    if not xs:
+        return []
+    xt = [_as_tensor(x) for x in xs]
+    b = resolve_backend(method, backend, xt[0], options)
+    if not b.ragged:
+        return [aggregate(x, prototypes, method, tau, b.name, **options) for x in xs]
+    dims = {x.shape[1] for x in xt}
+    if len(dims) != 1 or any(x.ndim != 2 or x.shape[0] == 0 for x in xt):
+        raise ValueError("every slide must be (N>0, d) with the same d")
+    several = not isinstance(tau, (int, float))
+    taus = [float(t) for t in (tau if several else [tau])]
+    lengths = torch.tensor([x.shape[0] for x in xt])
+    out = b.run(method, torch.cat(xt), _as_tensor(prototypes), taus, lengths=lengths, **options).float()
+    out = out if several else out[:, 0]
+    return [o.cpu().numpy() if not isinstance(x, torch.Tensor) else o for o, x in zip(out, xs)]

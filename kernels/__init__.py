@@ -1,0 +1,1 @@
+"""Triton kernels of proalign-engine (installed as `proalign.kernels`); one file per kernel."""
