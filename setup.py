@@ -1,5 +1,38 @@
-"""proalign-engine: the Python package (python/proalign, kernels/ as proalign.kernels)."""
-from setuptools import setup
+"""proalign-engine: the Python package (python/proalign, kernels/ as proalign.kernels) and, when
+nvcc is on PATH, the native module proalign._C built by CMake (csrc/ + bindings/)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        cfg = ["-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+               f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+        if "CUDA_ARCHS" in os.environ:  # e.g. CUDA_ARCHS="90" for a quicker build on an H100
+            cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCHS']}")
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *cfg], check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2)], check=True)
+
+
+# Only CUDA kernels live in _C so far: without nvcc there is nothing native to build.
+native = shutil.which("nvcc") is not None and shutil.which("cmake") is not None and not os.environ.get("PROALIGN_NO_NATIVE")
 
 setup(
     name="proalign-engine",
@@ -25,4 +58,6 @@ setup(
         "dev": ["pytest>=8", "numba>=0.60", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["proalign-engine=proalign.cli:main"]},
+    ext_modules=[CMakeExtension("proalign._C")] if native else [],
+    cmdclass={"build_ext": CMakeBuild},
 )

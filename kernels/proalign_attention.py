@@ -4,13 +4,11 @@ One program streams TILES consecutive tiles of BLOCK_N rows of one slide: per ti
 similarities to the K prototypes (tl.dot over d in BLOCK_D chunks), then for each tau the
 per-patch softmax over prototypes (pi) and an online softmax over patches (running max m,
 sum l, accumulator rescaled by exp(m_old - m_new)). The accumulator lives in the program's own
-partial slot (L2-resident); the N x K matrix is never written. `combine` merges the partials of
-each slide with torch segment ops (one launch per op for the whole batch, no per-slide loop).
+partial slot (L2-resident); the N x K matrix is never written. proalign.aggregate.partials plans
+the programs and merges their partials per slide.
 Accumulation is fp32 whatever the input dtype (fp16/bf16/fp32); dots run in IEEE fp32.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 import triton
@@ -82,53 +80,19 @@ def proalign_partials_kernel(
 
 
 _alloc = torch.empty  # tests swap in a NaN-filling allocator to prove every output is written
+BLOCK_N, BLOCK_D, TILES = 64, 64, 4
+ROWS_PER_PROGRAM = BLOCK_N * TILES
 
 
-def _plan(lengths: torch.Tensor, rows_per_prog: int):
-    """Programs of a ragged batch: (slide of each program, its first row, each slide's end row)."""
-    ends = torch.cumsum(lengths, 0)
-    starts = ends - lengths
-    progs = (lengths + rows_per_prog - 1) // rows_per_prog
-    prog_slide = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), progs)
-    first_prog = torch.cumsum(progs, 0) - progs
-    local = torch.arange(len(prog_slide), device=lengths.device) - first_prog[prog_slide]
-    prog_start = starts[prog_slide] + local * rows_per_prog
-    return prog_slide, prog_start, ends
-
-
-def combine(prog_slide, m, l, pi, acc, lengths, n_slides: int) -> torch.Tensor:
-    """Merge program partials per slide: (S, T, K + K*d) float32."""
-    idx = prog_slide.long()
-    t, kp = m.shape[1], m.shape[2]
-    big_m = torch.full((n_slides, t, kp), float("-inf"), device=m.device).scatter_reduce_(
-        0, idx[:, None, None].expand_as(m), m, "amax")
-    scale = torch.exp(m - big_m[idx])
-    scale = torch.where(torch.isfinite(m), scale, torch.zeros_like(scale))  # programs with no rows
-    denom = torch.zeros((n_slides, t, kp), device=m.device).index_add_(0, idx, l * scale)
-    h = torch.zeros((n_slides,) + acc.shape[1:], device=m.device).index_add_(0, idx, acc * scale[..., None])
-    h = h / denom[..., None]
-    p = torch.zeros((n_slides, t, kp), device=m.device).index_add_(0, idx, pi) / lengths[:, None, None].float()
-    return p, h
-
-
-def proalign_ragged(x: torch.Tensor, lengths: torch.Tensor, prototypes: torch.Tensor, taus: Sequence[float],
-                    block_n: int = 64, block_d: int = 64, tiles: int = 4) -> torch.Tensor:
-    """x (sum N, d): the slides' patches one after another; lengths (S,) patches per slide.
-    Returns (S, T, K + K*d) float32."""
+def proalign_partials(x: torch.Tensor, cn: torch.Tensor, inv_taus: torch.Tensor, prog_slide: torch.Tensor,
+                      prog_start: torch.Tensor, seg_end: torch.Tensor, k: int, k_pad: int):
+    """Launch over a ragged batch planned with ROWS_PER_PROGRAM rows per program; returns the
+    partials m, l, pi (n_prog, T, k_pad) and acc (n_prog, T, k_pad, d), float32."""
     assert x.ndim == 2 and x.stride(1) == 1, "x must be (N, d) with contiguous rows"
-    n_slides, k, d = len(lengths), prototypes.shape[0], x.shape[1]
-    lengths = lengths.to(x.device, torch.int64)
-    if n_slides == 0 or (lengths <= 0).any():
-        raise ValueError("every slide needs at least one patch")
-    k_pad = max(16, triton.next_power_of_2(k))
-    cn = torch.nn.functional.normalize(prototypes.to(x.device, torch.float64), dim=1).float().contiguous()
-    inv_taus = torch.tensor([1.0 / t for t in taus], dtype=torch.float32, device=x.device)
-    prog_slide, prog_start, ends = _plan(lengths, block_n * tiles)
-    n_prog, n_t = len(prog_slide), len(taus)
+    n_prog, n_t, d = len(prog_slide), len(inv_taus), x.shape[1]
     m, l, pi = (_alloc((n_prog, n_t, k_pad), dtype=torch.float32, device=x.device) for _ in range(3))
     acc = _alloc((n_prog, n_t, k_pad, d), dtype=torch.float32, device=x.device)
     proalign_partials_kernel[(n_prog,)](
-        x, cn, inv_taus, prog_slide.to(torch.int32), prog_start, ends, m, l, pi, acc, d, k, x.stride(0),
-        T=n_t, K_PAD=k_pad, BLOCK_N=block_n, BLOCK_D=block_d, TILES=tiles)
-    p, h = combine(prog_slide, m, l, pi, acc, lengths, n_slides)
-    return torch.cat([p[..., :k], h[:, :, :k].reshape(n_slides, n_t, k * d)], dim=2)
+        x, cn, inv_taus, prog_slide, prog_start, seg_end, m, l, pi, acc, d, k, x.stride(0),
+        T=n_t, K_PAD=k_pad, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TILES=TILES)
+    return m, l, pi, acc

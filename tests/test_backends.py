@@ -61,7 +61,7 @@ def test_dispatch_prefers_fused_and_falls_back():
             resolve_backend("proalign", CPU_FUSED[0], x, {"over": "prototypes"})
 
 
-TRITON = [] if BACKENDS["triton"].available() else ["triton"]
+TRITON = [b for b in ("triton", "cuda") if BACKENDS[b].available() is None]  # the GPU kernels
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter runs every program in numpy: a reduced grid (all d and K, small and large N).
 TRITON_GRID = [(n, d, k) for n in (1, 7, 1000) for d, k in ((64, 1), (512, 16), (768, 32), (1024, 16))]
@@ -71,9 +71,11 @@ TRITON_GRID += [(100_003, 128, 16)] if INTERPRETED else [(100_003, 1024, 32), (1
 @pytest.fixture
 def poisoned(monkeypatch):
     """Partial buffers start as NaN: a slot the kernel forgets to write poisons the result."""
+    from proalign.aggregate import cuda_cpp
     from proalign.kernels import proalign_attention
 
-    monkeypatch.setattr(proalign_attention, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    for module in (proalign_attention, cuda_cpp):
+        monkeypatch.setattr(module, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
 
 
 def _device():
@@ -82,7 +84,7 @@ def _device():
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("n,d,k", TRITON_GRID)
-def test_triton_matches_float64(rng, poisoned, backend, n, d, k):
+def test_gpu_kernels_match_float64(rng, poisoned, backend, n, d, k):
     x, c = _data(rng, n, d, k)
     taus = [0.05, 1.0]
     got = proalign.aggregate(torch.from_numpy(x).to(_device()), torch.from_numpy(c), tau=taus, backend=backend)
@@ -92,7 +94,7 @@ def test_triton_matches_float64(rng, poisoned, backend, n, d, k):
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_triton_dtypes_and_extreme_tau(rng, poisoned, backend, dtype):
+def test_gpu_kernels_dtypes_and_extreme_tau(rng, poisoned, backend, dtype):
     x, c = _data(rng, 999, 64, 16)
     xt = torch.from_numpy(x * 30).to(dtype)
     for tau in (0.1, 1e-4):

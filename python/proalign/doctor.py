@@ -33,3 +33,9 @@ def report() -> dict:
         "devices": devices,
         "backends": backends,
     }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(report(), indent=2))

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import gpu, numba_cpu, reference
+from . import cuda_cpp, gpu, numba_cpu, partials, reference
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
 
@@ -53,19 +53,27 @@ def _numba_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[flo
     return torch.from_numpy(numba_cpu.proalign(x.float().numpy(), c.float().numpy(), taus))
 
 
-def _triton_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], lengths=None,
-                **opts) -> torch.Tensor:
-    from ..kernels.proalign_attention import proalign_ragged
+def _ragged_runner(kind: str):
+    def run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], lengths=None, **opts):
+        if kind == "triton":
+            from ..kernels import proalign_attention as kern
 
-    x = x.contiguous()
-    out = proalign_ragged(x, torch.tensor([x.shape[0]]) if lengths is None else lengths, c, taus)
-    return out if lengths is not None else out[0]
+            launch, rows, k_multiple = kern.proalign_partials, kern.ROWS_PER_PROGRAM, 0
+        else:
+            launch, rows, k_multiple = cuda_cpp.launch, cuda_cpp.rows_per_program(), 8
+        one = lengths is None
+        lengths = torch.tensor([x.shape[0]]) if one else lengths
+        out = partials.proalign_ragged(launch, rows, k_multiple, x, lengths, c, taus)
+        return out[0] if one else out
+    return run
 
 
 # In order of preference: the first live backend that supports a call runs it.
 BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", ("proalign",), gpu.triton_unavailable, _triton_run, device=gpu.TRITON_DEVICE,
-                      fused=True, auto=not gpu.TRITON_INTERPRET, ragged=True),
+    "triton": Backend("triton", ("proalign",), gpu.triton_unavailable, _ragged_runner("triton"),
+                      device=gpu.TRITON_DEVICE, fused=True, auto=not gpu.TRITON_INTERPRET, ragged=True),
+    "cuda": Backend("cuda", ("proalign",), cuda_cpp.unavailable, _ragged_runner("cuda"), device="cuda", fused=True,
+                    ragged=True),
     "numba": Backend("numba", ("proalign",), numba_cpu.unavailable, _numba_run, device="cpu", fused=True),
     "torch": Backend("torch", METHODS, lambda: None, _torch_run),
 }

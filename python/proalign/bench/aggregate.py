@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--check", action="store_true", help="Exit 1 when a backend differs from float64 (rtol 1e-3).")
     args = ap.parse_args(argv)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "auto":
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     x64 = torch.randn(args.n, args.d, generator=gen, dtype=torch.float64) + torch.randn(args.d, generator=gen, dtype=torch.float64)
     c64 = torch.randn(args.k, args.d, generator=gen, dtype=torch.float64)
     dtype = getattr(torch, args.dtype)
+    failed = []
     for dev in devices:
         x, c = x64.to(dev, dtype), c64.to(dev, torch.float32)
         want = reference.proalign(x.double(), c.double(), [args.tau])[0].cpu().numpy()
@@ -98,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             got = aggregate(x, c, tau=args.tau, backend=b.name).cpu().numpy()
             err = float(np.abs(got - want).max())
+            if err > 1e-3 * max(1.0, float(np.abs(want).max())):
+                failed.append(f"{b.name} on {dev}: max |err| {err:.2e}")
             t = _time(lambda: aggregate(x, c, tau=args.tau, backend=b.name), args.repeat, sync)
             print(f"  {b.name:12s} {t * 1e3:9.2f} ms  {t_eager / t:5.2f}x eager   {limit_s / t * 100:5.1f}% of memory "
                   f"limit   max |err| vs float64 {err:.1e}")
-    return 0
+    for f in failed:
+        print(f"WRONG: {f}")
+    return 1 if (failed and args.check) else 0
 
 
 if __name__ == "__main__":
