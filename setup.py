@@ -55,7 +55,7 @@ setup(
     extras_require={
         "gpu": ["triton>=3.0", "cupy-cuda13x", "nvidia-dali-cuda130"],
         "ray": ["ray[data]>=2.40"],
-        "dev": ["pytest>=8", "numba>=0.60", "psutil>=5.9"],
+        "dev": ["pytest>=8", "numba>=0.60", "triton>=3.0"],  # triton: interpreter tests + AOT check
     },
     entry_points={"console_scripts": ["proalign-engine=proalign.cli:main"]},
     ext_modules=[CMakeExtension("proalign._C")] if native else [],
