@@ -52,6 +52,16 @@ def test_pt_files(tmp_path, rng, wrap, dtype):
     np.testing.assert_array_equal(read_features(p).features, t.float().numpy())
 
 
+def test_trident_pt_numpy_array_and_none_encoder(tmp_path, rng):
+    x = rng.standard_normal((5, 4)).astype(np.float16)
+    torch.save(x, tmp_path / "t.pt")  # TRIDENT's .pt option saves the numpy array itself
+    np.testing.assert_array_equal(read_features(tmp_path / "t.pt").features, x)
+    with h5py.File(tmp_path / "n.h5", "w") as f:
+        f["features"] = x
+        f["features"].attrs["encoder"] = "None"
+    assert read_features(tmp_path / "n.h5").attrs["encoder"] is None
+
+
 def _h5(path, **datasets):
     with h5py.File(path, "w") as f:
         for k, v in datasets.items():

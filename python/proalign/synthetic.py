@@ -33,12 +33,13 @@ def grid_coords(n: int, patch: int = 512) -> np.ndarray:
 
 
 def write_trident_h5(path: Path, features: np.ndarray, coords: np.ndarray, encoder: str = "conch_v1") -> None:
-    """TRIDENT `features_<encoder>/<slide>.h5`: `features` (N, d) and `coords` (N, 2) with
-    their attributes."""
+    """TRIDENT `features_<encoder>/<slide>.h5`: `features` (N, d) and `coords` (N, 2) int64, both
+    in one-row chunks, with their attributes."""
     with h5py.File(path, "w") as f:
-        ds = f.create_dataset("features", data=features)
+        ds = f.create_dataset("features", data=features, chunks=(1, features.shape[1]),
+                              maxshape=(None, features.shape[1]))
         ds.attrs.update({"name": path.stem, "savetodir": str(path.parent), "encoder": encoder})
-        cs = f.create_dataset("coords", data=coords)
+        cs = f.create_dataset("coords", data=coords, chunks=(1, 2), maxshape=(None, 2))
         cs.attrs.update({"patch_size": 512, "patch_size_level0": 512, "level0_magnification": 20,
                          "target_magnification": 20, "overlap": 0, "name": path.stem, "savetodir": str(path.parent)})
 

@@ -27,12 +27,13 @@ def launch(x, cn, inv_taus, prog_slide, prog_start, seg_end, k: int, k_pad: int)
     n_prog, n_t, d = len(prog_slide), len(inv_taus), x.shape[1]
     m, l, pi = (_alloc((n_prog, n_t, k_pad), dtype=torch.float32, device=x.device) for _ in range(3))
     acc = _alloc((n_prog, n_t, k_pad, d), dtype=torch.float32, device=x.device)
-    _C.proalign_partials(x.data_ptr(), _DTYPES[x.dtype], x.stride(0), cn.data_ptr(), inv_taus.data_ptr(), n_t,
-                         prog_slide.data_ptr(), prog_start.data_ptr(), seg_end.data_ptr(), n_prog, d, k, k_pad,
-                         TILES, m.data_ptr(), l.data_ptr(), pi.data_ptr(), acc.data_ptr(),
-                         torch.cuda.current_stream(x.device).cuda_stream)
+    assert x.is_contiguous() and cn.is_contiguous() and prog_slide.dtype == torch.int32
+    with torch.cuda.device(x.device):  # launch on x's GPU, not the current one
+        _C.proalign_partials(x.data_ptr(), _DTYPES[x.dtype], x.stride(0), cn.data_ptr(), inv_taus.data_ptr(), n_t,
+                             prog_slide.data_ptr(), prog_start.data_ptr(), seg_end.data_ptr(), n_prog, d, k,
+                             k_pad, TILES, m.data_ptr(), l.data_ptr(), pi.data_ptr(), acc.data_ptr(),
+                             torch.cuda.current_stream(x.device).cuda_stream)
     return m, l, pi, acc
-
 
 
 def rows_per_program() -> int:

@@ -46,8 +46,10 @@ class FeatureFile:
 
 def _plain(v):
     """h5 attribute value -> JSON-friendly Python value."""
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
+    if isinstance(v, bytes):  # files written by h5py 2.x
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, str) and v == "None":  # TRIDENT stores None as the string 'None'
+        return None
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, np.generic):
@@ -116,12 +118,21 @@ def _read_h5(path: Path, slide_id: str) -> FeatureFile:
     return FeatureFile(slide_id, path, _check_features(feats, path, slide_id), coords, attrs)
 
 
+# TRIDENT's `.pt` option saves a numpy array: allow exactly what rebuilds a float array, so the
+# weights-only unpickler still refuses anything that could run code.
+_NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
+                        *(type(np.dtype(t)) for t in (np.float16, np.float32, np.float64))]
+
+
 def _load_pt(path: Path):
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict):
         obj = obj.get("features")
+    if isinstance(obj, np.ndarray):
+        return obj
     if not isinstance(obj, torch.Tensor):
-        raise ValueError("expected a tensor (N, d) or a dict with a 'features' tensor")
+        raise ValueError("expected a tensor or array (N, d), or a dict with a 'features' tensor")
     if obj.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
         obj = obj.float()
     return obj.numpy()

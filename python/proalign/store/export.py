@@ -52,7 +52,8 @@ def export_parquet(store: EmbeddingStore, out: Path) -> list[Path]:
 
 def export_h5(store: EmbeddingStore, out: Path) -> list[Path]:
     """TRIDENT `slide_features` layout: `<out>/<slide_id>.h5` with dataset `features` (the
-    embedding, float32) and its provenance as attributes."""
+    embedding, float32; 1-D (length,) for one tau) with `name`/`savetodir` attributes as TRIDENT
+    writes them, plus our provenance."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for sid, rec in store.items():
@@ -60,6 +61,7 @@ def export_h5(store: EmbeddingStore, out: Path) -> list[Path]:
         with h5py.File(path, "w") as f:
             ds = f.create_dataset("features", data=rec.embedding.astype(np.float32))
             ds.attrs["name"] = sid
+            ds.attrs["savetodir"] = str(out)
             ds.attrs["n_patches"] = rec.n_patches
             ds.attrs["method"] = rec.meta.get("method") or ""
             ds.attrs["encoder"] = rec.meta.get("encoder") or ""
