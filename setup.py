@@ -1,5 +1,6 @@
 """proalign-engine: the Python package (python/proalign, kernels/ as proalign.kernels) and, when
-nvcc is on PATH, the native module proalign._C built by CMake (csrc/ + bindings/)."""
+cmake and a C++ compiler are on PATH, the native module proalign._C built by CMake (engine/ +
+bindings/, plus csrc/ when nvcc is there too)."""
 import os
 import shutil
 import subprocess
@@ -31,8 +32,9 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2)], check=True)
 
 
-# Only CUDA kernels live in _C so far: without nvcc there is nothing native to build.
-native = shutil.which("nvcc") is not None and shutil.which("cmake") is not None and not os.environ.get("PROALIGN_NO_NATIVE")
+# Without a compiler the package runs on the Python twins of everything in _C.
+native = (shutil.which("cmake") is not None and (shutil.which("c++") or shutil.which("g++"))
+          and not os.environ.get("PROALIGN_NO_NATIVE"))
 
 setup(
     name="proalign-engine",
@@ -41,7 +43,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"proalign": "python/proalign", "proalign.kernels": "kernels"},
     packages=["proalign", "proalign.aggregate", "proalign.features", "proalign.prototypes", "proalign.store",
-              "proalign.pipeline", "proalign.bench", "proalign.kernels"],
+              "proalign.pipeline", "proalign.bench", "proalign.kernels", "proalign.slides", "proalign.decode"],
     install_requires=[
         "numpy>=1.26",
         "torch>=2.4",  # pinned to the local CPU wheel by constraints.txt; unpinned pip pulls a CUDA build
@@ -51,11 +53,18 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.4",
         "pyarrow>=14",
+        "scipy>=1.11",  # tissue-mask morphology
+        "pillow>=10",
+        "tifffile>=2024.1",  # synthetic slides; the TIFF fast path parses directories itself
+        "imagecodecs>=2024.1",  # CPU decode of JPEG / JPEG 2000 / LZW / Deflate tiles
+        "openslide-python>=1.4",
+        "openslide-bin>=4.0",  # OpenSlide 4 (DICOM, NDPI, MRXS, ...) as a wheel
     ],
     extras_require={
         "gpu": ["triton>=3.0", "cupy-cuda13x", "nvidia-dali-cuda130"],
         "ray": ["ray[data]>=2.40"],
-        "dev": ["pytest>=8", "numba>=0.60", "triton>=3.0"],  # triton: interpreter tests + AOT check
+        # triton: interpreter tests + AOT check; DALI: its CPU decoder is tested against imagecodecs
+        "dev": ["pytest>=8", "numba>=0.60", "triton>=3.0", "nvidia-dali-cuda130"],
     },
     entry_points={"console_scripts": ["proalign-engine=proalign.cli:main"]},
     ext_modules=[CMakeExtension("proalign._C")] if native else [],

@@ -1,48 +1,21 @@
-// proalign._C: the CUDA C++ kernels of csrc/, called with device pointers (tensor.data_ptr()).
+// proalign._C: the C++ tile engine (engine/, always built) and, when nvcc was found at build time,
+// the CUDA C++ kernels of csrc/.
 #include <pybind11/pybind11.h>
-
-#include <stdexcept>
-#include <string>
-
-#include "proalign_attention.cuh"
 
 namespace py = pybind11;
 
-namespace {
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
-int device_count() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;  // no driver or no GPU: 0, not an error
-}
-
-void proalign_partials(uintptr_t x, int dtype, int64_t stride_x, uintptr_t cn, uintptr_t inv_tau, int n_tau,
-                       uintptr_t prog_slide, uintptr_t prog_start, uintptr_t seg_end, int n_prog, int d, int k,
-                       int k_pad, int tiles, uintptr_t m, uintptr_t l, uintptr_t pi, uintptr_t acc, uintptr_t stream) {
-  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype must be 0 (fp32), 1 (fp16) or 2 (bf16)");
-  if (k_pad > proalign::kMaxK || k_pad % 8 != 0 || k < 1 || k > k_pad)
-    throw std::invalid_argument("need 1 <= k <= k_pad <= 64 and k_pad a multiple of 8");
-  if (n_tau < 1 || n_tau > proalign::kMaxTau) throw std::invalid_argument("between 1 and 8 taus per launch");
-  proalign::PartialsArgs a{reinterpret_cast<const void*>(x), static_cast<proalign::DType>(dtype), stride_x,
-                           reinterpret_cast<const float*>(cn), reinterpret_cast<const float*>(inv_tau), n_tau,
-                           reinterpret_cast<const int32_t*>(prog_slide), reinterpret_cast<const int64_t*>(prog_start),
-                           reinterpret_cast<const int64_t*>(seg_end), n_prog, d, k, k_pad, tiles,
-                           reinterpret_cast<float*>(m), reinterpret_cast<float*>(l), reinterpret_cast<float*>(pi),
-                           reinterpret_cast<float*>(acc)};
-  py::gil_scoped_release release;
-  check(proalign::launch_partials(a, reinterpret_cast<cudaStream_t>(stream)), "proalign_partials launch");
-}
-
-}  // namespace
+void register_engine(py::module_& mod);
+#ifdef PROALIGN_WITH_CUDA
+void register_kernels(py::module_& mod);
+#endif
 
 PYBIND11_MODULE(_C, mod) {
-  mod.doc() = "proalign-engine native kernels (CUDA C++)";
-  mod.def("device_count", &device_count, "CUDA devices visible to the CUDA runtime (0 when none)");
-  mod.def("proalign_partials", &proalign_partials, "Launch the fused ProAlign partials kernel (device pointers)");
-  mod.attr("ROWS_PER_TILE") = proalign::kRows;
-  mod.attr("MAX_K") = proalign::kMaxK;
-  mod.attr("MAX_TAUS") = proalign::kMaxTau;
+  mod.doc() = "proalign-engine native code: tile engine and CUDA C++ kernels";
+  register_engine(mod);
+#ifdef PROALIGN_WITH_CUDA
+  mod.attr("HAS_CUDA_KERNELS") = true;
+  register_kernels(mod);
+#else
+  mod.attr("HAS_CUDA_KERNELS") = false;
+#endif
 }

@@ -29,3 +29,11 @@ class StoreLockedError(StoreError):
 
 class StoreWriteError(StoreError):
     """One record could not be written (disk full, file size limit); earlier records are intact."""
+
+
+class SlideError(ProAlignError):
+    """A slide file cannot be opened or read (format, metadata, a corrupt tile)."""
+
+    def __init__(self, path: str, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")

@@ -1,0 +1,1 @@
+"""Tile decoding (CPU: imagecodecs or DALI; GPU: DALI/nvImageCodec) and patch assembly."""

@@ -1,0 +1,266 @@
+"""Patches from a slide and level-0 coordinates, each stored tile read and decoded exactly once.
+
+Plan: patches are visited in raster order of their level origin; the tiles they cover are read in
+order of first use, in batches streamed by the tile engine (bounded read-ahead); decoded tiles stay
+in a cache until their last patch is cut, then are dropped. So host (or GPU) memory holds about one
+band of tiles under the patches, whatever the slide's size, and no tile is decoded twice.
+Patches are cut at the best pyramid level for the requested downsample and resized to `out_size`
+with `resize_patches` (torch, bilinear with antialiasing), on the decoder's device.
+Slides without the TIFF fast path (DICOM, NDPI, ...) go through OpenSlide's read_region, per patch,
+on a thread pool, then the same resize.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import SlideError
+from ..slides.slide import OpenSlideSlide, Slide, TiffSlide, paste_tile
+from ..slides.tile_engine import stream_batches
+from .cpu import CpuDecoder, TileDecodeError
+
+
+@dataclass
+class PatchStats:
+    """What a pass did: checked by the tests (each tile once) and printed by the benchmark."""
+
+    patches: int = 0
+    tiles_needed: int = 0
+    tiles_read: int = 0
+    tiles_decoded: int = 0
+    peak_cached_tiles: int = 0
+    max_queued_batches: int = 0
+    level: int = 0
+    read_size: int = 0
+    decoder: str = ""
+    engine: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    level: int
+    read_size: int
+    order: np.ndarray  # patch indices in visiting order
+    origins: np.ndarray  # (n, 2) level-pixel origins, in visiting order
+    tiles: np.ndarray  # linear tile indices in first-use order
+    ready: np.ndarray  # (n,) tiles that must be decoded before the patch at this position can be cut
+    evict_after: list[np.ndarray]  # tiles whose last patch is at this position
+
+
+def choose_level(slide: Slide, patch_size_level0: int, out_size: int) -> tuple[int, int]:
+    """(level, read size at that level) for patches of `patch_size_level0` level-0 pixels resized to
+    `out_size`: the coarsest level that still has at least out_size pixels across the patch."""
+    level = slide.best_level_for_downsample(patch_size_level0 / out_size)
+    return level, max(1, int(round(patch_size_level0 / slide.downsamples[level])))
+
+
+def plan_tiles(slide: TiffSlide, coords: np.ndarray, patch_size_level0: int, out_size: int) -> TilePlan:
+    level, r = choose_level(slide, patch_size_level0, out_size)
+    page = slide.pages[level]
+    ds = slide.downsamples[level]
+    origins = np.floor(np.asarray(coords, np.float64) / ds + 0.5).astype(np.int64)
+    order = np.lexsort((origins[:, 0], origins[:, 1]))
+    origins = origins[order]
+    n = len(order)
+    tw, th = page.tile_width, page.tile_height
+    # Candidate tiles of every patch: a (n, rows, cols) grid from the patch's first tile, masked to
+    # the ones the patch and the image actually cover.
+    x0, y0 = np.clip(origins[:, 0], 0, page.width - 1), np.clip(origins[:, 1], 0, page.height - 1)
+    x1 = np.clip(origins[:, 0] + r, 1, page.width) - 1
+    y1 = np.clip(origins[:, 1] + r, 1, page.height) - 1
+    c0, r0, c1, r1 = x0 // tw, y0 // th, x1 // tw, y1 // th
+    inside = (origins[:, 0] < page.width) & (origins[:, 1] < page.height) & \
+             (origins[:, 0] + r > 0) & (origins[:, 1] + r > 0)
+    mc, mr = -(-r // tw) + 1, -(-r // th) + 1
+    dc, dr = np.meshgrid(np.arange(mc), np.arange(mr))
+    cols = c0[:, None, None] + dc[None]
+    rows = r0[:, None, None] + dr[None]
+    valid = (cols <= c1[:, None, None]) & (rows <= r1[:, None, None]) & inside[:, None, None]
+    lin = (rows * page.tiles_across + cols).reshape(n, -1)
+    valid = valid.reshape(n, -1)
+    pos = np.repeat(np.arange(n), lin.shape[1]).reshape(n, -1)
+    flat_t, flat_p = lin[valid], pos[valid]  # in visiting order
+    tiles, first = np.unique(flat_t, return_index=True)
+    rank_order = np.argsort(first, kind="stable")
+    tiles_in_order = tiles[rank_order]
+    rank = np.empty(len(tiles), np.int64)
+    rank[rank_order] = np.arange(len(tiles))
+    t_rank = rank[np.searchsorted(tiles, flat_t)]
+    ready = np.zeros(n, np.int64)
+    np.maximum.at(ready, flat_p, t_rank + 1)
+    last = np.zeros(len(tiles), np.int64)
+    np.maximum.at(last, np.searchsorted(tiles, flat_t), flat_p)
+    ready = np.maximum.accumulate(ready) if n else ready  # patches are cut in visiting order
+    evict: list[np.ndarray] = [np.empty(0, np.int64)] * n
+    if len(tiles):
+        by_last = np.argsort(last, kind="stable")
+        bounds = np.searchsorted(last[by_last], np.arange(n + 1))
+        evict = [tiles[by_last[bounds[i]:bounds[i + 1]]] for i in range(n)]
+    return TilePlan(level, r, order, origins, tiles_in_order, ready, evict)
+
+
+def resize_patches(batch: torch.Tensor, out_size: int) -> torch.Tensor:
+    """uint8 (n, h, w, 3) -> uint8 (n, out_size, out_size, 3): bilinear, antialiased when shrinking.
+    The one resize used by every path (engine, OpenSlide twin), so their pixels can be compared.
+    On CPU it runs torch's uint8 channels-last kernel (about 18x the float path, 4x PIL); CUDA has no
+    uint8 antialiased kernel, so the GPU goes through float32 and rounds: the two differ by at most 1."""
+    if batch.shape[1] == out_size and batch.shape[2] == out_size:
+        return batch
+    x = batch.permute(0, 3, 1, 2)  # NHWC memory seen as channels-last NCHW: no copy
+    if x.is_cuda:
+        y = F.interpolate(x.float(), size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+        y = y.round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        y = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
+def _make_decoder(decoder: str | object, codec: str):
+    if not isinstance(decoder, str):
+        return decoder
+    if decoder == "auto":
+        decoder = "dali-gpu" if torch.cuda.is_available() and codec in ("jpeg", "jpeg2000") and _has_dali() else "cpu"
+    if decoder == "cpu":
+        return CpuDecoder(threads=2)
+    if decoder in ("dali-gpu", "dali-cpu"):
+        from .dali_decode import DaliDecoder
+        return DaliDecoder(device=decoder.split("-")[1])
+    raise ValueError(f"unknown decoder {decoder!r}: auto, cpu, dali-cpu or dali-gpu")
+
+
+def _has_dali() -> bool:
+    from .dali_decode import dali_available
+    return dali_available() is None
+
+
+def iter_patches(slide: Slide, coords: np.ndarray, patch_size_level0: int, out_size: int, *,
+                 batch_size: int = 64, decoder: str | object = "auto", tiles_per_batch: int = 64,
+                 max_ahead: int = 2, stats: PatchStats | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Yield (indices into coords, uint8 patches (b, out_size, out_size, 3)) until every patch was
+    produced once. Patches come in the engine's visiting order, not coords order."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    stats = stats if stats is not None else PatchStats()
+    stats.patches = len(coords)
+    if not len(coords):
+        return
+    if isinstance(slide, TiffSlide):
+        yield from _iter_engine(slide, coords, patch_size_level0, out_size, batch_size, decoder,
+                                tiles_per_batch, max_ahead, stats)
+    else:
+        yield from _iter_read_region(slide, coords, patch_size_level0, out_size, batch_size, stats)
+
+
+def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_size, decoder, tiles_per_batch,
+                 max_ahead, stats: PatchStats):
+    plan = plan_tiles(slide, coords, patch_size_level0, out_size)
+    level, r = plan.level, plan.read_size
+    page, fmt = slide.pages[level], slide.formats[level]
+    dec = _make_decoder(decoder, fmt.codec)
+    on_gpu = getattr(dec, "device", "cpu") == "gpu"
+    dev = torch.device(f"cuda:{dec.device_id}") if on_gpu else torch.device("cpu")
+    stats.level, stats.read_size, stats.tiles_needed = level, r, len(plan.tiles)
+    stats.decoder, stats.engine = getattr(dec, "name", type(dec).__name__), type(slide.readers[level]).__module__
+    reader = slide.readers[level]
+    chunks = [plan.tiles[s:s + tiles_per_batch] for s in range(0, len(plan.tiles), tiles_per_batch)]
+    stream = stream_batches(reader, [(page.offsets[c], page.bytecounts[c]) for c in chunks], max_ahead)
+    cache: dict[int, object] = {}
+    decoded = 0
+    p, n = 0, len(plan.order)
+    buf = None
+    filled = 0
+
+    def new_buffer():
+        return torch.full((batch_size, r, r, 3), 255, dtype=torch.uint8, device=dev)
+
+    def flush(count):
+        idx = plan.order[p - count:p]
+        return idx, resize_patches(buf[:count], out_size)
+
+    try:
+        for chunk, (data, errors) in zip(chunks, stream):
+            stats.tiles_read += len(data)
+            if errors:
+                i, msg = errors[0]
+                t = int(chunk[i])
+                raise SlideError(slide.path, f"level {level} tile (col {t % page.tiles_across}, "
+                                             f"row {t // page.tiles_across}): {msg}")
+            try:
+                imgs = dec.decode(data, fmt)
+            except TileDecodeError as e:
+                t = int(chunk[e.position])
+                raise SlideError(slide.path, f"level {level} tile (col {t % page.tiles_across}, row "
+                                             f"{t // page.tiles_across}) does not decode: {e.problem}") from e
+            stats.tiles_decoded += len(imgs)
+            for t, img in zip(chunk.tolist(), imgs):
+                cache[t] = img if on_gpu else torch.from_numpy(img)
+            decoded += len(imgs)
+            stats.peak_cached_tiles = max(stats.peak_cached_tiles, len(cache))
+            while p < n and plan.ready[p] <= decoded:
+                if buf is None:
+                    buf = new_buffer()
+                lx, ly = plan.origins[p]
+                out = buf[filled]
+                out.fill_(255)
+                for c, rr in slide.tiles_for_rect(level, int(lx), int(ly), r, r):
+                    paste_tile(out, cache[rr * page.tiles_across + c], int(lx), int(ly), c, rr, page)
+                for t in plan.evict_after[p].tolist():
+                    cache.pop(t, None)
+                p += 1
+                filled += 1
+                if filled == batch_size:
+                    yield flush(filled)
+                    buf, filled = None, 0
+        # patches that cover no stored tile (entirely outside the image) are white
+        while p < n:
+            if buf is None:
+                buf = new_buffer()
+            buf[filled].fill_(255)
+            p += 1
+            filled += 1
+            if filled == batch_size:
+                yield flush(filled)
+                buf, filled = None, 0
+        if filled:
+            yield flush(filled)
+    finally:
+        stats.max_queued_batches = getattr(stream, "max_queued", 0)
+        if isinstance(decoder, str):
+            dec.close()
+
+
+def _iter_read_region(slide: Slide, coords, patch_size_level0, out_size, batch_size, stats: PatchStats):
+    level, r = choose_level(slide, patch_size_level0, out_size)
+    stats.level, stats.read_size, stats.decoder, stats.engine = level, r, "openslide", "openslide"
+    with ThreadPoolExecutor(4) as pool:
+        for s in range(0, len(coords), batch_size):
+            idx = np.arange(s, min(s + batch_size, len(coords)))
+            regions = list(pool.map(lambda i: slide.read_region(tuple(coords[i]), level, (r, r)), idx))
+            yield idx, resize_patches(torch.from_numpy(np.stack(regions)), out_size)
+
+
+def read_patches(slide: Slide, coords: np.ndarray, patch_size_level0: int, out_size: int, *,
+                 decoder: str | object = "cpu", stats: PatchStats | None = None) -> np.ndarray:
+    """uint8 (n, out_size, out_size, 3) RGB patches, in the order of `coords` (level-0 top-left
+    corners), through the engine path. Holds all n patches in memory: the pipeline streams with
+    iter_patches instead."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    out = np.empty((len(coords), out_size, out_size, 3), np.uint8)
+    for idx, batch in iter_patches(slide, coords, patch_size_level0, out_size, decoder=decoder, stats=stats):
+        out[idx] = batch.cpu().numpy()
+    return out
+
+
+def read_patches_openslide(slide: OpenSlideSlide, coords: np.ndarray, patch_size_level0: int,
+                           out_size: int) -> np.ndarray:
+    """The reference path: OpenSlide read_region at the same level, the same resize."""
+    out = np.empty((len(coords), out_size, out_size, 3), np.uint8)
+    for idx, batch in _iter_read_region(slide, np.asarray(coords, np.int64).reshape(-1, 2), patch_size_level0,
+                                        out_size, 64, PatchStats()):
+        out[idx] = batch.numpy()
+    return out

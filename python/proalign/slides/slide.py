@@ -1,0 +1,368 @@
+"""Opening slides: the TIFF fast path (our own directory parser + tile engine) for Aperio SVS and
+generic tiled/stripped TIFF, OpenSlide 4 for everything else (DICOM-WSI, NDPI, MRXS, SCN, ...).
+
+Both give the same `SlideInfo` and the same `read_region` convention as OpenSlide: level-0
+coordinates for the top-left corner, size in pixels of the requested level, uint8 RGB (h, w, 3).
+Pixels outside the image are white (brightfield background), in both paths. At a level whose
+downsample makes x/ds fractional, the fast path starts at the nearest level pixel, where OpenSlide
+resamples at the fractional offset (cairo, bilinear); grids read at level > 0 put their corners on
+level pixels, so both agree there.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SlideError
+from .tiff_index import CODECS, TiffPage, read_tiff_pages
+
+TIFF_SUFFIXES = {".svs", ".tif", ".tiff"}
+_OPENSLIDE_WHITE = 255
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    path: str
+    format: str  # "aperio-svs" | "generic-tiff" | "openslide:<vendor>"
+    levels: list[tuple[int, int]]  # (width, height) per level, level 0 first
+    downsamples: list[float]
+    mpp: float | None  # microns per pixel at level 0
+    objective_power: float | None
+    tile_size: tuple[int, int] | None  # (width, height) of level 0's stored tiles, None if unknown
+    codec: str | None  # level 0's codec, None if unknown (OpenSlide path)
+    mpp_source: str = "metadata"  # "metadata" | "user" | "none"
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+class Slide:
+    """Common behaviour of both readers; subclasses set `info` and implement `_read_level`."""
+
+    info: SlideInfo
+
+    @property
+    def path(self) -> str:
+        return self.info.path
+
+    @property
+    def levels(self) -> list[tuple[int, int]]:
+        return self.info.levels
+
+    @property
+    def downsamples(self) -> list[float]:
+        return self.info.downsamples
+
+    @property
+    def mpp(self) -> float | None:
+        return self.info.mpp
+
+    @property
+    def objective_power(self) -> float | None:
+        return self.info.objective_power
+
+    @property
+    def format(self) -> str:
+        return self.info.format
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.info.levels[0]
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The smallest level (largest downsample) not coarser than `downsample` (1% slack, as
+        level downsamples are rounded sizes, e.g. 4.0003)."""
+        best = 0
+        for i, ds in enumerate(self.downsamples):
+            if ds <= downsample * 1.01:
+                best = i
+        return best
+
+    def level_origin(self, x: int, y: int, level: int) -> tuple[int, int]:
+        ds = self.downsamples[level]
+        return int(math.floor(x / ds + 0.5)), int(math.floor(y / ds + 0.5))
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """uint8 RGB (h, w, 3) of `size` pixels at `level`, top-left at level-0 `location`."""
+        if not 0 <= level < len(self.levels):
+            raise SlideError(self.path, f"level {level} does not exist (the slide has {len(self.levels)})")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise SlideError(self.path, f"region size must be positive, got {size}")
+        return self._read_level(level, *self.level_origin(int(location[0]), int(location[1]), level), w, h)
+
+    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def get_thumbnail(self, max_size: int) -> np.ndarray:
+        """The whole slide, longest side at most `max_size`, read band by band from the smallest
+        level that is at least that large, so memory stays bounded by one band plus the result."""
+        from PIL import Image
+
+        w0, h0 = self.levels[0]
+        scale = max(w0, h0) / max_size
+        level = self.best_level_for_downsample(max(scale, 1.0))
+        lw, lh = self.levels[level]
+        tw, th = max(1, round(w0 / max(scale, 1.0))), max(1, round(h0 / max(scale, 1.0)))
+        band = 1024
+        out = np.empty((th, tw, 3), np.uint8)
+        row = 0
+        for ly in range(0, lh, band):
+            bh = min(band, lh - ly)
+            y_end = th if ly + bh >= lh else round((ly + bh) * th / lh)
+            if y_end <= row:
+                continue
+            img = self._read_level(level, 0, ly, lw, bh)
+            out[row:y_end] = np.asarray(Image.fromarray(img).resize((tw, y_end - row), Image.BILINEAR,
+                                                                    reducing_gap=2.0))
+            row = y_end
+        return out
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"<{type(self).__name__} {Path(i.path).name} {i.format} {i.levels[0][0]}x{i.levels[0][1]} "
+                f"levels={len(i.levels)} mpp={i.mpp} codec={i.codec}>")
+
+
+def _aperio_fields(description: str) -> dict[str, str]:
+    fields = {}
+    for part in description.split("|")[1:]:
+        if "=" in part:
+            k, v = part.split("=", 1)
+            fields[k.strip()] = v.strip()
+    return fields
+
+
+def _float_or_none(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+class TiffSlide(Slide):
+    """Aperio SVS and generic TIFF through our parser, the tile engine and the CPU decoder."""
+
+    def __init__(self, path: str | Path, pages: list[TiffPage] | None = None, threads: int = 4):
+        from ..decode.cpu import CpuDecoder, TileFormat
+        from .tile_engine import jpeg_prefix, open_reader
+
+        path = Path(path)
+        pages = pages if pages is not None else read_tiff_pages(path)
+        base = pages[0]
+        aperio = base.description.startswith("Aperio")
+        _check_rgb(path, base)
+        levels = [base]
+        for p in pages[1:]:
+            if aperio and ("label" in p.description or "macro" in p.description):
+                continue
+            if (p.tiled and p.width < levels[-1].width and _same_aspect(base, p)
+                    and p.samples_per_pixel == base.samples_per_pixel and p.codec in CODECS.values()):
+                levels.append(p)
+        self.pages = levels
+        props: dict[str, str] = {}
+        mpp = objective = None
+        if aperio:
+            props = {f"aperio.{k}": v for k, v in _aperio_fields(base.description).items()}
+            mpp = _float_or_none(props.get("aperio.MPP"))
+            objective = _float_or_none(props.get("aperio.AppMag"))
+        elif base.x_resolution and base.resolution_unit in (2, 3):
+            per_unit_um = 25400.0 if base.resolution_unit == 2 else 10000.0
+            candidate = per_unit_um / base.x_resolution
+            mpp = candidate if 0.01 <= candidate <= 100.0 else None  # 72 dpi defaults are not microscope mpp
+        w0, h0 = base.width, base.height
+        self.info = SlideInfo(
+            path=str(path), format="aperio-svs" if aperio else "generic-tiff",
+            levels=[(p.width, p.height) for p in levels],
+            downsamples=[(w0 / p.width + h0 / p.height) / 2.0 for p in levels],
+            mpp=mpp, objective_power=objective, tile_size=(base.tile_width, base.tile_height), codec=base.codec,
+            mpp_source="metadata" if mpp else "none", properties=props)
+        self.formats = [TileFormat(p.codec, p.compression, p.photometric, p.tile_width, p.tile_height,
+                                   p.samples_per_pixel, p.predictor) for p in levels]
+        self.readers = [open_reader(path, jpeg_prefix(p.jpeg_tables, p.photometric) if p.codec == "jpeg" else b"",
+                                    p.codec == "jpeg", threads) for p in levels]
+        self.decoder = CpuDecoder(threads=min(threads, 4))
+
+    def tiles_for_rect(self, level: int, lx: int, ly: int, w: int, h: int) -> list[tuple[int, int]]:
+        """(column, row) of every stored tile of `level` that overlaps the rectangle."""
+        p = self.pages[level]
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + w, p.width), min(ly + h, p.height)
+        if x1 <= x0 or y1 <= y0:
+            return []
+        return [(c, r) for r in range(y0 // p.tile_height, (y1 - 1) // p.tile_height + 1)
+                for c in range(x0 // p.tile_width, (x1 - 1) // p.tile_width + 1)]
+
+    def read_tiles(self, level: int, tiles: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Read and decode tiles of a level; a bad tile raises SlideError naming slide, level and tile."""
+        from ..decode.cpu import TileDecodeError
+
+        p = self.pages[level]
+        idx = np.array([r * p.tiles_across + c for c, r in tiles], np.int64)
+        data, errors = self.readers[level].read(p.offsets[idx], p.bytecounts[idx])
+        if errors:
+            i, msg = errors[0]
+            raise SlideError(self.path, f"level {level} tile (col {tiles[i][0]}, row {tiles[i][1]}): {msg}")
+        try:
+            return self.decoder.decode(data, self.formats[level])
+        except TileDecodeError as e:
+            c, r = tiles[e.position]
+            raise SlideError(self.path, f"level {level} tile (col {c}, row {r}) does not decode: {e.problem}") from e
+
+    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        tiles = self.tiles_for_rect(level, lx, ly, w, h)
+        out = np.full((h, w, 3), _OPENSLIDE_WHITE, np.uint8)
+        for (c, r), img in zip(tiles, self.read_tiles(level, tiles)):
+            paste_tile(out, img, lx, ly, c, r, self.pages[level])
+        return out
+
+    def close(self) -> None:
+        self.decoder.close()
+        for r in self.readers:
+            if hasattr(r, "close"):
+                r.close()
+
+
+def paste_tile(out, tile, lx: int, ly: int, col: int, row: int, page: TiffPage) -> None:
+    """Copy the part of decoded tile (col, row) that lies inside both the image and the region whose
+    top-left is (lx, ly) at this level into `out` (numpy or torch, (h, w, 3))."""
+    tx, ty = col * page.tile_width, row * page.tile_height
+    x0, y0 = max(tx, lx), max(ty, ly)
+    x1 = min(tx + page.tile_width, lx + out.shape[1], page.width, tx + tile.shape[1])
+    y1 = min(ty + page.tile_height, ly + out.shape[0], page.height, ty + tile.shape[0])
+    if x1 > x0 and y1 > y0:
+        out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = tile[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
+
+
+def _same_aspect(a: TiffPage, b: TiffPage) -> bool:
+    ds_x, ds_y = a.width / b.width, a.height / b.height
+    # level sizes are rounded: allow one pixel of rounding on either axis
+    return abs(ds_x - ds_y) <= max(ds_x / min(b.width, b.height), 0.01 * ds_x) + 1e-9
+
+
+def _check_rgb(path: Path, p: TiffPage) -> None:
+    if p.codec.startswith("unsupported"):
+        raise SlideError(path, f"unsupported TIFF compression {p.compression} (we read JPEG, JPEG 2000, LZW, "
+                               "Deflate and uncompressed tiles)")
+    if p.bits_per_sample != 8:
+        raise SlideError(path, f"{p.bits_per_sample}-bit samples: only 8-bit RGB brightfield slides are supported")
+    if p.samples_per_pixel not in (3, 4) or p.photometric not in (2, 6):
+        raise SlideError(path, f"not an RGB brightfield image (SamplesPerPixel={p.samples_per_pixel}, "
+                               f"Photometric={p.photometric}); multi-channel fluorescence slides are not supported")
+    if p.planar != 1:
+        raise SlideError(path, "planar (separate-plane) RGB TIFFs are not supported")
+
+
+class OpenSlideSlide(Slide):
+    """Every format OpenSlide 4 opens (DICOM-WSI, NDPI, MRXS, SCN, Philips TIFF, ...)."""
+
+    def __init__(self, path: str | Path):
+        import openslide
+
+        path = Path(path)
+        try:
+            self._os = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideError(path, "unsupported or unrecognised slide format (neither our TIFF reader nor "
+                                   "OpenSlide can open it)") from None
+        except openslide.OpenSlideError as e:
+            raise SlideError(path, f"OpenSlide cannot open it: {e}") from None
+        props = dict(self._os.properties)
+        mpp = _float_or_none(props.get("openslide.mpp-x"))
+        tw = _float_or_none(props.get("openslide.level[0].tile-width"))
+        th = _float_or_none(props.get("openslide.level[0].tile-height"))
+        self.info = SlideInfo(
+            path=str(path), format=f"openslide:{props.get('openslide.vendor', 'unknown')}",
+            levels=[tuple(map(int, d)) for d in self._os.level_dimensions],
+            downsamples=[float(d) for d in self._os.level_downsamples], mpp=mpp,
+            objective_power=_float_or_none(props.get("openslide.objective-power")),
+            tile_size=(int(tw), int(th)) if tw and th else None, codec=None,
+            mpp_source="metadata" if mpp else "none", properties=props)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        import openslide
+
+        if not 0 <= level < len(self.levels):
+            raise SlideError(self.path, f"level {level} does not exist (the slide has {len(self.levels)})")
+        x, y, w, h = int(location[0]), int(location[1]), int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise SlideError(self.path, f"region size must be positive, got {size}")
+        try:
+            rgba = np.asarray(self._os.read_region((x, y), level, (w, h)))
+        except openslide.OpenSlideError as e:
+            raise SlideError(self.path, f"OpenSlide read failed at level {level} ({x}, {y}) {w}x{h}: {e}") from None
+        return composite_on_white(rgba)
+
+    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        ds = self.downsamples[level]
+        return self.read_region((round(lx * ds), round(ly * ds)), level, (w, h))
+
+    def close(self) -> None:
+        self._os.close()
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """OpenSlide's premultiplied RGBA -> RGB on a white background (transparent = outside the image)."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    out = rgb.astype(np.uint16) + (255 - alpha.astype(np.uint16))  # premultiplied: c + (1 - a) * white
+    return np.minimum(out, 255).astype(np.uint8)
+
+
+def open_slide(path: str | Path, mpp: float | None = None, threads: int = 4) -> Slide:
+    """Open a slide: the TIFF fast path for SVS/TIFF files it understands, OpenSlide otherwise.
+    `mpp` (microns per pixel at level 0) overrides or supplies the slide's own."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(path, "no such file")
+    if not path.is_file():
+        raise SlideError(path, "not a file")
+    slide: Slide | None = None
+    fast_error: SlideError | None = None
+    if path.suffix.lower() in TIFF_SUFFIXES or _looks_like_tiff(path):
+        try:
+            pages = read_tiff_pages(path)
+            if not _openslide_vendor_tiff(pages):
+                slide = TiffSlide(path, pages, threads=threads)
+        except SlideError as e:
+            fast_error = e
+    if slide is None:
+        try:
+            slide = OpenSlideSlide(path)
+        except SlideError as e:
+            raise fast_error or e from None
+    if mpp is not None:
+        if not (_float_or_none(mpp) and 0.01 <= mpp <= 100):
+            raise SlideError(path, f"mpp must be a positive number of microns per pixel, got {mpp}")
+        info = slide.info
+        slide.info = SlideInfo(**{**info.__dict__, "mpp": float(mpp), "mpp_source": "user"})
+    return slide
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\0", b"\0*", b"+\0", b"\0+")
+
+
+# Vendor TIFF variants whose layout our parser does not model (OpenSlide knows them).
+_VENDOR_MARKERS = (re.compile(r"^<\?xml.*<DataObject ObjectType=\"DPUfsImport\"", re.S),  # Philips
+                   re.compile(r"^Leica SCN"), re.compile(r"<OME ", re.S))
+
+
+def _openslide_vendor_tiff(pages: list[TiffPage]) -> bool:
+    d = pages[0].description
+    return any(m.search(d) for m in _VENDOR_MARKERS) or d.lstrip().startswith("<?xml") and "scn" in d.lower()
