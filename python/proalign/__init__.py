@@ -7,10 +7,25 @@ from .aggregate import aggregate, aggregate_batch  # noqa: E402
 from .prototypes.io import load_prototypes  # noqa: E402
 
 
+def open_slide(path, mpp: float | None = None):
+    """Open a whole-slide image (TIFF fast path or OpenSlide); see proalign.slides.slide."""
+    from .slides.slide import open_slide as _open
+
+    return _open(path, mpp=mpp)
+
+
+def read_patches(slide, coords, patch_size_level0: int, out_size: int):
+    """uint8 (n, out_size, out_size, 3) patches at level-0 `coords`, through the tile engine."""
+    from .decode.patches import read_patches as _read
+
+    return _read(slide, coords, patch_size_level0, out_size)
+
+
 def open_store(path, write: bool = False):
     """Open an embedding store (read-only unless `write=True`); see proalign.store."""
     from .store import open_store as _open  # lmdb loads on first use: GPU hosts may lack it
 
     return _open(path, write=write)
 
-__all__ = ["__version__", "aggregate", "aggregate_batch", "load_prototypes", "open_store"]
+__all__ = ["__version__", "aggregate", "aggregate_batch", "load_prototypes", "open_slide", "open_store",
+           "read_patches"]

@@ -143,6 +143,51 @@ def prototypes_build(features, manifest, init, k, seed, pool_size, text_prototyp
     click.echo(f"wrote {out} (K={ps.prototypes.shape[0]}, d={ps.prototypes.shape[1]}, hash {h})")
 
 
+@main.command()
+@click.argument("slides", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--mag", "mag", type=float, default=None, help="Target magnification (default 20 unless --mpp).")
+@click.option("--mpp", "target_mpp", type=float, default=None, help="Target microns per pixel instead of --mag.")
+@click.option("--patch-size", default=256, show_default=True, type=click.IntRange(1), help="Pixels at the target.")
+@click.option("--overlap", default=0, show_default=True, type=click.IntRange(0), help="Pixels shared by neighbours.")
+@click.option("--min-tissue", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+              help="Minimum tissue fraction of a patch.")
+@click.option("--edge", default="inside", show_default=True, type=click.Choice(["inside", "pad"]),
+              help="inside: patches wholly inside the slide; pad: TRIDENT/CLAM's corner-inside rule.")
+@click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for slides without one (TCGA has none).")
+@click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False), help="Per-slide mpp: columns wsi,mpp.")
+@click.option("--out", required=True, type=click.Path(),
+              help="coords .h5 for one slide, else a job folder: OUT/patches/<slide>_patches.h5 (TRIDENT layout).")
+def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_mpp, mpp_csv, out):
+    """Tissue detection and a patch grid per slide, written as TRIDENT coords .h5. Exit 1 when a
+    slide failed (the others are still written)."""
+    from .slides.coords_io import trident_coords_path, write_coords_h5
+    from .slides.patching import patch_slide, read_mpp_csv
+
+    if mag is not None and target_mpp is not None:
+        raise click.UsageError("give --mag or --mpp, not both")
+    single = len(slides) == 1 and out.endswith(".h5")
+    per_slide = read_mpp_csv(mpp_csv) if mpp_csv else {}
+    failed = 0
+    for path in slides:
+        p = Path(path)
+        mpp = per_slide.get(p.name, per_slide.get(p.stem, slide_mpp))
+        try:
+            slide, grid = patch_slide(p, mpp=mpp, patch_size=patch_size, target_magnification=mag,
+                                      target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue, edge=edge)
+            dest = Path(out) if single else trident_coords_path(out, p.stem)
+            write_coords_h5(dest, grid, name=p.stem)
+            slide.close()
+        except ProAlignError as e:
+            failed += 1
+            click.echo(f"FAILED: {e}", err=True)
+            continue
+        click.echo(f"{p.name}: {len(grid)} patches of {grid.patch_size_level0} px at level 0, read at level "
+                   f"{grid.level} ({grid.read_size} px) -> {dest}")
+    if failed:
+        click.echo(f"{failed} of {len(slides)} slides failed", err=True)
+        sys.exit(1)
+
+
 @main.group()
 def store():
     """Inspect, export and verify an embedding store."""

@@ -72,13 +72,11 @@ class Slide:
         return self.info.levels[0]
 
     def best_level_for_downsample(self, downsample: float) -> int:
-        """The smallest level (largest downsample) not coarser than `downsample` (1% slack, as
-        level downsamples are rounded sizes, e.g. 4.0003)."""
-        best = 0
-        for i, ds in enumerate(self.downsamples):
-            if ds <= downsample * 1.01:
-                best = i
-        return best
+        """The coarsest level not coarser than `downsample` (1% slack: level downsamples are ratios of
+        rounded sizes, e.g. 4.0003); the same rule as the patch grid's."""
+        from .grid import best_level
+
+        return best_level(self.downsamples, downsample)
 
     def level_origin(self, x: int, y: int, level: int) -> tuple[int, int]:
         ds = self.downsamples[level]

@@ -1,0 +1,1 @@
+"""Whole-slide image readers, writers and helpers."""
