@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a lent H100/H200/A100 (see README "GPU checks"):
 #   1. build proalign._C (CUDA C++) for this GPU with CMake;
-#   2. run the GPU correctness tests (Triton + CUDA C++ vs the float64 reference, poisoned buffers);
+#   2. run the GPU correctness tests (Triton + CUDA C++, ProAlign and PANTHER, vs the float64
+#      reference, poisoned buffers);
 #   3. benchmark every backend against torch eager and the device copy bandwidth.
 # The device has no package registry: wheels it lacks (pybind11, pytest) are carried in
 # .device/wheels (fill it here first: bash bench/device_check.sh --fetch-wheels).
@@ -40,13 +41,15 @@ python -m proalign.doctor 2>/dev/null || python -c "from proalign.doctor import 
 
 echo "== 2. correctness on the device"
 if python -c "import pytest" 2>/dev/null; then
-  timeout 300 python -m pytest -q -p no:cacheprovider tests/test_backends.py tests/test_aggregate.py || status=1
+  timeout 420 python -m pytest -q -p no:cacheprovider tests/test_backends.py tests/test_aggregate.py \
+    tests/test_panther_moments.py || status=1
 else
   echo "SKIP: pytest missing; the benchmark below still checks every backend against float64"
 fi
 
 echo "== 3. benchmarks"
-for args in "--d 512 --k 16" "--d 1024 --k 32" "--d 512 --k 16 --dtype float16"; do
+for args in "--d 512 --k 16" "--d 1024 --k 32" "--d 512 --k 16 --dtype float16" "--method panther --d 512 --k 16" \
+    "--method panther --d 1024 --k 32"; do
   timeout 120 python -m proalign.bench.aggregate --n 100000 $args --device cuda --check || status=1
 done
 timeout 120 python -m proalign.bench.aggregate --n 1000000 --d 512 --k 16 --device cuda --check || status=1

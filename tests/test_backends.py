@@ -55,7 +55,8 @@ def test_dispatch_prefers_fused_and_falls_back():
     best = resolve_backend("proalign", None, x, {}).name
     assert best == (CPU_FUSED[0] if CPU_FUSED else "torch")
     assert resolve_backend("proalign", None, x, {"over": "prototypes"}).name == "torch"
-    assert resolve_backend("panther", None, x, {}).name == "torch"
+    assert resolve_backend("panther", None, x, {}).name == best  # the fused PANTHER moments
+    assert resolve_backend("h2t", None, x, {}).name == "torch"
     if CPU_FUSED:
         with pytest.raises(ValueError, match="does not support"):
             resolve_backend("proalign", CPU_FUSED[0], x, {"over": "prototypes"})

@@ -11,9 +11,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import cuda_cpp, gpu, numba_cpu, partials, reference
+from . import cuda_cpp, gpu, moments, numba_cpu, partials, reference
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
+FUSED_METHODS = ("proalign", "panther")  # the methods with fused kernels (one pass over X)
 
 
 def embedding_length(method: str, k: int, d: int) -> int:
@@ -49,32 +50,60 @@ def _torch_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[flo
     return getattr(reference, method)(x, c, **opts)
 
 
-def _numba_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], **opts) -> torch.Tensor:
-    return torch.from_numpy(numba_cpu.proalign(x.float().numpy(), c.float().numpy(), taus))
+def _numba_moments(x, lengths, shift, a, b, cst):
+    out = numba_cpu.moments(x.numpy(), lengths.numpy(), shift.numpy(), a.numpy(), b.numpy(), cst.numpy())
+    return tuple(torch.from_numpy(v) for v in out)
+
+
+def moments_function(backend: str) -> moments.Moments:
+    """The fused PANTHER E-step moments of a backend (numba, triton or cuda); see moments.py."""
+    if backend == "numba":
+        return _numba_moments
+    if backend == "triton":
+        from ..kernels import panther_moments as pm
+
+        return moments.gpu_moments(pm.panther_moments, pm.ROWS_PER_PROGRAM, 0)
+    if backend == "cuda":
+        return moments.gpu_moments(cuda_cpp.launch_moments, cuda_cpp.rows_per_program(), 8)
+    raise ValueError(f"backend {backend!r} has no fused PANTHER moments")
+
+
+def _numba_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], lengths=None, **opts):
+    # The whole (ragged) batch in one numba call: x holds the slides one after another.
+    one = lengths is None
+    lengths = torch.tensor([x.shape[0]]) if one else lengths.to(torch.int64)
+    x = x.float().contiguous()
+    if method == "proalign":
+        out = torch.from_numpy(numba_cpu.proalign_ragged(x.numpy(), lengths.numpy(), c.float().numpy(), taus))
+    else:
+        out = moments.panther_ragged(_numba_moments, x, lengths, c, **opts)
+    return out[0] if one else out
 
 
 def _ragged_runner(kind: str):
     def run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], lengths=None, **opts):
-        if kind == "triton":
-            from ..kernels import proalign_attention as kern
-
-            launch, rows, k_multiple = kern.proalign_partials, kern.ROWS_PER_PROGRAM, 0
-        else:
-            launch, rows, k_multiple = cuda_cpp.launch, cuda_cpp.rows_per_program(), 8
         one = lengths is None
         lengths = torch.tensor([x.shape[0]]) if one else lengths
-        out = partials.proalign_ragged(launch, rows, k_multiple, x, lengths, c, taus)
+        if method == "panther":
+            out = moments.panther_ragged(moments_function(kind), x, lengths, c, **opts)
+        elif kind == "triton":
+            from ..kernels import proalign_attention as kern
+
+            out = partials.proalign_ragged(kern.proalign_partials, kern.ROWS_PER_PROGRAM, 0, x, lengths, c, taus)
+        else:
+            out = partials.proalign_ragged(cuda_cpp.launch, cuda_cpp.rows_per_program(), 8, x, lengths, c, taus)
         return out[0] if one else out
     return run
 
 
 # In order of preference: the first live backend that supports a call runs it.
 BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", ("proalign",), gpu.triton_unavailable, _ragged_runner("triton"),
+    "triton": Backend("triton", FUSED_METHODS, gpu.triton_unavailable, _ragged_runner("triton"),
                       device=gpu.TRITON_DEVICE, fused=True, auto=not gpu.TRITON_INTERPRET, ragged=True),
-    "cuda": Backend("cuda", ("proalign",), cuda_cpp.unavailable, _ragged_runner("cuda"), device="cuda", fused=True,
+    "cuda": Backend("cuda", FUSED_METHODS, cuda_cpp.unavailable, _ragged_runner("cuda"), device="cuda", fused=True,
                     ragged=True),
-    "numba": Backend("numba", ("proalign",), numba_cpu.unavailable, _numba_run, device="cpu", fused=True),
+    "numba": Backend("numba", FUSED_METHODS, numba_cpu.unavailable, _numba_run, device="cpu", fused=True,
+                     ragged=True),
     "torch": Backend("torch", METHODS, lambda: None, _torch_run),
 }
 
@@ -148,8 +177,9 @@ def aggregate(
 
 def aggregate_batch(xs: Sequence, prototypes, method: str = "proalign", tau: float | Sequence[float] = 0.1,
                     backend: str | None = None, **options) -> list:
-    """`aggregate` for a batch of slides of different N. Ragged backends (Triton) embed the whole
-    batch in one launch; the others go slide by slide. Returns one embedding per slide."""
+    """`aggregate` for a batch of slides of different N. The fused backends (numba, Triton, CUDA
+    C++) embed the whole batch in one call (one launch per pass); the torch reference goes slide
+    by slide. Returns one embedding per slide."""
     if not xs:
         return []
     xt = [_as_tensor(x) for x in xs]
@@ -163,5 +193,5 @@ def aggregate_batch(xs: Sequence, prototypes, method: str = "proalign", tau: flo
     taus = [float(t) for t in (tau if several else [tau])]
     lengths = torch.tensor([x.shape[0] for x in xt])
     out = b.run(method, torch.cat(xt), _as_tensor(prototypes), taus, lengths=lengths, **options).float()
-    out = out if several else out[:, 0]
+    out = out if (several and method == "proalign") else out[:, 0]
     return [o.cpu().numpy() if not isinstance(x, torch.Tensor) else o for o, x in zip(out, xs)]

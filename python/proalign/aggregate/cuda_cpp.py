@@ -1,5 +1,5 @@
-"""CUDA C++ backend: host side of the kernel in csrc/ (module proalign._C), same partials and
-combine as the Triton kernel."""
+"""CUDA C++ backend: host side of the kernels in csrc/ (module proalign._C), same partials and
+combine as the Triton kernels (ProAlign attention, PANTHER moments)."""
 from __future__ import annotations
 
 import torch
@@ -34,6 +34,26 @@ def launch(x, cn, inv_taus, prog_slide, prog_start, seg_end, k: int, k_pad: int)
                              k_pad, TILES, m.data_ptr(), l.data_ptr(), pi.data_ptr(), acc.data_ptr(),
                              torch.cuda.current_stream(x.device).cuda_stream)
     return m, l, pi, acc
+
+
+def launch_moments(x, shift, a, b, cst, prog_slide, prog_start, seg_end, k: int, k_pad: int):
+    """PANTHER moments partials nq (n_prog, k_pad), s1 and s2 (n_prog, k_pad, d), float32; the
+    arguments as for proalign.kernels.panther_moments.panther_moments."""
+    from .. import _C
+
+    if x.dtype not in _DTYPES:
+        x = x.float()
+    n_prog, d = len(prog_slide), x.shape[1]
+    nq = _alloc((n_prog, k_pad), dtype=torch.float32, device=x.device)
+    s1, s2 = (_alloc((n_prog, k_pad, d), dtype=torch.float32, device=x.device) for _ in range(2))
+    assert x.stride(1) == 1 and all(t.is_contiguous() and t.dtype == torch.float32 for t in (shift, a, b, cst))
+    assert a.shape == b.shape and a.shape[1] == k_pad and prog_slide.dtype == torch.int32
+    with torch.cuda.device(x.device):  # launch on x's GPU, not the current one
+        _C.panther_moments(x.data_ptr(), _DTYPES[x.dtype], x.stride(0), shift.data_ptr(), a.data_ptr(), b.data_ptr(),
+                           cst.data_ptr(), int(a.shape[0] > 1), prog_slide.data_ptr(), prog_start.data_ptr(),
+                           seg_end.data_ptr(), n_prog, d, k, k_pad, TILES, nq.data_ptr(), s1.data_ptr(), s2.data_ptr(),
+                           torch.cuda.current_stream(x.device).cuda_stream)
+    return nq, s1, s2
 
 
 def rows_per_program() -> int:

@@ -1,6 +1,6 @@
 """Benchmark of the aggregation backends against torch eager and the memory limit.
 
-    python -m proalign.bench.aggregate [--n 100000] [--d 512] [--k 16] [--dtype float32]
+    python -m proalign.bench.aggregate [--method proalign|panther] [--n 100000] [--d 512] [--k 16] [--dtype float32]
 
 On one set of inputs, measured in one run: each live backend's time, its speed-up over torch
 eager (the reference in the input dtype, unfused), and its share of the memory limit (bytes of
@@ -58,13 +58,17 @@ def device_copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * a.nbytes / _time(lambda: b.copy_(a), 10, torch.cuda.synchronize)
 
 
-def torch_eager(x: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:
-    """The unfused baseline: the reference formulas in the input's own dtype (fp32 typical)."""
+def torch_eager(x: torch.Tensor, c: torch.Tensor, tau: float, method: str = "proalign") -> torch.Tensor:
+    """The unfused baseline: the reference formulas in float32 (the input upcast)."""
+    if method == "panther":
+        return reference.panther(x.float(), c.float())
     return reference.proalign(x.float(), c.float(), [tau])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="proalign", choices=["proalign", "panther"],
+                    help="panther: the fused E-step moments + M-step (default eps and prior strength)")
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--k", type=int, default=16)
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "auto":
         devices = [args.device]
-    print(f"proalign.bench.aggregate  N={args.n} d={args.d} K={args.k} tau={args.tau} {args.dtype}  "
+    print(f"proalign.bench.aggregate  {args.method}  N={args.n} d={args.d} K={args.k} tau={args.tau} {args.dtype}  "
           f"torch {torch.__version__}  {platform.processor() or platform.machine()}  threads={torch.get_num_threads()}")
     gen = torch.Generator().manual_seed(0)
     x64 = torch.randn(args.n, args.d, generator=gen, dtype=torch.float64) + torch.randn(args.d, generator=gen, dtype=torch.float64)
@@ -86,23 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for dev in devices:
         x, c = x64.to(dev, dtype), c64.to(dev, torch.float32)
-        want = reference.proalign(x.double(), c.double(), [args.tau])[0].cpu().numpy()
+        want = (reference.panther(x.double(), c.double()) if args.method == "panther" else
+                reference.proalign(x.double(), c.double(), [args.tau]))[0].cpu().numpy()
         sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         bw = device_copy_bandwidth() if dev == "cuda" else host_read_bandwidth()
         limit_s = x.numel() * x.element_size() / bw
         name = torch.cuda.get_device_name() if dev == "cuda" else "host"
         print(f"\n[{dev}] {name}: streaming bandwidth {bw / 1e9:.1f} GB/s -> memory limit {limit_s * 1e3:.2f} ms "
               f"(X = {x.numel() * x.element_size() / 1e6:.0f} MB read once)")
-        t_eager = _time(lambda: torch_eager(x, c, args.tau), args.repeat, sync)
+        t_eager = _time(lambda: torch_eager(x, c, args.tau, args.method), args.repeat, sync)
         print(f"  {'torch eager':12s} {t_eager * 1e3:9.2f} ms   1.00x eager   {limit_s / t_eager * 100:5.1f}% of memory limit")
         for b in BACKENDS.values():
-            if b.name == "torch" or not b.supports("proalign", x, {}) or b.available() is not None:
+            if b.name == "torch" or not b.supports(args.method, x, {}) or b.available() is not None:
                 continue
-            got = aggregate(x, c, tau=args.tau, backend=b.name).cpu().numpy()
+            got = aggregate(x, c, method=args.method, tau=args.tau, backend=b.name).cpu().numpy()
             err = float(np.abs(got - want).max())
             if err > 1e-3 * max(1.0, float(np.abs(want).max())):
                 failed.append(f"{b.name} on {dev}: max |err| {err:.2e}")
-            t = _time(lambda: aggregate(x, c, tau=args.tau, backend=b.name), args.repeat, sync)
+            t = _time(lambda: aggregate(x, c, method=args.method, tau=args.tau, backend=b.name), args.repeat, sync)
             print(f"  {b.name:12s} {t * 1e3:9.2f} ms  {t_eager / t:5.2f}x eager   {limit_s / t * 100:5.1f}% of memory "
                   f"limit   max |err| vs float64 {err:.1e}")
     for f in failed:
