@@ -270,3 +270,47 @@ def test_truncated_slide_is_a_clear_error(tmp_path):
     bad.write_bytes(CMU.read_bytes()[:1_000_000])  # a download cut short: later directories are gone
     with pytest.raises(SlideError, match=r"truncated.svs: truncated TIFF"):
         open_slide(bad)
+
+
+# Generated pyramids: odd sizes, partial edge tiles, non-power-of-two downsamples, every codec.
+GENERATED = [
+    ("svs", dict(width=2001, height=1499, tile=256, levels=(1, 3, 9), compression="jpeg")),
+    ("svs", dict(width=1100, height=700, tile=240, levels=(1, 2.5), compression="jpeg", photometric="ycbcr")),
+    ("svs", dict(width=900, height=650, tile=256, levels=(1, 4), compression="jpeg2000")),
+    ("tiff", dict(width=1027, height=771, tile=256, levels=(1, 2, 6), compression="jpeg")),
+    ("tiff", dict(width=777, height=555, tile=128, levels=(1, 3), compression="deflate")),
+    ("tiff", dict(width=640, height=480, tile=128, levels=(1, 2), compression="lzw")),
+]
+
+
+@pytest.mark.parametrize("kind, kw", GENERATED, ids=[f"{k}-{kw['compression']}-{kw['width']}x{kw['height']}"
+                                                      for k, kw in GENERATED])
+def test_generated_pyramids_equal_openslide(tmp_path, kind, kw):
+    from proalign.slides.synthetic_slides import write_aperio_svs, write_pyramidal_tiff
+
+    path = tmp_path / ("s.svs" if kind == "svs" else "s.tif")
+    writer = write_aperio_svs if kind == "svs" else write_pyramidal_tiff
+    info = writer(path, seed=3, mpp=0.5, **kw)
+    ours, ref = open_slide(path), OpenSlideSlide(path)
+    assert isinstance(ours, TiffSlide)
+    assert ours.levels == ref.levels == [tuple(x) for x in info["level_dimensions"]]
+    np.testing.assert_allclose(ours.downsamples, ref.downsamples, rtol=1e-12)
+    assert ours.mpp == pytest.approx(ref.mpp)
+    for level, (w, h) in enumerate(ours.levels):
+        np.testing.assert_array_equal(ours.read_region((0, 0), level, (w + 3, h + 2)),
+                                      ref.read_region((0, 0), level, (w + 3, h + 2)))
+
+
+def test_generated_patches_at_level1_equal_openslide(tmp_path, rng):
+    """An exact downsample of 4, so level-1 corners are level pixels: engine == OpenSlide exactly."""
+    from proalign.slides.synthetic_slides import write_aperio_svs
+
+    path = tmp_path / "p.svs"
+    write_aperio_svs(path, 4096, 3072, tile=256, levels=(1, 4), seed=5, tissue="dense")
+    s, ref = open_slide(path), OpenSlideSlide(path)
+    assert s.downsamples[1] == 4.0
+    coords = 4 * np.stack([rng.integers(-20, 1024, 200), rng.integers(-20, 768, 200)], 1)
+    stats = PatchStats()
+    ours = read_patches(s, coords, 1024, 224, stats=stats)  # 1024 level-0 px -> 256 at level 1 -> 224
+    assert stats.level == 1 and stats.read_size == 256
+    np.testing.assert_array_equal(ours, read_patches_openslide(ref, coords, 1024, 224))

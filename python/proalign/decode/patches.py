@@ -11,6 +11,7 @@ on a thread pool, then the same resize.
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -127,7 +128,7 @@ def _make_decoder(decoder: str | object, codec: str):
     if decoder == "auto":
         decoder = "dali-gpu" if torch.cuda.is_available() and codec in ("jpeg", "jpeg2000") and _has_dali() else "cpu"
     if decoder == "cpu":
-        return CpuDecoder(threads=2)
+        return CpuDecoder(threads=os.cpu_count() or 1)
     if decoder in ("dali-gpu", "dali-cpu"):
         from .dali_decode import DaliDecoder
         return DaliDecoder(device=decoder.split("-")[1])
@@ -175,12 +176,17 @@ def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_si
     buf = None
     filled = 0
 
+    # The canvas is numpy on CPU: torch's small strided copies run through its thread pool and were
+    # measured 500x slower than numpy's (4 ms vs 7 us per tile paste on 2 busy cores).
     def new_buffer():
-        return torch.full((batch_size, r, r, 3), 255, dtype=torch.uint8, device=dev)
+        if on_gpu:
+            return torch.full((batch_size, r, r, 3), 255, dtype=torch.uint8, device=dev)
+        return np.full((batch_size, r, r, 3), 255, np.uint8)
 
     def flush(count):
         idx = plan.order[p - count:p]
-        return idx, resize_patches(buf[:count], out_size)
+        batch = buf[:count] if on_gpu else torch.from_numpy(buf[:count])
+        return idx, resize_patches(batch, out_size)
 
     try:
         for chunk, (data, errors) in zip(chunks, stream):
@@ -198,7 +204,7 @@ def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_si
                                              f"{t // page.tiles_across}) does not decode: {e.problem}") from e
             stats.tiles_decoded += len(imgs)
             for t, img in zip(chunk.tolist(), imgs):
-                cache[t] = img if on_gpu else torch.from_numpy(img)
+                cache[t] = img
             decoded += len(imgs)
             stats.peak_cached_tiles = max(stats.peak_cached_tiles, len(cache))
             while p < n and plan.ready[p] <= decoded:
@@ -206,7 +212,6 @@ def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_si
                     buf = new_buffer()
                 lx, ly = plan.origins[p]
                 out = buf[filled]
-                out.fill_(255)
                 for c, rr in slide.tiles_for_rect(level, int(lx), int(ly), r, r):
                     paste_tile(out, cache[rr * page.tiles_across + c], int(lx), int(ly), c, rr, page)
                 for t in plan.evict_after[p].tolist():
@@ -220,7 +225,6 @@ def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_si
         while p < n:
             if buf is None:
                 buf = new_buffer()
-            buf[filled].fill_(255)
             p += 1
             filled += 1
             if filled == batch_size:
