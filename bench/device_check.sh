@@ -13,7 +13,8 @@ ROOT=$PWD
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .device/wheels \
     pybind11==3.1.0 pytest==9.2.0 iniconfig pluggy packaging
-  ls .device/wheels; exit 0
+  mkdir -p .device/testdata/tiles && cp -r ../shared/testdata/tiles/histolab .device/testdata/tiles/
+  ls .device/wheels .device/testdata/tiles; exit 0
 fi
 OUT=${OUT:-$ROOT/build/device_out}
 mkdir -p "$OUT"
@@ -53,5 +54,22 @@ for args in "--d 512 --k 16" "--d 1024 --k 32" "--d 512 --k 16 --dtype float16" 
   timeout 120 python -m proalign.bench.aggregate --n 100000 $args --device cuda --check || status=1
 done
 timeout 120 python -m proalign.bench.aggregate --n 1000000 --d 512 --k 16 --device cuda --check || status=1
+
+echo "== 4. slides on the GPU"
+# cupy tissue mask vs the CPU one (needs the histolab tiles: copy ../shared/testdata/tiles into
+# .device/testdata/tiles and carry .device, or the test skips)
+[[ -d .device/testdata ]] && export PROALIGN_TESTDATA=$ROOT/.device/testdata
+if python -c "import pytest, scipy, h5py" 2>/dev/null; then
+  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_tissue_grid.py -k gpu -rs || status=1
+fi
+# DALI (nvJPEG / hardware decoder) is ~480 MB installed: it cannot travel in the 64 MiB carry, so GPU
+# decode runs only where DALI is preinstalled.
+if python -c "import nvidia.dali, imagecodecs, openslide, tifffile" 2>/dev/null; then
+  timeout 300 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py -rs || status=1
+  timeout 600 python -m proalign.bench.patches --decoder dali-gpu --large 0 --workdir build/patches || status=1
+  timeout 600 python -m proalign.bench.patches --decoder cpu --large 0 --workdir build/patches || status=1
+else
+  echo "SKIP: nvidia-dali/imagecodecs/openslide not installed here: GPU decode not measured"
+fi
 echo "device_check status: $status"
 exit $status

@@ -42,8 +42,20 @@ def _child(mode: str, path: str, mag: float, patch_size: int, out_size: int, sli
     slide, grid = _grid(path, mag, patch_size, slide_mpp)
     coords = grid.coords
     rss_before = _peak_rss_mb()
+    best = float("inf")
+    for _ in range(3):  # best of 3 passes, both readers: the file is in the page cache for both
+        t0 = time.perf_counter()
+        checksum, extra = _one_pass(mode, path, slide, grid, out_size, decoder, workers)
+        best = min(best, time.perf_counter() - t0)
+    print(json.dumps({"mode": mode, "slide": Path(path).name, "patches": len(coords), "seconds": best,
+                      "patches_per_s": len(coords) / best, "peak_rss_mb": _peak_rss_mb(),
+                      "rss_before_read_mb": rss_before,
+                      "read_level": grid.level, "read_size": grid.read_size, "checksum": checksum, **extra}))
+
+
+def _one_pass(mode, path, slide, grid, out_size, decoder, workers):
+    coords = grid.coords
     checksum = 0
-    t0 = time.perf_counter()
     if mode == "ours":
         import torch
 
@@ -75,11 +87,7 @@ def _child(mode: str, path: str, mag: float, patch_size: int, out_size: int, sli
             for p in pool.map(one, coords, chunksize=16):
                 checksum += int(p[::37, ::37].sum())
         extra = {}
-    dt = time.perf_counter() - t0
-    print(json.dumps({"mode": mode, "slide": Path(path).name, "patches": len(coords), "seconds": dt,
-                      "patches_per_s": len(coords) / dt, "peak_rss_mb": _peak_rss_mb(),
-                      "rss_before_read_mb": rss_before,
-                      "read_level": grid.level, "read_size": grid.read_size, "checksum": checksum, **extra}))
+    return checksum, extra
 
 
 def _run(mode, path, args, slide_mpp=None) -> dict:
@@ -120,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="proalign-bench-patches-"))
     work.mkdir(parents=True, exist_ok=True)
     slides: list[tuple[Path, float | None]] = []
-    big = work / f"aperio_{args.size}.svs"
+    big = work / f"aperio_dense_{args.size}.svs"
     if not big.exists():
         t0 = time.perf_counter()
-        write_aperio_svs(big, args.size, args.size, tissue="blobs", seed=0)
+        write_aperio_svs(big, args.size, args.size, tissue="dense", seed=0)
         print(f"generated {big} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     slides.append((big, None))
     testdata = Path(args.testdata)

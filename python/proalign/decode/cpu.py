@@ -8,6 +8,7 @@ from __future__ import annotations
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import imagecodecs
 import numpy as np
@@ -78,18 +79,23 @@ class CpuDecoder:
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
-    def decode(self, tiles: list[bytes], fmt: TileFormat) -> list[np.ndarray]:
-        """Decoded tiles in order; raises (index, exception) as TileDecodeError for the first bad one."""
-        def one(i_data):
-            i, data = i_data
+    def submit(self, tiles: list[bytes], fmt: TileFormat) -> Callable[[], list[np.ndarray]]:
+        """Start decoding a batch on the pool; the returned function waits and gives the tiles in
+        order, raising TileDecodeError for the first bad one. Lets the caller cut patches from the
+        previous batch while this one decodes."""
+        def one(i: int, data: bytes) -> np.ndarray:
             try:
                 return decode_tile(data, fmt)
             except Exception as e:  # imagecodecs raises its own error classes per codec
                 raise TileDecodeError(i, f"{type(e).__name__}: {e}") from e
-        items = list(enumerate(tiles))
-        if self._pool and len(items) > 1:
-            return list(self._pool.map(one, items))
-        return [one(it) for it in items]
+        if self._pool is None or len(tiles) < 2:
+            return lambda: [one(i, t) for i, t in enumerate(tiles)]
+        futures = [self._pool.submit(one, i, t) for i, t in enumerate(tiles)]
+        return lambda: [f.result() for f in futures]
+
+    def decode(self, tiles: list[bytes], fmt: TileFormat) -> list[np.ndarray]:
+        """Decoded tiles in order; TileDecodeError names the first bad one."""
+        return self.submit(tiles, fmt)()
 
     def close(self) -> None:
         if self._pool:

@@ -188,20 +188,34 @@ def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_si
         batch = buf[:count] if on_gpu else torch.from_numpy(buf[:count])
         return idx, resize_patches(batch, out_size)
 
-    try:
+    def tile_error(t: int, problem: str) -> SlideError:
+        return SlideError(slide.path, f"level {level} tile (col {t % page.tiles_across}, row "
+                                      f"{t // page.tiles_across}){problem}")
+
+    def decoded_chunks():
+        """(chunk, decoded tiles), with the next chunk decoding while the caller cuts this one."""
+        pending = None
         for chunk, (data, errors) in zip(chunks, stream):
             stats.tiles_read += len(data)
             if errors:
                 i, msg = errors[0]
-                t = int(chunk[i])
-                raise SlideError(slide.path, f"level {level} tile (col {t % page.tiles_across}, "
-                                             f"row {t // page.tiles_across}): {msg}")
-            try:
-                imgs = dec.decode(data, fmt)
-            except TileDecodeError as e:
-                t = int(chunk[e.position])
-                raise SlideError(slide.path, f"level {level} tile (col {t % page.tiles_across}, row "
-                                             f"{t // page.tiles_across}) does not decode: {e.problem}") from e
+                raise tile_error(int(chunk[i]), f": {msg}")
+            job = (dec.submit(data, fmt) if hasattr(dec, "submit")
+                   else (lambda data=data: dec.decode(data, fmt)))
+            if pending is not None:
+                yield pending[0], collect(*pending)
+            pending = (chunk, job)
+        if pending is not None:
+            yield pending[0], collect(*pending)
+
+    def collect(chunk, job):
+        try:
+            return job()
+        except TileDecodeError as e:
+            raise tile_error(int(chunk[e.position]), f" does not decode: {e.problem}") from e
+
+    try:
+        for chunk, imgs in decoded_chunks():
             stats.tiles_decoded += len(imgs)
             for t, img in zip(chunk.tolist(), imgs):
                 cache[t] = img
