@@ -4,10 +4,9 @@
 // responsibilities (softmax over components, max-subtracted); phase C, threads stride over d and
 // fold q^T X' and q^T X'^2 of the tile into the block's partial slot. q is normalised per row, so
 // partials add up without rescaling; they are summed per slide on the host side.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <math_constants.h>
 
+#include "device_utils.cuh"
 #include "panther_moments.cuh"
 
 namespace proalign {
@@ -16,15 +15,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kKChunk = 8;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // At least 3 blocks per SM: caps registers at 85, which ptxas meets without spilling (its default
 // cap for 256 threads spills on sm_80).

@@ -4,10 +4,9 @@
 // prototypes (pi) and the online softmax over rows (running max m, sum l); phase C, threads
 // stride over d and fold p^T X of the tile into the block's accumulator slot, rescaled by
 // exp(m_old - m_new). Partials are merged per slide on the host side (torch segment ops).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <math_constants.h>
 
+#include "device_utils.cuh"
 #include "proalign_attention.cuh"
 
 namespace proalign {
@@ -16,15 +15,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kKChunk = 8;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) partials_kernel(PartialsArgs a) {

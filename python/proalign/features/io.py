@@ -44,7 +44,7 @@ class FeatureFile:
                 "dtype": str(self.features.dtype), "encoder": self.attrs.get("encoder")}
 
 
-def _plain(v):
+def plain_attr(v):
     """h5 attribute value -> JSON-friendly Python value."""
     if isinstance(v, bytes):  # files written by h5py 2.x
         v = v.decode("utf-8", "replace")
@@ -107,12 +107,12 @@ def _read_h5(path: Path, slide_id: str) -> FeatureFile:
             raise FeatureFileError(path, f"no 'features' dataset (found: {sorted(f.keys())})", slide_id)
         ds = f["features"]
         feats = _squeeze_batch(ds[()], "features", path, slide_id)
-        attrs = {k: _plain(v) for k, v in f.attrs.items()}
-        attrs.update({k: _plain(v) for k, v in ds.attrs.items()})
+        attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
+        attrs.update({k: plain_attr(v) for k, v in ds.attrs.items()})
         coords = None
         if "coords" in f:
             coords = _squeeze_batch(f["coords"][()], "coords", path, slide_id, width=2)
-            attrs.update({f"coords.{k}": _plain(v) for k, v in f["coords"].attrs.items()})
+            attrs.update({f"coords.{k}": plain_attr(v) for k, v in f["coords"].attrs.items()})
             if len(coords) != len(feats):
                 raise FeatureFileError(path, f"{len(coords)} coords but {len(feats)} feature rows", slide_id)
     return FeatureFile(slide_id, path, _check_features(feats, path, slide_id), coords, attrs)

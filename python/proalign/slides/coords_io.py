@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from ..errors import ProAlignError
+from ..features.io import plain_attr
 from .grid import PatchGrid, best_level, resolve_resolution
 
 
@@ -57,18 +58,6 @@ def write_coords_h5(path: str | os.PathLike, grid: PatchGrid, *, name: str | Non
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, bytes):
-        v = v.decode("utf-8", "replace")
-    if isinstance(v, str) and v == "None":
-        return None
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def _number(attrs: dict, key: str, path: Path, required: bool = True) -> float | None:
@@ -118,7 +107,7 @@ def read_coords_h5(path: str | os.PathLike, *, level_downsamples: Sequence[float
             if "coords" not in f or not isinstance(f["coords"], h5py.Dataset):
                 raise CoordsFileError(path, f"no 'coords' dataset (found: {sorted(f.keys())})")
             coords = _read_coords_array(f["coords"], path)
-            attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+            attrs = {k: plain_attr(v) for k, v in f["coords"].attrs.items()}
     except CoordsFileError:
         raise
     except (OSError, ValueError, KeyError) as e:
