@@ -3,9 +3,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <memory>
 
 #include "tile_reader.hpp"
+#ifdef PROALIGN_WITH_LIBJPEG
+#include "jpeg_decoder.hpp"
+#endif
 
 namespace py = pybind11;
 using proalign::TileBytes;
@@ -94,4 +98,47 @@ void register_engine(py::module_& mod) {
              return to_python(tiles);
            })
       .def_property_readonly("max_queued", [](const PyTileStream& self) { return self.stream->max_queued(); });
+
+#ifdef PROALIGN_WITH_LIBJPEG
+  mod.def(
+      "decode_jpeg",
+      [](const py::list& tiles, int scale_denom, int threads) {
+        if (scale_denom != 1 && scale_denom != 2 && scale_denom != 4 && scale_denom != 8)
+          throw std::invalid_argument("scale_denom must be 1, 2, 4 or 8");
+        std::vector<py::bytes> keep;  // the bytes objects stay alive (and immutable) while we decode
+        std::vector<proalign::JpegInput> in;
+        keep.reserve(tiles.size());
+        in.reserve(tiles.size());
+        for (auto item : tiles) {
+          keep.push_back(item.cast<py::bytes>());
+          char* buf = nullptr;
+          py::ssize_t len = 0;
+          PyBytes_AsStringAndSize(keep.back().ptr(), &buf, &len);
+          in.push_back({reinterpret_cast<const uint8_t*>(buf), static_cast<size_t>(len)});
+        }
+        std::vector<proalign::DecodedTile> out;
+        {
+          py::gil_scoped_release release;
+          out = proalign::decode_jpeg_batch(in, scale_denom, threads);
+        }
+        py::list arrays(out.size());
+        py::list errors;
+        for (size_t i = 0; i < out.size(); ++i) {
+          if (!out[i].error.empty()) {
+            errors.append(py::make_tuple(i, out[i].error));
+            arrays[i] = py::none();
+            continue;
+          }
+          py::array_t<uint8_t> a({out[i].height, out[i].width, 3});
+          std::memcpy(a.mutable_data(), out[i].pixels.data(), out[i].pixels.size());
+          arrays[i] = a;
+        }
+        return py::make_tuple(arrays, errors);
+      },
+      py::arg("tiles"), py::arg("scale_denom") = 1, py::arg("threads") = 4,
+      "Decode JPEG streams to RGB uint8 (h, w, 3) at 1/scale_denom size; returns (arrays, [(i, error)])");
+  mod.attr("HAS_LIBJPEG") = true;
+#else
+  mod.attr("HAS_LIBJPEG") = false;
+#endif
 }

@@ -314,3 +314,46 @@ def test_generated_patches_at_level1_equal_openslide(tmp_path, rng):
     ours = read_patches(s, coords, 1024, 224, stats=stats)  # 1024 level-0 px -> 256 at level 1 -> 224
     assert stats.level == 1 and stats.read_size == 256
     np.testing.assert_array_equal(ours, read_patches_openslide(ref, coords, 1024, 224))
+
+
+needs_libjpeg = pytest.mark.skipif(not __import__("proalign.decode.cpu", fromlist=["x"]).native_jpeg_available(),
+                                   reason="proalign._C built without libjpeg: no engine JPEG decoder")
+
+
+@needs_data
+@needs_libjpeg
+def test_engine_jpeg_decoder_equals_imagecodecs():
+    from proalign.decode.cpu import NativeJpegDecoder
+
+    s = open_slide(CMU)
+    p = s.pages[0]
+    data, _ = s.readers[0].read(p.offsets, p.bytecounts)
+    ours = NativeJpegDecoder(scale=1, threads=2).decode(data, s.formats[0])
+    for a, b in zip(ours, CpuDecoder(threads=2).decode(data, s.formats[0])):
+        np.testing.assert_array_equal(a, b)
+    half = NativeJpegDecoder(scale=2).decode(data[:3], s.formats[0])
+    assert half[0].shape == (120, 120, 3)
+    from proalign.decode.cpu import TileDecodeError
+    with pytest.raises(TileDecodeError) as e:
+        NativeJpegDecoder().decode([data[0], data[1][:40] + b"\x00" * 50], s.formats[0])
+    assert e.value.position == 1
+
+
+@needs_libjpeg
+def test_shrink_on_load_close_to_exact(tmp_path, rng):
+    """DCT-domain 1/2 decoding vs the exact path: within another JPEG decoder's rounding (mean
+    |diff| < 0.6, max <= 16); not used when it would leave fewer than 1.1 x out_size pixels; each
+    tile still decoded once."""
+    from proalign.slides.synthetic_slides import write_aperio_svs
+
+    path = tmp_path / "s.svs"
+    write_aperio_svs(path, 3000, 2500, tile=256, levels=(1, 16), seed=2, tissue="dense")
+    s = open_slide(path)
+    coords = np.stack([rng.integers(0, 2400, 150), rng.integers(0, 1900, 150)], 1) // 2 * 2
+    for patch, out, want_shrink, tol_max in ((512, 224, 2, 16), (512, 128, 2, 16), (512, 256, 1, 0)):
+        exact = read_patches(s, coords, patch, out)
+        stats = PatchStats()
+        fast = read_patches(s, coords, patch, out, shrink_on_load=True, stats=stats)
+        assert stats.extra["shrink"] == want_shrink and stats.tiles_decoded == stats.tiles_needed
+        d = np.abs(fast.astype(int) - exact)
+        assert d.mean() < 0.6 and d.max() <= tol_max, (d.mean(), d.max())

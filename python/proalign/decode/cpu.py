@@ -5,6 +5,7 @@ padding of edge tiles; the canvas code crops to the image.
 """
 from __future__ import annotations
 
+import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -100,6 +101,50 @@ class CpuDecoder:
     def close(self) -> None:
         if self._pool:
             self._pool.shutdown()
+
+
+def native_jpeg_available() -> bool:
+    try:
+        from .. import _C
+    except ImportError:
+        return False
+    return bool(getattr(_C, "HAS_LIBJPEG", False))
+
+
+class NativeJpegDecoder:
+    """JPEG tiles decoded by the engine (libjpeg in C++ threads, GIL released), optionally at
+    1/scale size in the DCT domain. Same contract as CpuDecoder, for JPEG only."""
+
+    device = "cpu"
+
+    def __init__(self, scale: int = 1, threads: int | None = None):
+        from .. import _C
+
+        self._decode = _C.decode_jpeg
+        self.scale, self.threads = scale, threads or os.cpu_count() or 1
+        self.name = f"libjpeg-engine/{scale}"
+        self._pool = ThreadPoolExecutor(1)  # one batch in flight; the C++ side fans out
+
+    def submit(self, tiles: list[bytes], fmt: TileFormat) -> Callable[[], list[np.ndarray]]:
+        if fmt.codec != "jpeg":
+            raise TileDecodeError(0, f"the engine decoder reads JPEG tiles only, not {fmt.codec}")
+        fut = self._pool.submit(self._decode, tiles, self.scale, self.threads)
+        white = (fmt.tile_height // self.scale, fmt.tile_width // self.scale, 3)
+
+        def result() -> list[np.ndarray]:
+            arrays, errors = fut.result()
+            for i, msg in errors:
+                if tiles[i]:
+                    raise TileDecodeError(i, msg)
+                arrays[i] = np.full(white, 255, np.uint8)  # a tile the writer left out
+            return arrays
+        return result
+
+    def decode(self, tiles: list[bytes], fmt: TileFormat) -> list[np.ndarray]:
+        return self.submit(tiles, fmt)()
+
+    def close(self) -> None:
+        self._pool.shutdown()
 
 
 class TileDecodeError(Exception):

@@ -11,6 +11,7 @@ on a thread pool, then the same resize.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SlideError
-from ..slides.slide import OpenSlideSlide, Slide, TiffSlide, paste_tile
+from ..slides.slide import OpenSlideSlide, Slide, TiffSlide, paste_tile, tiles_for_rect
+from ..slides.tiff_index import TiffPage
 from ..slides.tile_engine import stream_batches
-from .cpu import CpuDecoder, TileDecodeError
+from .cpu import CpuDecoder, NativeJpegDecoder, TileDecodeError, native_jpeg_available
 
 
 @dataclass
@@ -46,7 +48,8 @@ class PatchStats:
 @dataclass(frozen=True)
 class TilePlan:
     level: int
-    read_size: int
+    read_size: int  # patch side at the level as decoded
+    page: TiffPage  # the level's geometry as decoded (scaled with shrink-on-load)
     order: np.ndarray  # patch indices in visiting order
     origins: np.ndarray  # (n, 2) level-pixel origins, in visiting order
     tiles: np.ndarray  # linear tile indices in first-use order
@@ -61,10 +64,28 @@ def choose_level(slide: Slide, patch_size_level0: int, out_size: int) -> tuple[i
     return level, max(1, int(round(patch_size_level0 / slide.downsamples[level])))
 
 
-def plan_tiles(slide: TiffSlide, coords: np.ndarray, patch_size_level0: int, out_size: int) -> TilePlan:
+def shrink_factor(page: TiffPage, read_size: int, out_size: int) -> int:
+    """2 when JPEG tiles can be decoded at half size in the DCT domain and still leave 10 % more
+    pixels than out_size per patch side (the antialiased resize does the last step), else 1.
+    Only 1/2: measured against the exact path, 1/2 stays at mean |diff| 0.5 while 1/4 reaches 2.8
+    (the DCT-domain filter aliases), too far from what another JPEG decoder would give."""
+    if page.codec != "jpeg" or not native_jpeg_available():
+        return 1
+    if read_size / 2 >= 1.1 * out_size and page.tile_width % 2 == 0 and page.tile_height % 2 == 0:
+        return 2
+    return 1
+
+
+def plan_tiles(slide: TiffSlide, coords: np.ndarray, patch_size_level0: int, out_size: int,
+               shrink: int = 1) -> TilePlan:
+    """`shrink` > 1 plans on the level as decoded at 1/shrink size (JPEG DCT scaling)."""
     level, r = choose_level(slide, patch_size_level0, out_size)
     page = slide.pages[level]
     ds = slide.downsamples[level]
+    if shrink > 1:
+        page = dataclasses.replace(page, width=-(-page.width // shrink), height=-(-page.height // shrink),
+                                   tile_width=page.tile_width // shrink, tile_height=page.tile_height // shrink)
+        ds, r = ds * shrink, max(1, int(round(r / shrink)))
     origins = np.floor(np.asarray(coords, np.float64) / ds + 0.5).astype(np.int64)
     order = np.lexsort((origins[:, 0], origins[:, 1]))
     origins = origins[order]
@@ -103,7 +124,7 @@ def plan_tiles(slide: TiffSlide, coords: np.ndarray, patch_size_level0: int, out
         by_last = np.argsort(last, kind="stable")
         bounds = np.searchsorted(last[by_last], np.arange(n + 1))
         evict = [tiles[by_last[bounds[i]:bounds[i + 1]]] for i in range(n)]
-    return TilePlan(level, r, order, origins, tiles_in_order, ready, evict)
+    return TilePlan(level, r, page, order, origins, tiles_in_order, ready, evict)
 
 
 def resize_patches(batch: torch.Tensor, out_size: int) -> torch.Tensor:
@@ -122,11 +143,15 @@ def resize_patches(batch: torch.Tensor, out_size: int) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).contiguous()
 
 
+def _gpu_decode_possible() -> bool:
+    return torch.cuda.is_available() and _has_dali()
+
+
 def _make_decoder(decoder: str | object, codec: str):
     if not isinstance(decoder, str):
         return decoder
     if decoder == "auto":
-        decoder = "dali-gpu" if torch.cuda.is_available() and codec in ("jpeg", "jpeg2000") and _has_dali() else "cpu"
+        decoder = "dali-gpu" if codec in ("jpeg", "jpeg2000") and _gpu_decode_possible() else "cpu"
     if decoder == "cpu":
         return CpuDecoder(threads=os.cpu_count() or 1)
     if decoder in ("dali-gpu", "dali-cpu"):
@@ -142,9 +167,14 @@ def _has_dali() -> bool:
 
 def iter_patches(slide: Slide, coords: np.ndarray, patch_size_level0: int, out_size: int, *,
                  batch_size: int = 64, decoder: str | object = "auto", tiles_per_batch: int = 64,
-                 max_ahead: int = 2, stats: PatchStats | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 max_ahead: int = 2, shrink_on_load: bool = False,
+                 stats: PatchStats | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield (indices into coords, uint8 patches (b, out_size, out_size, 3)) until every patch was
-    produced once. Patches come in the engine's visiting order, not coords order."""
+    produced once. Patches come in the engine's visiting order, not coords order.
+    shrink_on_load: when patches are downsampled about 2x or more, decode JPEG tiles at half size
+    in the DCT domain (libjpeg scaling, engine decoder): several times less decoding, pixels
+    mean |diff| < 0.6 and max <= 16 vs the exact path, about what another JPEG
+    decoder gives (nvJPEG vs libjpeg-turbo)."""
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     stats = stats if stats is not None else PatchStats()
     stats.patches = len(coords)
@@ -152,24 +182,30 @@ def iter_patches(slide: Slide, coords: np.ndarray, patch_size_level0: int, out_s
         return
     if isinstance(slide, TiffSlide):
         yield from _iter_engine(slide, coords, patch_size_level0, out_size, batch_size, decoder,
-                                tiles_per_batch, max_ahead, stats)
+                                tiles_per_batch, max_ahead, shrink_on_load, stats)
     else:
         yield from _iter_read_region(slide, coords, patch_size_level0, out_size, batch_size, stats)
 
 
 def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_size, decoder, tiles_per_batch,
-                 max_ahead, stats: PatchStats):
-    plan = plan_tiles(slide, coords, patch_size_level0, out_size)
+                 max_ahead, shrink_on_load, stats: PatchStats):
+    level, r0 = choose_level(slide, patch_size_level0, out_size)
+    shrink = 1
+    if shrink_on_load and decoder in ("auto", "cpu") and not (decoder == "auto" and _gpu_decode_possible()):
+        shrink = shrink_factor(slide.pages[level], r0, out_size)
+    plan = plan_tiles(slide, coords, patch_size_level0, out_size, shrink)
     level, r = plan.level, plan.read_size
-    page, fmt = slide.pages[level], slide.formats[level]
-    dec = _make_decoder(decoder, fmt.codec)
+    stored, fmt = slide.pages[level], slide.formats[level]
+    page = plan.page
+    dec = NativeJpegDecoder(scale=shrink) if shrink > 1 else _make_decoder(decoder, fmt.codec)
+    stats.extra["shrink"] = shrink
     on_gpu = getattr(dec, "device", "cpu") == "gpu"
     dev = torch.device(f"cuda:{dec.device_id}") if on_gpu else torch.device("cpu")
     stats.level, stats.read_size, stats.tiles_needed = level, r, len(plan.tiles)
     stats.decoder, stats.engine = getattr(dec, "name", type(dec).__name__), type(slide.readers[level]).__module__
     reader = slide.readers[level]
     chunks = [plan.tiles[s:s + tiles_per_batch] for s in range(0, len(plan.tiles), tiles_per_batch)]
-    stream = stream_batches(reader, [(page.offsets[c], page.bytecounts[c]) for c in chunks], max_ahead)
+    stream = stream_batches(reader, [(stored.offsets[c], stored.bytecounts[c]) for c in chunks], max_ahead)
     cache: dict[int, object] = {}
     decoded = 0
     p, n = 0, len(plan.order)
@@ -226,7 +262,7 @@ def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_si
                     buf = new_buffer()
                 lx, ly = plan.origins[p]
                 out = buf[filled]
-                for c, rr in slide.tiles_for_rect(level, int(lx), int(ly), r, r):
+                for c, rr in tiles_for_rect(page, int(lx), int(ly), r, r):
                     paste_tile(out, cache[rr * page.tiles_across + c], int(lx), int(ly), c, rr, page)
                 for t in plan.evict_after[p].tolist():
                     cache.pop(t, None)
@@ -263,13 +299,15 @@ def _iter_read_region(slide: Slide, coords, patch_size_level0, out_size, batch_s
 
 
 def read_patches(slide: Slide, coords: np.ndarray, patch_size_level0: int, out_size: int, *,
-                 decoder: str | object = "cpu", stats: PatchStats | None = None) -> np.ndarray:
+                 decoder: str | object = "cpu", shrink_on_load: bool = False,
+                 stats: PatchStats | None = None) -> np.ndarray:
     """uint8 (n, out_size, out_size, 3) RGB patches, in the order of `coords` (level-0 top-left
     corners), through the engine path. Holds all n patches in memory: the pipeline streams with
     iter_patches instead."""
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     out = np.empty((len(coords), out_size, out_size, 3), np.uint8)
-    for idx, batch in iter_patches(slide, coords, patch_size_level0, out_size, decoder=decoder, stats=stats):
+    for idx, batch in iter_patches(slide, coords, patch_size_level0, out_size, decoder=decoder,
+                                   shrink_on_load=shrink_on_load, stats=stats):
         out[idx] = batch.cpu().numpy()
     return out
 

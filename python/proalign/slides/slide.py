@@ -195,13 +195,7 @@ class TiffSlide(Slide):
 
     def tiles_for_rect(self, level: int, lx: int, ly: int, w: int, h: int) -> list[tuple[int, int]]:
         """(column, row) of every stored tile of `level` that overlaps the rectangle."""
-        p = self.pages[level]
-        x0, y0 = max(lx, 0), max(ly, 0)
-        x1, y1 = min(lx + w, p.width), min(ly + h, p.height)
-        if x1 <= x0 or y1 <= y0:
-            return []
-        return [(c, r) for r in range(y0 // p.tile_height, (y1 - 1) // p.tile_height + 1)
-                for c in range(x0 // p.tile_width, (x1 - 1) // p.tile_width + 1)]
+        return tiles_for_rect(self.pages[level], lx, ly, w, h)
 
     def read_tiles(self, level: int, tiles: list[tuple[int, int]]) -> list[np.ndarray]:
         """Read and decode tiles of a level; a bad tile raises SlideError naming slide, level and tile."""
@@ -231,6 +225,16 @@ class TiffSlide(Slide):
         for r in self.readers:
             if hasattr(r, "close"):
                 r.close()
+
+
+def tiles_for_rect(p: TiffPage, lx: int, ly: int, w: int, h: int) -> list[tuple[int, int]]:
+    """(column, row) of every tile of a level (geometry `p`) that overlaps the rectangle."""
+    x0, y0 = max(lx, 0), max(ly, 0)
+    x1, y1 = min(lx + w, p.width), min(ly + h, p.height)
+    if x1 <= x0 or y1 <= y0:
+        return []
+    return [(c, r) for r in range(y0 // p.tile_height, (y1 - 1) // p.tile_height + 1)
+            for c in range(x0 // p.tile_width, (x1 - 1) // p.tile_width + 1)]
 
 
 def paste_tile(out, tile, lx: int, ly: int, col: int, row: int, page: TiffPage) -> None:

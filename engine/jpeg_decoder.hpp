@@ -1,0 +1,26 @@
+// JPEG tile decoding with libjpeg(-turbo) on the engine's own threads, optionally scaled in the DCT
+// domain (1/2, 1/4, 1/8: "shrink on load", far fewer IDCT pixels when patches are downsampled).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace proalign {
+
+struct DecodedTile {
+  std::vector<uint8_t> pixels;  // RGB, row-major, height x width x 3
+  int width = 0;
+  int height = 0;
+  std::string error;  // non-empty when the tile did not decode
+};
+
+struct JpegInput {
+  const uint8_t* data;
+  size_t size;
+};
+
+// Decodes every input to RGB at 1/scale_denom size (1, 2, 4 or 8) on `threads` threads.
+std::vector<DecodedTile> decode_jpeg_batch(const std::vector<JpegInput>& tiles, int scale_denom, int threads);
+
+}  // namespace proalign
