@@ -37,3 +37,8 @@ class SlideError(ProAlignError):
     def __init__(self, path: str, problem: str):
         self.path, self.problem = str(path), problem
         super().__init__(f"{path}: {problem}")
+
+
+class EncoderError(ProAlignError):
+    """A patch encoder cannot be built or used: unknown name, missing or mismatched weights (the
+    message says what to download and where to put it), missing tokenizer, no text tower."""

@@ -1,0 +1,94 @@
+"""The encoder registry: one factory, `create_encoder(name, weights)`, in the timm/open_clip style.
+
+Names: exact ones (`conch_v1`, `uni_v1`, `uni_v2`, and whatever `register_encoder` adds) and two
+families, `open_clip:<arch>` and `timm:<arch>`. Weights always come from a local path the user
+gives (a file, or a Hugging Face style folder); nothing is downloaded.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+from typing import Any, Callable, Optional
+
+from ..errors import EncoderError
+from .base import Encoder
+from .clip import ARCHS as CLIP_ARCHS
+from .clip import build_open_clip
+from .conch import build_conch_v1
+from .vit import ARCHS as VIT_ARCHS
+from .vit import PRESETS, build_vit
+
+Builder = Callable[..., Encoder]
+_EXACT: dict[str, tuple[Builder, str]] = {}
+_FAMILIES: dict[str, tuple[Callable[..., Encoder], str, Callable[[], list[str]]]] = {
+    "open_clip": (build_open_clip, "CLIP ViT in open_clip's checkpoint layout (QuiltNet, open_clip models)",
+                  lambda: sorted(CLIP_ARCHS)),
+    "timm": (build_vit, "vision-only ViT in timm's checkpoint layout (no text tower)", lambda: sorted(VIT_ARCHS)),
+}
+
+
+def register_encoder(name: str, builder: Builder, description: str = "", *, overwrite: bool = False) -> None:
+    """Add an encoder: `builder(weights, *, device, dtype, compile, **kwargs) -> Encoder`."""
+    if ":" in name:
+        raise EncoderError(f"encoder name {name!r}: ':' is reserved for the open_clip:/timm: families")
+    if name in _EXACT and not overwrite:
+        raise EncoderError(f"encoder {name!r} is already registered")
+    _EXACT[name] = (builder, description)
+
+
+def _preset_builder(key: str) -> Builder:
+    preset = PRESETS[key]
+
+    def build(weights: Any, **kwargs: Any) -> Encoder:
+        return build_vit(key, preset.arch, weights, preset=preset, **kwargs)
+
+    return build
+
+
+register_encoder("conch_v1", build_conch_v1,
+                 "CONCH v1 (MahmoodLab/CONCH): ViT-B/16 448 px, 512-d features, text tower; 512 px at 20x")
+register_encoder("uni_v1", _preset_builder("uni_v1"),
+                 "UNI (MahmoodLab/UNI): ViT-L/16 224 px, 1024-d features, vision only; 256 px at 20x")
+register_encoder("uni_v2", _preset_builder("uni_v2"),
+                 "UNI2-h (MahmoodLab/UNI2-h): ViT/14, 24 layers, 224 px, 1536-d features, vision only; 256 px at 20x")
+
+
+def list_encoders(pattern: Optional[str] = None, *, descriptions: bool = False) -> list[str] | dict[str, str]:
+    """Known encoder names (exact names, then `open_clip:<arch>` and `timm:<arch>` for the built-in
+    architectures; other timm/open_clip names work with a config beside the weights), filtered by
+    an fnmatch `pattern`. With `descriptions=True`, a dict name -> one-line description."""
+    out: dict[str, str] = {n: d for n, (_, d) in _EXACT.items()}
+    for fam, (_, desc, archs) in _FAMILIES.items():
+        out.update({f"{fam}:{a}": desc for a in archs()})
+    if pattern:
+        out = {k: v for k, v in out.items() if fnmatch.fnmatch(k, pattern)}
+    return out if descriptions else list(out)
+
+
+def create_encoder(name: str, weights: Optional[str | os.PathLike], *, device: Any = "cpu", dtype: Any = None,
+                   compile: bool | str = False, **kwargs: Any) -> Encoder:
+    """Build encoder `name` from local `weights` (a checkpoint file or a folder holding it).
+
+    `device`: where it runs; `dtype`: compute dtype (default bf16 on a GPU, fp32 on the CPU);
+    `compile`: torch.compile the image forward (True, or a backend name). Other keyword arguments
+    go to the encoder's builder: architecture overrides (timm / open_clip style), `tokenizer=PATH`,
+    `mean`/`std`/`interpolation`/`magnification`/`patch_px` for the timm and open_clip families,
+    `impl="native"|"conch"|"auto"` for conch_v1. A missing path raises EncoderError saying what to
+    download (official repository and file name) and where to put it."""
+    if not isinstance(name, str) or not name:
+        raise EncoderError(f"encoder name must be a non-empty string, got {name!r}")
+    common = dict(device=device, dtype=dtype, compile=compile)
+    if name in _EXACT:
+        return _EXACT[name][0](weights, **common, **kwargs)
+    family, sep, arch = name.partition(":")
+    if sep and family in _FAMILIES and arch:
+        return _FAMILIES[family][0](name, arch, weights, **common, **kwargs)
+    known = list_encoders()
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise EncoderError(f"unknown encoder {name!r}.{hint} Known: {', '.join(_EXACT)}, open_clip:<arch>, timm:<arch> "
+                       "(list_encoders() lists them).")
+
+
+__all__ = ["create_encoder", "list_encoders", "register_encoder"]
