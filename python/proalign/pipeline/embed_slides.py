@@ -1,0 +1,194 @@
+"""One slide file -> one slide embedding: tissue -> grid -> tile engine -> decode -> encoder ->
+streaming aggregation, never holding more than a few batches of patches or features.
+
+Patch batches are produced on a background thread (the engine reads and decodes ahead), so
+decoding the next batch overlaps encoding this one; features are folded into the aggregation
+state batch by batch (StreamingAggregator) and optionally appended to a TRIDENT-style features
+.h5 (`features` + `coords`).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from ..aggregate.streaming import StreamingAggregator
+from ..decode.patches import PatchStats, iter_patches
+from ..errors import SlideError
+from ..slides.coords_io import read_coords_h5, trident_coords_path
+from ..slides.grid import PatchGrid
+from ..slides.patching import slide_grid
+from ..slides.slide import open_slide
+
+
+@dataclass(frozen=True)
+class SlideOptions:
+    """How patches are cut; None means the encoder's preferred value."""
+
+    magnification: float | None = None
+    patch_size: int | None = None
+    overlap: int = 0
+    min_tissue: float = 0.1
+    edge: str = "inside"
+    decoder: str = "auto"  # auto | cpu | dali-cpu | dali-gpu
+    shrink_on_load: bool = False  # half-size DCT decode of JPEG tiles when patches are downsampled
+    batch_size: int | None = None  # encoder batch; None: chosen from free memory
+    coords_dir: str | None = None  # read TRIDENT/CLAM coords instead of detecting tissue
+    features_dir: str | None = None  # also write TRIDENT-style per-slide features .h5
+
+    def key(self, encoder_name: str) -> dict:
+        """The part of a stored record's options that these settings determine."""
+        return {"encoder": encoder_name, "magnification": self.magnification, "patch_size": self.patch_size,
+                "overlap": self.overlap, "min_tissue": self.min_tissue, "edge": self.edge,
+                "coords": bool(self.coords_dir), "shrink_on_load": self.shrink_on_load}
+
+
+@dataclass
+class SlideResult:
+    slide_id: str
+    embedding: np.ndarray
+    n_patches: int
+    grid: PatchGrid
+    timing: dict[str, float] = field(default_factory=dict)
+    stats: PatchStats | None = None
+
+
+def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Run a generator on a background thread, at most `depth` items ahead; its errors re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def find_coords(coords_dir: str | Path, slide_id: str) -> Path:
+    """A slide's coords file in a TRIDENT job folder (patches/<id>_patches.h5) or a CLAM one
+    (patches/<id>.h5, or <id>.h5 directly)."""
+    d = Path(coords_dir)
+    for p in (trident_coords_path(d, slide_id), d / "patches" / f"{slide_id}.h5", d / f"{slide_id}_patches.h5",
+              d / f"{slide_id}.h5"):
+        if p.is_file():
+            return p
+    raise SlideError(d, f"no coords file for slide {slide_id!r} (looked for patches/{slide_id}_patches.h5 and "
+                        f"{slide_id}.h5)")
+
+
+def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "proalign",
+                aggregate_kwargs: dict | None = None, options: SlideOptions = SlideOptions(),
+                slide_id: str | None = None, mpp: float | None = None, device: str | torch.device = "cpu",
+                text_prototypes=None) -> SlideResult:
+    """Embed one slide file. `encoder` follows proalign.encoders (preprocess, encode_image,
+    project, input_size, magnification, patch_size). `text_prototypes` switches proalign to
+    space=joint (keys = projected patches)."""
+    path = Path(path)
+    slide_id = slide_id or path.stem
+    timing = {"grid_s": 0.0, "patches_s": 0.0, "encode_s": 0.0, "aggregate_s": 0.0}
+    t0 = time.perf_counter()
+    slide = open_slide(path, mpp=mpp)
+    try:
+        patch_size = options.patch_size or encoder.patch_size
+        if options.coords_dir:
+            grid = read_coords_h5(find_coords(options.coords_dir, slide_id), level_downsamples=slide.downsamples)
+        else:
+            grid = slide_grid(slide, patch_size=patch_size,
+                              target_magnification=options.magnification or encoder.magnification,
+                              overlap=options.overlap, min_tissue=options.min_tissue, edge=options.edge)
+        if len(grid) == 0:
+            raise SlideError(path, "no tissue patches (empty grid): check --min-tissue or the slide")
+        timing["grid_s"] = time.perf_counter() - t0
+        kw = dict(aggregate_kwargs or {})
+        agg = StreamingAggregator(prototypes, method, queries=text_prototypes, **kw)
+        writer = _FeatureWriter(options.features_dir, slide_id, grid) if options.features_dir else None
+        stats = PatchStats()
+        batch_size = options.batch_size or 256
+        t_wait = time.perf_counter()
+        # Patches come at the grid's size (e.g. 512 px at 20x); the encoder's own preprocess resizes
+        # them to its input (CONCH: bicubic to 448) on the device, as its training pipeline did.
+        for idx, patches in _prefetch(iter_patches(slide, grid.coords, grid.patch_size_level0, grid.patch_size,
+                                                   batch_size=batch_size, decoder=options.decoder,
+                                                   shrink_on_load=options.shrink_on_load, stats=stats)):
+            t1 = time.perf_counter()
+            timing["patches_s"] += t1 - t_wait
+            with torch.inference_mode():
+                x = encoder.encode_image(encoder.preprocess(patches.to(device, non_blocking=True)))
+                keys = encoder.project(x) if text_prototypes is not None else None
+            t2 = time.perf_counter()
+            agg.update(x.float(), keys=None if keys is None else keys.float())
+            if writer:
+                writer.append(x.float().cpu().numpy(), grid.coords[idx])
+            t_wait = time.perf_counter()
+            timing["encode_s"] += t2 - t1
+            timing["aggregate_s"] += t_wait - t2
+        if writer:
+            writer.close()
+        emb = agg.result().numpy()
+    finally:
+        slide.close()
+    timing["total_s"] = time.perf_counter() - t0
+    return SlideResult(slide_id, emb, len(grid), grid, timing, stats)
+
+
+class _FeatureWriter:
+    """TRIDENT-style features .h5 written as batches arrive (rows in the engine's visiting order,
+    coords alongside), moved into place when complete."""
+
+    def __init__(self, out_dir: str | Path, slide_id: str, grid: PatchGrid):
+        self.path = Path(out_dir) / f"{slide_id}.h5"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.f = h5py.File(self.tmp, "w")
+        self.grid, self.slide_id, self.n = grid, slide_id, 0
+
+    def append(self, feats: np.ndarray, coords: np.ndarray) -> None:
+        if "features" not in self.f:
+            self.f.create_dataset("features", shape=(0, feats.shape[1]), maxshape=(None, feats.shape[1]),
+                                  dtype=np.float32, chunks=(min(1024, max(1, len(self.grid))), feats.shape[1]))
+            c = self.f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(8192, 2))
+            c.attrs.update(self.grid.trident_attrs())
+            c.attrs["name"] = self.slide_id
+        n = self.n + len(feats)
+        for name, data in (("features", feats), ("coords", coords)):
+            self.f[name].resize(n, axis=0)
+            self.f[name][self.n:n] = data
+        self.n = n
+
+    def close(self) -> None:
+        self.f.close()
+        self.tmp.replace(self.path)
+
+
+__all__ = ["SlideOptions", "SlideResult", "embed_slide", "find_coords"]

@@ -1,0 +1,89 @@
+"""Slides end to end: a generated slide -> tissue -> grid -> engine -> decode -> a tiny random CONCH
+-> streaming aggregation, checked against the same steps done by hand on the whole slide."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from test_encoders import conch_official_keys, random_state, tiny_conch_cfg  # noqa: F401 (fixtures)
+from test_encoders import conch_folder, conch_tokenizer_file  # noqa: F401
+
+from proalign import aggregate
+from proalign.decode.patches import read_patches
+from proalign.encoders import create_encoder
+from proalign.errors import SlideError
+from proalign.pipeline.embed_slides import SlideOptions, embed_slide
+from proalign.slides.patching import patch_slide
+from proalign.slides.synthetic_slides import write_aperio_svs
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("slides") / "case-01.svs"
+    write_aperio_svs(p, 3000, 2200, tile=256, levels=(1, 4), seed=4, tissue="blobs", mpp=0.5, app_mag=20)
+    return p
+
+
+@pytest.mark.parametrize("method, kw", [("proalign", {"tau": [0.1, 0.5]}), ("panther", {}), ("mean", {})])
+def test_embed_slide_equals_whole_slide_steps(slide_path, conch_folder, tmp_path, method, kw, rng):
+    folder, _, over = conch_folder
+    enc = create_encoder("conch_v1", folder, **over)
+    opts = SlideOptions(magnification=20, patch_size=64, batch_size=37, features_dir=str(tmp_path / "feats"))
+    c = rng.normal(size=(6, enc.feature_dim)).astype(np.float32)
+    res = embed_slide(slide_path, enc, c, method=method, aggregate_kwargs=kw, options=opts)
+    # by hand: the same grid, every patch read at once, encoded at once, aggregated at once
+    slide, grid = patch_slide(slide_path, patch_size=64, target_magnification=20)
+    assert res.n_patches == len(grid) > 20
+    patches = torch.from_numpy(read_patches(slide, grid.coords, grid.patch_size_level0, grid.patch_size))
+    with torch.inference_mode():
+        x = enc.encode_image(enc.preprocess(patches)).float()
+    want = aggregate(x.numpy(), c, method, backend="torch", **kw)
+    np.testing.assert_allclose(res.embedding, want, rtol=1e-4, atol=1e-4)
+    # the TRIDENT-style features file holds the same features, rows matched by coords
+    with h5py.File(tmp_path / "feats" / "case-01.h5") as f:
+        feats, coords = f["features"][:], f["coords"][:]
+        assert f["coords"].attrs["patch_size_level0"] == grid.patch_size_level0
+    order = {tuple(xy): i for i, xy in enumerate(grid.coords.tolist())}
+    rows = np.array([order[tuple(xy)] for xy in coords.tolist()])
+    np.testing.assert_allclose(feats, x.numpy()[rows], rtol=1e-5, atol=1e-5)
+    assert set(res.timing) >= {"grid_s", "patches_s", "encode_s", "aggregate_s", "total_s"}
+
+
+def test_joint_space_and_coords_dir(slide_path, conch_folder, tmp_path, rng):
+    from proalign.slides.coords_io import trident_coords_path, write_coords_h5
+
+    folder, _, over = conch_folder
+    enc = create_encoder("conch_v1", folder, **over)
+    slide, grid = patch_slide(slide_path, patch_size=64, target_magnification=20)
+    grid.coords = grid.coords[:50]
+    write_coords_h5(trident_coords_path(tmp_path, "case-01"), grid)
+    c = rng.normal(size=(4, enc.feature_dim)).astype(np.float32)
+    t = rng.normal(size=(4, enc.joint_dim)).astype(np.float32)
+    res = embed_slide(slide_path, enc, c, options=SlideOptions(coords_dir=str(tmp_path)), text_prototypes=t)
+    assert res.n_patches == 50
+    patches = torch.from_numpy(read_patches(slide, grid.coords, grid.patch_size_level0, grid.patch_size))
+    with torch.inference_mode():
+        x = enc.encode_image(enc.preprocess(patches)).float()
+        z = enc.project(x).float()
+    want = aggregate(x.numpy(), c, "proalign", tau=0.1, backend="torch", keys=z.numpy(), queries=t)
+    np.testing.assert_allclose(res.embedding, want, rtol=1e-4, atol=1e-4)
+
+
+def test_slide_errors(conch_folder, tmp_path):
+    folder, _, over = conch_folder
+    enc = create_encoder("conch_v1", folder, **over)
+    blank = tmp_path / "blank.svs"
+    write_aperio_svs(blank, 1200, 900, tissue="none", mpp=0.5, app_mag=20)
+    with pytest.raises(SlideError, match="no tissue patches"):
+        embed_slide(blank, enc, np.ones((2, enc.feature_dim), np.float32),
+                    options=SlideOptions(magnification=20, patch_size=64))
+    nompp = tmp_path / "nompp.svs"
+    write_aperio_svs(nompp, 1200, 900, mpp=None, app_mag=None)
+    with pytest.raises(SlideError, match="--slide-mpp"):
+        embed_slide(nompp, enc, np.ones((2, enc.feature_dim), np.float32),
+                    options=SlideOptions(magnification=20, patch_size=64))
+    with pytest.raises(SlideError, match="no coords file"):
+        embed_slide(blank, enc, np.ones((2, enc.feature_dim), np.float32),
+                    options=SlideOptions(coords_dir=str(tmp_path / "none")))
