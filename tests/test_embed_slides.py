@@ -87,3 +87,30 @@ def test_slide_errors(conch_folder, tmp_path):
     with pytest.raises(SlideError, match="no coords file"):
         embed_slide(blank, enc, np.ones((2, enc.feature_dim), np.float32),
                     options=SlideOptions(coords_dir=str(tmp_path / "none")))
+
+
+def test_prototypes_build_from_archive_with_text_init(tmp_path):
+    """CLI: slides + a random-weight CONCH + the shipped lung set -> K=16 prototypes in the
+    encoder's feature space, with type names and provenance."""
+    from conftest import run_cli
+
+    from proalign.encoders.random_init import write_random_conch
+    from proalign.prototypes.io import read_prototype_file
+
+    over = write_random_conch(tmp_path / "conch")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(2):
+        write_aperio_svs(archive / f"s{i}.svs", 2000, 1600, tile=256, levels=(1, 4), seed=10 + i, mpp=0.5,
+                         app_mag=20)
+    (archive / "broken.svs").write_bytes(b"not a slide")
+    args = [a for k, v in over.items() for a in ("--encoder-arg", f"{k}={v}")]
+    out = tmp_path / "p.safetensors"
+    r = run_cli("prototypes", "build", "--archive", str(archive), "--encoder", "conch_v1", "--weights",
+                str(tmp_path / "conch"), *args, "--patch-size", "128", "--init", "text", "--descriptions", "lung",
+                "--pool-size", "120", "--top-fraction", "0.05", "--force", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "skipped broken" in r.stderr and "from 2 slides" in r.stdout
+    protos, meta = read_prototype_file(out)
+    assert protos.shape == (16, over["embed_dim"]) and np.isfinite(protos).all()
+    assert meta["descriptions"] == "lung" and len(meta["type_names"]) == 16 and meta["encoder"] == "conch_v1"

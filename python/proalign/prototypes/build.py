@@ -163,8 +163,23 @@ def build_prototype_set(
     top_fraction: float = 0.01,
     initial: np.ndarray | None = None,
 ) -> PrototypeSet:
-    """Sample the pool and build prototypes by `init` = kmeans | text | file (`initial`)."""
+    """Sample the pool from feature files and build prototypes by `init` = kmeans | text | file."""
     pool = sample_pool(entries, pool_size, seed)
+    return prototypes_from_pool(pool, init, k, seed, text_prototypes, projection, tau_a, top_fraction, initial)
+
+
+def prototypes_from_pool(
+    pool: Pool,
+    init: str = "kmeans",
+    k: int = 16,
+    seed: int = 0,
+    text_prototypes: np.ndarray | None = None,
+    projection: np.ndarray | None = None,
+    tau_a: float = 0.01,
+    top_fraction: float = 0.01,
+    initial: np.ndarray | None = None,
+) -> PrototypeSet:
+    """Build prototypes from a sampled pool (of feature files or of slides) by `init`."""
     meta: dict = {"init": init, "seed": seed, "pool_size": len(pool.x), "n_slides": len(pool.slide_ids),
                   "skipped_slides": pool.skipped}
     if init == "kmeans":

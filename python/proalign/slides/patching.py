@@ -11,6 +11,25 @@ from .slide import Slide, open_slide
 from .tissue import mask_from_slide
 
 
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm"}
+
+
+def list_slide_files(archive: str | Path) -> list[Path]:
+    """Slide files under `archive` (recursively), sorted; a slide's id is its file name without the
+    extension. A DICOM-WSI series is a folder of .dcm files: its first file stands for the series."""
+    root = Path(archive)
+    out, dicom_dirs = [], set()
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.suffix.lower() not in SLIDE_SUFFIXES:
+            continue
+        if p.suffix.lower() == ".dcm":
+            if p.parent in dicom_dirs:
+                continue
+            dicom_dirs.add(p.parent)
+        out.append(p)
+    return out
+
+
 def read_mpp_csv(path: str | Path) -> dict[str, float]:
     """Per-slide mpp from a CSV with a slide column (`wsi`, as TRIDENT names it, `slide_id` or `slide`:
     file name with or without extension) and an `mpp` column."""
