@@ -1,0 +1,260 @@
+"""Commands `eval` (+ `eval compare`), `heatmap`, `plot ...` and `report`, registered on the main
+group by `register(main)`. Heavy imports happen inside the commands."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _with(options):
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+    return deco
+
+
+eval_opts = [
+    click.option("--labels", type=click.Path(dir_okay=False), help="CSV: slide_id, label | time,event [, patient_id]."),
+    click.option("--task", type=click.Choice(["classify", "survival", "retrieve"])),
+    click.option("--folds", default=5, show_default=True, type=click.IntRange(2),
+                 help="Seeded patient-grouped k-fold."),
+    click.option("--seed", default=0, show_default=True, type=int),
+    click.option("--splits", type=click.Path(dir_okay=False), help="CSV slide_id,fold[,split] instead of k-fold."),
+    click.option("--head", default=None, type=click.Choice(["linear", "logistic", "cox"]),
+                 help="linear: PANTHER probe (default); logistic (classify) or cox (survival) regression."),
+    click.option("--label-col", default="label", show_default=True),
+    click.option("--time-col", default="time", show_default=True),
+    click.option("--event-col", default="event", show_default=True, help="1 = event; or a 'censorship' column."),
+    click.option("--patient-col", default="patient_id", show_default=True,
+                 help="Absent: TCGA barcode's first 12 characters, else the slide id."),
+    click.option("--k", "ks", multiple=True, type=click.IntRange(1), help="retrieve: neighbours (repeat). [1 3 5]"),
+    click.option("--epochs", default=50, show_default=True, type=click.IntRange(1)),
+    click.option("--lr", default=1e-4, show_default=True, type=float),
+    click.option("--weight-decay", default=1e-5, show_default=True, type=float),
+    click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1)),
+    click.option("--warmup-epochs", default=1, show_default=True, type=click.IntRange(0)),
+    click.option("--C", "C", default=1.0, show_default=True, type=float, help="logistic: inverse L2 strength."),
+    click.option("--alpha", default=1.0, show_default=True, type=float, help="cox: L2 strength."),
+    click.option("--standardize/--no-standardize", default=True, show_default=True,
+                 help="z-score features with the training fold's statistics."),
+]
+
+
+def _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, standardize, seed):
+    from .heads import HeadOptions
+
+    head = head or "linear"
+    if task == "classify" and head == "cox" or task == "survival" and head == "logistic":
+        raise click.UsageError(f"--head {head} does not fit --task {task}")
+    return HeadOptions(head=head, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                       warmup_epochs=warmup_epochs, C=C,
+                       alpha=alpha, standardize=standardize, seed=seed)
+
+
+def _read_labels(labels, task, label_col, time_col, event_col, patient_col):
+    from .data import read_labels
+
+    lab_task = "survival" if task == "survival" else "classify"
+    return read_labels(labels, lab_task, label_col=label_col, time_col=time_col, event_col=event_col,
+                       patient_col=patient_col)
+
+
+def register(main: click.Group) -> None:
+    @main.group("eval", invoke_without_command=True)
+    @click.option("--store", type=click.Path(file_okay=False), help="The embedding store to evaluate.")
+    @_with(eval_opts)
+    @click.option("--row", type=int, default=None, help="Multi-tau records: evaluate this row only (default: all).")
+    @click.option("--strict", is_flag=True, help="Fail when a labelled slide is missing from the store.")
+    @click.option("--json", "json_out", type=click.Path(dir_okay=False),
+                  help="Metrics JSON {metric: {mean, std, folds}}; predictions go to <stem>.run.json beside it.")
+    @click.pass_context
+    def eval_cmd(ctx, store, labels, task, folds, seed, splits, head, label_col, time_col, event_col, patient_col,
+                 ks, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, standardize, row, strict, json_out):
+        """Evaluate frozen slide embeddings: classify, survival or retrieve (see also `eval compare`).
+
+        Prints mean ± std over folds for each metric."""
+        if ctx.invoked_subcommand is not None:
+            return
+        if not (store and labels and task):
+            raise click.UsageError("eval needs --store, --labels and --task (or the subcommand `compare`)")
+        from .data import load_dataset
+        from .evaluate import evaluate
+        from .splits import read_splits
+
+        opts = _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, standardize, seed)
+        lab = _read_labels(labels, task, label_col, time_col, event_col, patient_col)
+        ds = load_dataset(store, lab, task, strict=strict, row=row)
+        click.echo(f"{ds.summary()}; {len(ds.missing_in_store)} labelled slides not in the store, "
+                   f"{ds.unlabelled_in_store} stored slides without a label")
+        sp = read_splits(splits, ds.slide_ids) if splits else None
+        res = evaluate(ds, task, opts, folds=folds, splits=sp, ks=ks or (1, 3, 5))
+        res.info.update(store=str(Path(store).resolve()), labels=str(Path(labels).resolve()))
+        click.echo(f"{task}, head {res.info['head']}, {res.info['n_folds']} folds (seed {seed})")
+        click.echo(res.table())
+        if json_out:
+            m, side = res.write_json(json_out)
+            click.echo(f"wrote {m} and {side}")
+
+    @eval_cmd.command("compare")
+    @click.option("--features", type=click.Path(file_okay=False), help="Folder of per-slide .h5/.pt feature files.")
+    @click.option("--manifest", type=click.Path(dir_okay=False), help="CSV slide_id,path instead of a folder.")
+    @click.option("--prototypes", "prototypes", required=True, type=click.Path(dir_okay=False))
+    @click.option("--methods", default="proalign,panther,h2t,mean", show_default=True)
+    @click.option("--out", required=True, type=click.Path(file_okay=False),
+                  help="Folder: stores/<method>, eval-<method>.json, compare.json, compare.txt.")
+    @_with(eval_opts)
+    @click.option("--backend", default=None, help="Aggregation backend for the embedding step.")
+    def eval_compare(features, manifest, prototypes, methods, out, labels, task, folds, seed, splits, head,
+                     label_col, time_col, event_col, patient_col, ks, epochs, lr, weight_decay, batch_size,
+                     warmup_epochs, C, alpha, standardize, backend):
+        """Embed the same features with several methods and evaluate them side by side (same folds)."""
+        from ..aggregate import METHODS
+        from ..features import list_slides
+        from .compare import compare_methods
+
+        if not (labels and task):
+            raise click.UsageError("eval compare needs --labels and --task")
+        if (features is None) == (manifest is None):
+            raise click.UsageError("give exactly one of --features DIR or --manifest CSV")
+        meths = [m.strip() for m in methods.split(",") if m.strip()]
+        bad = [m for m in meths if m not in METHODS]
+        if bad or not meths:
+            raise click.UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        entries = list_slides(features=features, manifest=manifest)
+        if not entries:
+            raise click.UsageError(f"no .h5 or .pt feature files found in {features or manifest}")
+        opts = _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, standardize, seed)
+        lab = _read_labels(labels, task, label_col, time_col, event_col, patient_col)
+        cmp = compare_methods(entries, prototypes, lab, out, task, meths, opts, folds=folds, splits_csv=splits,
+                              ks=ks or (1, 3, 5), backend=backend)
+        for m, fails in cmp.failed.items():
+            click.echo(f"{m}: {len(fails)} slides failed to embed (see {out}/stores/{m}/reports)", err=True)
+        first = next(iter(cmp.results.values()))
+        click.echo(f"{task}, {first.info['n_slides']} slides, {first.info['n_folds']} folds (seed {seed})")
+        click.echo(cmp.table())
+        click.echo(f"wrote {Path(out) / 'compare.json'}")
+
+    @main.command("heatmap")
+    @click.argument("slide", required=False, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--features", required=True, type=click.Path(exists=True, dir_okay=False),
+                  help="The slide's features .h5 (features + coords).")
+    @click.option("--prototypes", "prototypes", required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--descriptions", default=None, help="Description set (shipped name or JSON) for the type names.")
+    @click.option("--tau", default=0.1, show_default=True, type=float)
+    @click.option("--scale", default="linear", show_default=True, type=click.Choice(["linear", "rank"]),
+                  help="linear: a / max a per prototype; rank: percentile among the slide's patches.")
+    @click.option("--thumbnail-size", default=1024, show_default=True, type=click.IntRange(64))
+    @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file.")
+    def heatmap(slide, features, prototypes, descriptions, tau, scale, thumbnail_size, out):
+        """Per-prototype attention a_ik over SLIDE's thumbnail (no SLIDE: over a blank canvas)."""
+        from .plots import slide_heatmap
+
+        try:
+            p = slide_heatmap(slide, features, prototypes, out, descriptions, tau, scale, thumbnail_size)
+        except (ValueError, OSError) as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"wrote {p}")
+
+    @main.group("plot")
+    def plot():
+        """Pictures as PNG: montage, usage, map, roc, km."""
+
+    @plot.command("montage")
+    @click.argument("slide", type=click.Path(exists=True, dir_okay=False))
+    @click.option("--features", required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--prototypes", "prototypes", required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--descriptions", default=None)
+    @click.option("--n", default=8, show_default=True, type=click.IntRange(1), help="Patches per prototype.")
+    @click.option("--tau", default=0.1, show_default=True, type=float)
+    @click.option("--patch-px", default=96, show_default=True, type=click.IntRange(16))
+    @click.option("--out", required=True, type=click.Path(dir_okay=False))
+    def plot_montage(slide, features, prototypes, descriptions, n, tau, patch_px, out):
+        """Each prototype's top-attention patches of SLIDE."""
+        from .plots import slide_montage
+
+        try:
+            p = slide_montage(slide, features, prototypes, out, n, descriptions, tau, patch_px)
+        except (ValueError, OSError) as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"wrote {p}")
+
+    @plot.command("usage")
+    @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False))
+    @click.option("--descriptions", default=None)
+    @click.option("--row", default=0, show_default=True, type=int, help="tau row of multi-tau records.")
+    @click.option("--out", required=True, type=click.Path(dir_okay=False))
+    def plot_usage(store, descriptions, row, out):
+        """Prototype usage across the cohort, from the stored proportions pi."""
+        from .plots import prototype_names, prototype_usage, usage_from_store
+        from .report import _proto_meta
+
+        try:
+            pi, meta = usage_from_store(store, row)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from e
+        p = prototype_usage(pi, out, prototype_names(pi.shape[1], _proto_meta(meta), descriptions))
+        click.echo(f"wrote {p}")
+
+    @plot.command("map")
+    @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False))
+    @click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--label-col", default="label", show_default=True)
+    @click.option("--method", default="pca", show_default=True, type=click.Choice(["pca", "tsne"]))
+    @click.option("--out", required=True, type=click.Path(dir_okay=False))
+    def plot_map(store, labels, label_col, method, out):
+        """Slide embeddings in 2-D, coloured by label."""
+        from .data import load_dataset, read_labels
+        from .plots import embedding_map
+
+        ds = load_dataset(store, read_labels(labels, "classify", label_col=label_col), "classify")
+        try:
+            p = embedding_map(ds.x, [ds.classes[i] for i in ds.y], out, method=method)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"wrote {p}")
+
+    @plot.command("roc")
+    @click.option("--eval-json", required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--out", required=True, type=click.Path(dir_okay=False))
+    def plot_roc(eval_json, out):
+        """ROC curves from a classification `eval --json` output."""
+        from .plots import load_run, roc_figure
+
+        try:
+            click.echo(f"wrote {roc_figure(load_run(eval_json), out)}")
+        except (ValueError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from e
+
+    @plot.command("km")
+    @click.option("--eval-json", required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--out", required=True, type=click.Path(dir_okay=False))
+    def plot_km(eval_json, out):
+        """Kaplan-Meier curves of predicted risk halves from a survival `eval --json` output."""
+        from .plots import km_figure, load_run
+
+        try:
+            click.echo(f"wrote {km_figure(load_run(eval_json), out)}")
+        except (ValueError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from e
+
+    @main.command("report")
+    @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False))
+    @click.option("--eval-json", "eval_jsons", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                  help="`eval --json` or `eval compare`'s compare.json (repeat).")
+    @click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="Colours the embedding map.")
+    @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                  help="More PNGs to include (e.g. heatmaps).")
+    @click.option("--descriptions", default=None, help="Type names for the usage chart.")
+    @click.option("--title", default=None)
+    @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .html file.")
+    def report(store, eval_jsons, labels, images, descriptions, title, out):
+        """One self-contained HTML page: store summary, provenance, evaluation tables, pictures."""
+        from .report import build_report
+
+        try:
+            p = build_report(store, out, eval_jsons, labels, images, title, descriptions)
+        except (ValueError, OSError) as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"wrote {p} ({p.stat().st_size // 1024} KiB)")
