@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -42,8 +42,9 @@ setup(
     description="ProAlign slide embeddings for whole-slide-image archives",
     python_requires=">=3.10",
     package_dir={"proalign": "python/proalign", "proalign.kernels": "kernels"},
-    packages=["proalign", "proalign.aggregate", "proalign.features", "proalign.prototypes", "proalign.store",
-              "proalign.pipeline", "proalign.bench", "proalign.kernels", "proalign.slides", "proalign.decode"],
+    # kernels/ is installed as proalign.kernels (device_check.sh may leave a link of that name in python/)
+    packages=find_packages("python", exclude=["proalign.kernels"]) + ["proalign.kernels"],
+    package_data={"proalign.prototypes.descriptions": ["*.json"]},  # shipped description sets, schema.json
     install_requires=[
         "numpy>=1.26",
         "torch>=2.4",  # pinned to the local CPU wheel by constraints.txt; unpinned pip pulls a CUDA build
@@ -52,9 +53,11 @@ setup(
         "click>=8.1",
         "tqdm>=4.66",
         "safetensors>=0.4",
+        "tokenizers>=0.15",  # encoders: CONCH / CLIP tokenizers read from local tokenizer files
         "pyarrow>=14",
         "scipy>=1.11",  # tissue-mask morphology
         "pillow>=10",
+        "matplotlib>=3.8",  # eval pictures (Agg backend)
         "tifffile>=2024.1",  # synthetic slides; the TIFF fast path parses directories itself
         "imagecodecs>=2024.1",  # CPU decode of JPEG / JPEG 2000 / LZW / Deflate tiles
         "openslide-python>=1.4",
@@ -64,7 +67,8 @@ setup(
         "gpu": ["triton>=3.0", "cupy-cuda13x", "nvidia-dali-cuda130"],
         "ray": ["ray[data]>=2.40"],
         # triton: interpreter tests + AOT check; DALI: its CPU decoder is tested against imagecodecs
-        "dev": ["pytest>=8", "numba>=0.60", "triton>=3.0", "nvidia-dali-cuda130"],
+        "dev": ["pytest>=8", "numba>=0.60", "triton>=3.0", "nvidia-dali-cuda130", "ray[data]>=2.40",
+                "scikit-learn>=1.4"],  # ray: 11 s install, tests under a timeout
     },
     entry_points={"console_scripts": ["proalign-engine=proalign.cli:main"]},
     ext_modules=[CMakeExtension("proalign._C")] if native else [],

@@ -114,3 +114,40 @@ def test_prototypes_build_from_archive_with_text_init(tmp_path):
     protos, meta = read_prototype_file(out)
     assert protos.shape == (16, over["embed_dim"]) and np.isfinite(protos).all()
     assert meta["descriptions"] == "lung" and len(meta["type_names"]) == 16 and meta["encoder"] == "conch_v1"
+
+
+def test_embed_archive_cli_resumes_and_reports(tmp_path, rng):
+    """`embed --archive` over generated slides (one broken): exit 1 naming it, the good slides stored
+    equal to embed_slide's result; a rerun stores nothing new."""
+    from conftest import run_cli
+
+    from proalign import open_store
+    from proalign.encoders.random_init import write_random_conch
+    from proalign.prototypes.io import save_prototypes
+
+    over = write_random_conch(tmp_path / "conch")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(2):
+        write_aperio_svs(archive / f"case-{i}.svs", 1800, 1500, tile=256, levels=(1, 4), seed=20 + i, mpp=0.5,
+                         app_mag=20)
+    (archive / "broken.svs").write_bytes(b"II*\x00garbage")
+    c = rng.normal(size=(5, over["embed_dim"])).astype(np.float32)
+    save_prototypes(tmp_path / "p.safetensors", c, {})
+    args = [a for k, v in over.items() for a in ("--encoder-arg", f"{k}={v}")]
+    cmd = ["embed", "--archive", str(archive), "--encoder", "conch_v1", "--weights", str(tmp_path / "conch"), *args,
+           "--patch-size", "128", "--mag", "20", "--prototypes", str(tmp_path / "p.safetensors"),
+           "--out", str(tmp_path / "store"), "--dtype", "float32", "--retries", "0"]
+    r = run_cli(*cmd)
+    assert r.returncode == 1, r.stderr
+    assert "broken" in r.stderr
+    enc = create_encoder("conch_v1", tmp_path / "conch", **over)
+    with open_store(tmp_path / "store") as s:
+        assert sorted(s) == ["case-0", "case-1"]
+        for sid in s:
+            want = embed_slide(archive / f"{sid}.svs", enc, c, aggregate_kwargs={"tau": 0.1},
+                               options=SlideOptions(magnification=20, patch_size=128)).embedding
+            np.testing.assert_allclose(s[sid], want, rtol=1e-4, atol=1e-4)
+            assert s.meta(sid)["options"]["encoder"] == "conch_v1"
+    r2 = run_cli(*cmd)
+    assert r2.returncode == 1 and "0 embedded, 2 already stored" in r2.stdout, r2.stdout

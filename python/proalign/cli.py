@@ -53,6 +53,54 @@ features_opts = [
 ]
 
 
+encoder_opts = [
+    click.option("--encoder", default=None, help="conch_v1, open_clip:<arch>, timm:<name> (see README)."),
+    click.option("--weights", type=click.Path(exists=True), default=None, help="Local weights file or folder."),
+    click.option("--encoder-arg", "encoder_args", multiple=True, metavar="KEY=VALUE",
+                 help="Extra create_encoder argument (e.g. tokenizer=PATH); repeatable."),
+    click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)."),
+]
+archive_opts = [
+    click.option("--archive", type=click.Path(exists=True, file_okay=False), help="Folder of slide files."),
+    click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for slides without one."),
+    click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False), help="Per-slide mpp: columns wsi,mpp."),
+    click.option("--mag", type=float, default=None, help="Target magnification (default: the encoder's)."),
+    click.option("--patch-size", type=click.IntRange(1), default=None, help="Patch px at --mag (default: encoder's)."),
+    click.option("--min-tissue", default=0.1, show_default=True, type=click.FloatRange(0, 1)),
+]
+
+
+def _encoder_kwargs(encoder_args) -> dict:
+    kwargs = {}
+    for item in encoder_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--encoder-arg wants KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
+def _load_encoder(encoder, weights, encoder_args, device):
+    import torch
+
+    from .encoders import create_encoder
+
+    if not encoder:
+        raise click.UsageError("this needs --encoder and --weights")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return create_encoder(encoder, weights, device=dev, **_encoder_kwargs(encoder_args)), dev
+
+
+def _mpp_lookup(slide_mpp, mpp_csv):
+    from .slides.patching import read_mpp_csv
+
+    table = read_mpp_csv(mpp_csv) if mpp_csv else {}
+    return lambda p: table.get(Path(p).name, table.get(Path(p).stem, slide_mpp))
+
+
 def _with(options):
     def deco(f):
         for o in reversed(options):
@@ -62,7 +110,15 @@ def _with(options):
 
 
 @main.command()
-@_with(features_opts)
+@_with(features_opts + archive_opts + encoder_opts)
+@click.option("--coords", "coords_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="--archive: read TRIDENT/CLAM coords from this folder instead of detecting tissue.")
+@click.option("--save-features", type=click.Path(file_okay=False), default=None,
+              help="--archive: also write TRIDENT-style per-slide features .h5 here.")
+@click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "dali-cpu", "dali-gpu"]))
+@click.option("--shrink-on-load", is_flag=True, help="--archive: half-size DCT decode of JPEG tiles when patches "
+                                                     "are downsampled 2x or more (faster; mean |diff| ~0.5).")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="--archive: encoder batch (default 256).")
 @click.option("--prototypes", "prototypes", required=True, type=click.Path(dir_okay=False), help="Prototype file (K, d).")
 @click.option("--out", required=True, type=click.Path(), help="The LMDB store (a folder); created if missing.")
 @click.option("--method", default="proalign", show_default=True,
@@ -71,25 +127,68 @@ def _with(options):
 @click.option("--over", default="patches", show_default=True, type=click.Choice(["patches", "prototypes"]))
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored embedding dtype.")
-@click.option("--backend", default=None, help="Aggregation backend (default: fastest live; see `doctor`).")
+@click.option("--backend", default=None,
+              help="Aggregation backend (default: fastest live; see `doctor`); `ray` means --scheduler ray.")
 @click.option("--panther-eps", default=1.0, show_default=True, type=float, help="panther: prior variance.")
 @click.option("--panther-prior", default=1.0, show_default=True, type=float, help="panther: prior strength tau.")
 @click.option("--encoder-id", default=None, help="Encoder name recorded in provenance (default: the file's attribute).")
 @click.option("--overwrite", is_flag=True, help="Redo slides already stored with the same options.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Run report JSON path.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
-def embed(features, manifest, prototypes, out, method, tau, over, dtype, backend, panther_eps, panther_prior, encoder_id,
-          overwrite, report, progress):
-    """Embed every slide's patch features into the store at --out (resumable, idempotent).
+@click.option("--shard", default=None, metavar="I/N",
+              help="Only this node's share: slides whose id hashes to shard I of N (0 <= I < N).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="Worker processes (or Ray actors); 1 embeds in this process.")
+@click.option("--scheduler", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: this machine's processes; ray: Ray actors (pip install 'proalign-engine[ray]').")
+@click.option("--retries", default=1, show_default=True, type=click.IntRange(0),
+              help="Tries again for a slide that failed before it is quarantined.")
+@click.option("--threads-per-worker", default=None, type=click.IntRange(1),
+              help="numba/torch threads per worker (default: cores / workers; in-process: all).")
+@click.option("--slide-timeout", default=None, type=click.FloatRange(0, min_open=True),
+              help="Seconds before a worker process stuck on one slide is killed (that try fails).")
+@click.option("--ray-address", default=None, help="Ray cluster (auto, ray://host:port); default: a local Ray.")
+@click.option("--ray-cpus", default=1.0, show_default=True, type=float, help="CPUs per Ray actor (fractions allowed).")
+@click.option("--ray-gpus", default=0.0, show_default=True, type=float, help="GPUs per Ray actor.")
+def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_tissue, encoder, weights, encoder_args,
+          device, coords_dir, save_features, decoder, shrink_on_load, batch_size, prototypes, out, method, tau, over,
+          dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, report, progress, shard, workers,
+          scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus):
+    """Embed every slide's patch features (--features/--manifest), or every slide file of --archive
+    through --encoder/--weights, into the store at --out (resumable, idempotent).
 
-    Exit code 0 when every slide is stored, 1 when any slide failed (see the run report)."""
+    Exit code 0 when every slide is stored, 1 when any slide failed (quarantined: see the run
+    report), 2 on a usage or store error, 3 when stopped by SIGINT/SIGTERM (the slides in flight
+    are finished, or dropped on a second signal; rerun the same command to finish)."""
     from .pipeline import EmbedOptions, embed_features
 
+    if backend == "ray":
+        scheduler, backend = "ray", None
     opts = EmbedOptions(method=method, taus=tuple(tau) or (0.1,), over=over, dtype=dtype, backend=backend,
                         encoder_id=encoder_id, panther_eps=panther_eps, panther_prior=panther_prior)
+    scheduling = dict(report_path=report, progress=progress, shard=shard, workers=workers, scheduler=scheduler,
+                      retries=retries, threads=threads_per_worker, slide_timeout=slide_timeout,
+                      ray_address=ray_address, ray_cpus=ray_cpus, ray_gpus=ray_gpus, handle_signals=True)
     try:
-        rep = embed_features(_entries(features, manifest), prototypes, out, opts, overwrite=overwrite,
-                             report_path=report, progress=progress)
+        if archive:
+            from .pipeline.embed_slides import SlideOptions
+            from .pipeline.slide_worker import embed_archive
+            from .slides.patching import read_mpp_csv
+
+            if features or manifest:
+                raise click.UsageError("give --archive or --features/--manifest, not both")
+            if not (encoder and weights):
+                raise click.UsageError("--archive needs --encoder and --weights")
+            mpp = {**(read_mpp_csv(mpp_csv) if mpp_csv else {}), **({"*": slide_mpp} if slide_mpp else {})}
+            sopts = SlideOptions(magnification=mag, patch_size=patch_size, min_tissue=min_tissue, decoder=decoder,
+                                 shrink_on_load=shrink_on_load, batch_size=batch_size, coords_dir=coords_dir,
+                                 features_dir=save_features)
+            rep = embed_archive(archive, encoder, weights, prototypes, out, options=opts, slide_options=sopts,
+                                encoder_kwargs=_encoder_kwargs(encoder_args), device=device, mpp=mpp,
+                                overwrite=overwrite, **scheduling)
+        else:
+            rep = embed_features(_entries(features, manifest), prototypes, out, opts, overwrite=overwrite,
+                                 **scheduling)
     except (ValueError, RuntimeError) as e:
         raise click.UsageError(str(e)) from e
     click.echo(f"store: {Path(out).resolve()}")
@@ -97,7 +196,56 @@ def embed(features, manifest, prototypes, out, method, tau, over, dtype, backend
     for sid, why in rep.failed.items():
         click.echo(f"FAILED {sid}: {why}", err=True)
     click.echo(f"report: {rep.report_path}")
-    sys.exit(0 if rep.ok else 1)
+    sys.exit(rep.exit_code)
+
+
+@main.command()
+@click.option("--cohort", required=True, help='The cohort, e.g. "TCGA lung adenocarcinoma and squamous cell carcinoma".')
+@click.option("--endpoint", required=True,
+              help="OpenAI-compatible base URL (http://localhost:8000/v1) or the full .../chat/completions URL.")
+@click.option("--model", required=True, help="Model name the server knows.")
+@click.option("--k", default=16, show_default=True, type=click.IntRange(1, 256), help="Number of types.")
+@click.option("--m", default=8, show_default=True, type=click.IntRange(1, 64), help="Descriptions per type.")
+@click.option("--organ", default=None, help="Organ (default: the model's answer).")
+@click.option("--name", "set_name", default=None, help="Set name (default: from the cohort).")
+@click.option("--api-key-env", default=None, metavar="VAR", help="Environment variable holding the API key.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output JSON file (default: stdout).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--retries", default=3, show_default=True, type=click.IntRange(0, 20))
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds per request.")
+@click.option("--backoff", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Wait before the first retry after a server error (doubles each time).")
+@click.option("--max-tokens", default=None, type=click.IntRange(1), help="Reply token limit (default: the server's).")
+@click.option("--json-mode/--no-json-mode", default=True, show_default=True, help="Ask for response_format=json_object.")
+def describe(cohort, endpoint, model, k, m, organ, set_name, api_key_env, out, seed, retries, timeout, backoff,
+             max_tokens, json_mode):
+    """Ask an LLM for a new description set (METHOD.md Step 1) and write its JSON.
+
+    Temperature 0 and a fixed seed; the reply is validated against the schema, with bounded retries.
+    Exit code 2 when the endpoint is unreachable, refuses the key, or gives no valid set."""
+    import os
+
+    from .prototypes.descriptions import description_set_hash, dumps, save_descriptions
+    from .prototypes.descriptions.llm import DescribeError, DescribeSettings, generate_description_set
+
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise DescribeError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
+    settings = DescribeSettings(endpoint=endpoint, model=model, k=k, m=m, seed=seed, retries=retries, timeout=timeout,
+                                backoff=backoff, api_key=api_key, json_mode=json_mode, max_tokens=max_tokens)
+    data = generate_description_set(cohort, settings, organ=organ, name=set_name)
+    if out:
+        try:
+            save_descriptions(data, out)
+        except OSError as e:
+            raise DescribeError(f"cannot write {out}: {e}") from e
+        click.echo(f"wrote {out} ({data['name']}: K={k}, M={m}, hash {description_set_hash(data)}, "
+                   f"{data['generator']['attempts']} attempt(s))", err=True)
+    else:
+        click.echo(dumps(data), nl=False)
 
 
 @main.group()
@@ -106,30 +254,65 @@ def prototypes():
 
 
 @prototypes.command("build")
-@_with(features_opts)
+@_with(features_opts + archive_opts + encoder_opts)
 @click.option("--init", "init", default="kmeans", show_default=True, type=click.Choice(["kmeans", "text", "file"]))
-@click.option("--k", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--k", default=16, show_default=True, type=click.IntRange(1), help="kmeans: number of prototypes.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--pool-size", default=100_000, show_default=True, type=click.IntRange(1))
+@click.option("--descriptions", default=None, help="init=text: a shipped set (lung, breast, ...) or a JSON file.")
 @click.option("--text-prototypes", type=click.Path(dir_okay=False), help="init=text: text prototypes t_k (K, D).")
 @click.option("--projection", type=click.Path(dir_okay=False), help="init=text: projection W (d, D), z = x W.")
-@click.option("--tau-a", default=0.01, show_default=True, type=float, help="init=text: allocation temperature.")
+@click.option("--tau-a", default=None, type=float, help="init=text: allocation temperature [1/logit_scale, or 0.01].")
 @click.option("--top-fraction", default=0.01, show_default=True, type=float, help="init=text: M_k as a pool fraction.")
 @click.option("--from", "from_file", type=click.Path(dir_okay=False), help="init=file: prototype file to start from.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors or .npz.")
 @click.option("--force", is_flag=True, help="Save even a collapsed set.")
-def prototypes_build(features, manifest, init, k, seed, pool_size, text_prototypes, projection, tau_a, top_fraction,
-                     from_file, out, force):
-    """Build a prototype set from a cohort's features (METHOD.md Step 3)."""
-    from .prototypes.build import build_prototype_set
+def prototypes_build(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_tissue, encoder, weights,
+                     encoder_args, device, init, k, seed, pool_size, descriptions, text_prototypes, projection, tau_a,
+                     top_fraction, from_file, out, force):
+    """Build a prototype set from a cohort's features (--features/--manifest) or slides (--archive
+    with --encoder/--weights) (METHOD.md Step 3)."""
+    from .prototypes.build import prototypes_from_pool, sample_pool
     from .prototypes.io import read_matrix, read_prototype_file, save_prototypes
 
-    entries = _entries(features, manifest)
+    enc = dev = None
+    if encoder or archive:
+        enc, dev = _load_encoder(encoder, weights, encoder_args, device)
+    if archive:
+        from .prototypes.from_slides import sample_slide_pool
+        from .slides.patching import list_slide_files
+
+        paths = list_slide_files(archive)
+        if not paths:
+            raise click.UsageError(f"no slide files found under {archive}")
+        pool = sample_slide_pool(paths, enc, pool_size, seed, magnification=mag, patch_size=patch_size,
+                                 min_tissue=min_tissue, mpp_for=_mpp_lookup(slide_mpp, mpp_csv), device=dev)
+    else:
+        pool = sample_pool(_entries(features, manifest), pool_size, seed)
+    meta_extra: dict = {}
     text = read_prototype_file(text_prototypes)[0] if text_prototypes else None
     proj = read_matrix(projection) if projection else None
+    if init == "text" and text is None:
+        if not (descriptions and enc):
+            raise click.UsageError("init=text needs --text-prototypes, or --descriptions with --encoder/--weights")
+        from .prototypes.descriptions import load_descriptions
+        from .prototypes.text import text_prototypes as make_text
+
+        dset = load_descriptions(descriptions)
+        text = make_text(enc, dset).numpy()
+        meta_extra = {"descriptions": dset.name, "descriptions_hash": dset.hash, "type_names": list(dset.type_names)}
+    if init == "text" and proj is None:
+        if enc is None or enc.joint_dim is None:
+            raise click.UsageError("init=text needs --projection or a vision-language --encoder (with a text tower)")
+        proj = enc.projection_matrix().numpy()
+    if tau_a is None:
+        tau_a = 1.0 / enc.logit_scale if enc is not None and enc.logit_scale else 0.01
+    if enc is not None:
+        meta_extra["encoder"] = enc.name
     initial = read_prototype_file(from_file)[0] if from_file else None
-    ps = build_prototype_set(entries, init=init, k=k, seed=seed, pool_size=pool_size, text_prototypes=text,
-                             projection=proj, tau_a=tau_a, top_fraction=top_fraction, initial=initial)
+    k = text.shape[0] if init == "text" else k
+    ps = prototypes_from_pool(pool, init=init, k=k, seed=seed, text_prototypes=text, projection=proj, tau_a=tau_a,
+                              top_fraction=top_fraction, initial=initial)
     click.echo(f"pool: {ps.meta['pool_size']} patches from {ps.meta['n_slides']} slides "
                f"({len(ps.meta['skipped_slides'])} skipped)")
     for sid, why in ps.meta["skipped_slides"].items():
@@ -139,7 +322,7 @@ def prototypes_build(features, manifest, init, k, seed, pool_size, text_prototyp
         click.echo(f"error: collapsed prototype set: prototypes {ps.collapsed} have < 0.1% usage; "
                    f"not saved (use --force to save anyway)", err=True)
         sys.exit(1)
-    h = save_prototypes(out, ps.prototypes, {**ps.meta, "engine_version": __version__})
+    h = save_prototypes(out, ps.prototypes, {**ps.meta, **meta_extra, "engine_version": __version__})
     click.echo(f"wrote {out} (K={ps.prototypes.shape[0]}, d={ps.prototypes.shape[1]}, hash {h})")
 
 
@@ -235,6 +418,22 @@ def store_export(path, fmt, out):
     click.echo(f"wrote {len(written)} file(s) under {Path(out).resolve()}")
 
 
+@store.command("merge")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def store_merge(out, shards):
+    """Join shard stores into OUT (created if missing). Refused, with OUT untouched, when the
+    shards were embedded with different options or prototype sets, or hold different records for
+    one slide; identical duplicates are stored once. Exit code 2 when refused."""
+    from .store.merge import merge_stores
+
+    rep = merge_stores(out, list(shards))
+    for name, n in rep.per_shard.items():
+        click.echo(f"{name}: {n} records")
+    click.echo(rep.summary())
+    click.echo(f"report: {rep.report_path}")
+
+
 @store.command("verify")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 def store_verify(path):
@@ -268,6 +467,11 @@ def doctor(as_json):
     click.echo(f"devices: cuda={r['devices']['cuda']} {r['devices']['cuda_devices']}")
     for name, b in r["backends"].items():
         click.echo(f"backend {name:8s} {'live' if b['live'] else 'off: ' + b['why_not']}  methods={','.join(b['methods'])}")
+
+
+from .eval.cli import register as _register_eval  # noqa: E402  (eval, heatmap, plot, report)
+
+_register_eval(main)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""`make demo`: a generated cohort of patch features -> prototypes -> ProAlign embeddings."""
+"""`make demo`: two small end-to-end runs on generated data.
+
+1. Features path: TRIDENT-style feature files -> k-means prototypes -> ProAlign embeddings.
+2. Slides path: generated Aperio SVS slides -> tissue -> grid -> tile engine -> a CONCH v1-shaped
+   model with RANDOM weights -> text prototypes from the shipped lung descriptions -> ProAlign
+   embeddings. Random weights: the embeddings mean nothing; the run shows the machinery.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo", help="Folder for the demo cohort, prototypes and store.")
     ap.add_argument("--slides", type=int, default=24)
+    ap.add_argument("--slide-files", type=int, default=4, help="Generated SVS slides for the slides path (0: skip).")
     args = ap.parse_args(argv)
 
     from .features import list_slides
@@ -47,7 +54,46 @@ def main(argv: list[str] | None = None) -> int:
               "pi = " + " ".join(f"{v:.3f}" for v in e[:16]))
     print(f"run report: {rep.report_path}")
     print(f"next: proalign-engine store ls {store_path}")
-    return 0 if rep.ok else 1
+    ok = rep.ok
+    if args.slide_files:
+        ok = _slides_demo(out, args.slide_files) and ok
+    return 0 if ok else 1
+
+
+def _slides_demo(out: Path, n: int) -> bool:
+    from .encoders import create_encoder
+    from .encoders.random_init import write_random_conch
+    from .pipeline.slide_worker import embed_archive
+    from .prototypes.build import prototypes_from_pool
+    from .prototypes.from_slides import sample_slide_pool
+    from .prototypes.io import save_prototypes
+    from .prototypes.text import text_prototypes
+    from .slides.patching import list_slide_files
+    from .slides.synthetic_slides import write_aperio_svs
+
+    archive = out / "slides"
+    archive.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_aperio_svs(archive / f"DEMO-{i:02d}.svs", 4000, 3000, tile=256, levels=(1, 4), seed=i, mpp=0.5,
+                         app_mag=20, pen_marks=i == 0)
+    print(f"\nslides path: {n} generated Aperio SVS slides (JPEG tiles, 20x) in {archive}")
+    weights = out / "conch_v1_random"
+    over = write_random_conch(weights)
+    enc = create_encoder("conch_v1", weights, **over)
+    print(f"encoder: {enc!r} with RANDOM weights ({weights}): the embeddings below carry no meaning")
+    pool = sample_slide_pool(list_slide_files(archive), enc, 2000, 0, patch_size=128)
+    t = text_prototypes(enc, "lung").numpy()
+    ps = prototypes_from_pool(pool, "text", k=t.shape[0], seed=0, text_prototypes=t,
+                              projection=enc.projection_matrix().numpy(), tau_a=1.0 / enc.logit_scale)
+    proto_path = out / "prototypes_lung_text.safetensors"
+    save_prototypes(proto_path, ps.prototypes, {**ps.meta, "descriptions": "lung", "encoder": enc.name})
+    print(f"prototypes: {proto_path} (init=text from the lung set, pool {len(pool.x)} patches)")
+    from .pipeline.embed_slides import SlideOptions
+    rep = embed_archive(archive, "conch_v1", weights, proto_path, out / "slide_embeddings.lmdb",
+                        slide_options=SlideOptions(patch_size=128), encoder_kwargs=over, progress=False)
+    print(rep.summary())
+    print(f"store: {(out / 'slide_embeddings.lmdb').resolve()}; run report: {rep.report_path}")
+    return rep.ok
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ The encoder is CONCH v1's architecture with random weights (nothing is downloade
 input, 2 layers) makes the CPU run about the pipeline, `base` is the real ViT-B/16 at 448 px (use it
 on a GPU). Prints, measured in one run: slides/hour and patches/s of the whole path; the patch
 stage alone (engine + decode, no model) and the encoder alone (preprocess + forward on the same
-number of patches already in memory); the per-stage split; and the baseline: OpenSlide
+number of patches already in memory); the per-stage split (tissue + grid, once per slide, is
+reported apart from the streaming part); and the baseline: OpenSlide
 read_region + PIL resize in a torch DataLoader (2 workers) + the same model in fp32, on the same
 grids. Peak host memory (VmHWM) and, on a GPU, peak GPU memory.
 """
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.slides):
         p = work / f"slide{i}_{args.size}.svs"
         if not p.exists():
-            write_aperio_svs(p, args.size, args.size, tissue="blobs", seed=100 + i)
+            write_aperio_svs(p, args.size, args.size, tissue="dense", seed=100 + i)
         paths.append(p)
     over = write_random_conch(work / f"conch_{args.model}", **({} if args.model == "tiny" else {
         "image_size": 448, "patch_size": 16, "width": 768, "layers": 12, "heads": 12, "embed_dim": 512,
@@ -140,25 +141,27 @@ def main(argv: list[str] | None = None) -> int:
     baseline = time.perf_counter() - t0
 
     slowest = max(patches_alone, encoder_alone)
+    streamed = whole - split["grid_s"]  # tissue + grid run once per slide before streaming: reported apart
     out = {
         "slides": args.slides, "patches": n_total, "device": args.device, "model": args.model,
         "whole_s": whole, "slides_per_hour": args.slides / whole * 3600, "patches_per_s": n_total / whole,
         "patch_stage_alone_patches_per_s": n_total / patches_alone,
         "encoder_alone_patches_per_s": n_total / encoder_alone,
-        "whole_vs_slowest_stage": slowest / whole,
+        "streamed_patches_per_s": n_total / streamed, "streamed_vs_slowest_stage": slowest / streamed,
         "split_s": split, "baseline_s": baseline, "baseline_patches_per_s": n_total / baseline,
-        "speedup_vs_baseline": baseline / whole, "peak_rss_mb": _peak_rss_mb(),
+        "speedup_vs_baseline": baseline / streamed, "peak_rss_mb": _peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
     }
     print(json.dumps(out))
     print(f"\nwhole path: {out['slides_per_hour']:.0f} slides/h, {out['patches_per_s']:.0f} patches/s "
           f"({n_total} patches)")
-    print(f"patch stage alone {out['patch_stage_alone_patches_per_s']:.0f}/s, encoder alone "
-          f"{out['encoder_alone_patches_per_s']:.0f}/s: whole path at {100 * out['whole_vs_slowest_stage']:.0f}% "
-          f"of its slowest stage")
+    print(f"streaming part (after tissue + grid): {out['streamed_patches_per_s']:.0f} patches/s; patch stage "
+          f"alone {out['patch_stage_alone_patches_per_s']:.0f}/s, encoder alone "
+          f"{out['encoder_alone_patches_per_s']:.0f}/s: at {100 * out['streamed_vs_slowest_stage']:.0f}% of its "
+          f"slowest stage")
     print("split (s): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in split.items()))
-    print(f"TRIDENT-style baseline: {out['baseline_patches_per_s']:.0f} patches/s; ours "
-          f"{out['speedup_vs_baseline']:.2f}x")
+    print(f"TRIDENT-style baseline (reading + model, same grids): {out['baseline_patches_per_s']:.0f} patches/s; "
+          f"ours (streaming part) {out['speedup_vs_baseline']:.2f}x")
     return 0
 
 

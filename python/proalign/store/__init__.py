@@ -1,4 +1,5 @@
 """LMDB store of slide embeddings: one record per slide, keyed by slide id."""
 from .lmdb_store import EmbeddingStore, Record, open_store
+from .merge import MergeReport, StoreMergeError, merge_stores
 
-__all__ = ["EmbeddingStore", "Record", "open_store"]
+__all__ = ["EmbeddingStore", "MergeReport", "Record", "StoreMergeError", "merge_stores", "open_store"]

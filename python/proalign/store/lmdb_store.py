@@ -155,6 +155,23 @@ class EmbeddingStore:
                 raise StoreWriteError(f"store {self.path}: {why} while writing slide {slide_id!r} ({e}); "
                                  f"records already stored are intact") from e
 
+    def put_raw_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Store already-encoded records (as read from another store) in one transaction: all of
+        them or none. Grows the map when full."""
+        if not self.write:
+            raise StoreError(f"store {self.path} was opened read-only")
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for sid, value in items:
+                        txn.put(sid.encode(), value)
+                return
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.Error as e:
+                raise StoreWriteError(f"store {self.path}: write failed ({e}); "
+                                      f"records already stored are intact") from e
+
     def close(self) -> None:
         if getattr(self, "env", None) is not None:
             self.env.close()

@@ -1,0 +1,223 @@
+"""Where the per-slide worker runs: in the writer's process, or in a pool of local processes.
+
+Every executor has `slots` (one slide in flight each), `submit(slot, entry)` and
+`wait(timeout) -> [Event]`; the scheduler keeps the queue and hands the next slide to whichever
+slot reports back first (pull-based: slides differ 10x in size, so nothing is assigned ahead).
+
+Local processes come from a forkserver (a fresh interpreter, not a fork of the writer), so no
+LMDB environment or writer lock is ever inherited by a worker. Workers ignore SIGINT/SIGTERM
+(the writer decides what happens to the slide in flight) and exit when the writer's end of
+their pipe closes, so a writer killed with SIGKILL leaves no workers behind.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait as mp_wait
+
+from ..errors import ProAlignError
+from .worker import SlideRecord, describe
+
+
+@dataclass
+class Event:
+    slot: int
+    result: SlideRecord | None = None
+    error: str | None = None
+    died: bool = False  # the worker process/actor is gone (its slide counts as one failed try)
+
+
+class WorkerStartError(ProAlignError):
+    """A worker could not start (its setup failed), so no slide could be embedded."""
+
+
+class SlideDropped(BaseException):
+    """Raised by the signal handler to abandon the slide being embedded in-process."""
+
+
+def _signal_name(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+class InlineExecutor:
+    """The worker in the writer's own process: one slot, nothing to start."""
+    name = "inline"
+
+    def __init__(self, spec):
+        self.worker = spec.build()
+        self.slots = 1
+        self.busy = False  # the signal handler may drop the slide only while this is True
+        self._events: list[Event] = []
+
+    def submit(self, slot: int, entry) -> None:
+        self.busy = True
+        try:
+            self._events.append(Event(slot, result=self.worker(entry)))
+        except Exception as e:  # a bad slide: the scheduler retries or quarantines it
+            self._events.append(Event(slot, error=describe(e)))
+        finally:
+            self.busy = False
+
+    def wait(self, timeout: float) -> list[Event]:
+        ev, self._events = self._events, []
+        return ev
+
+    def close(self, drop: bool = False) -> None:
+        pass
+
+
+def _worker_main(conn, spec, env: dict | None = None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.environ.update(env or {})  # e.g. CUDA_VISIBLE_DEVICES: before anything initialises CUDA
+    try:
+        worker = spec.build()
+    except Exception as e:
+        conn.send(("init_error", describe(e)))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            entry = conn.recv()
+        except (EOFError, OSError):
+            return  # the writer is gone
+        if entry is None:
+            return
+        try:
+            msg = ("ok", worker(entry))
+        except Exception as e:
+            msg = ("error", describe(e))
+        try:
+            conn.send(msg)
+        except OSError:
+            return
+
+
+class ProcessExecutor:
+    """`n` local worker processes, one slide each at a time, each with its own pipe."""
+    name = "processes"
+
+    def __init__(self, spec, n: int, slide_timeout: float | None = None, slot_env: list[dict] | None = None):
+        self.spec, self.slots, self.slide_timeout = spec, n, slide_timeout
+        self.slot_env = slot_env or [{} for _ in range(n)]  # environment of each slot's worker
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload([__name__])  # workers fork from an interpreter that imported us
+        self.procs: list = [None] * n
+        self.conns: list = [None] * n
+        self.started_at: list[float | None] = [None] * n  # when the slot's slide was handed out
+        self.ready = [False] * n  # the worker said it is set up
+        self.restarts = 0
+        self.pids: list[int] = []
+        for i in range(n):
+            self._start(i)
+
+    def _start(self, i: int) -> None:
+        parent, child = self.ctx.Pipe(duplex=True)
+        p = self.ctx.Process(target=_worker_main, args=(child, self.spec, self.slot_env[i]),
+                             name=f"proalign-worker-{i}", daemon=True)
+        p.start()
+        child.close()
+        self.procs[i], self.conns[i], self.started_at[i], self.ready[i] = p, parent, None, False
+        self.pids.append(p.pid)
+
+    def _restart(self, i: int) -> None:
+        self.restarts += 1
+        if self.restarts > 4 * self.slots + 100:
+            raise WorkerStartError(f"worker processes keep dying ({self.restarts} restarts); giving up")
+        self._kill(i)
+        self._start(i)
+
+    def _kill(self, i: int) -> None:
+        p, c = self.procs[i], self.conns[i]
+        if p is not None and p.is_alive():
+            p.kill()
+        if p is not None:
+            p.join(5)
+        if c is not None:
+            c.close()
+
+    def submit(self, slot: int, entry) -> None:
+        self.started_at[slot] = time.monotonic()
+        try:
+            self.conns[slot].send(entry)
+        except OSError:
+            pass  # a dead worker: its sentinel reports it in wait()
+
+    def wait(self, timeout: float) -> list[Event]:
+        by_obj = {}
+        for i in range(self.slots):
+            by_obj[self.conns[i]] = ("conn", i)
+            by_obj[self.procs[i].sentinel] = ("dead", i)
+        ready = mp_wait(list(by_obj), timeout)
+        events: list[Event] = []
+        dead: set[int] = set()
+        for obj in ready:
+            kind, i = by_obj[obj]
+            if kind == "dead":
+                dead.add(i)
+                continue
+            while True:  # drain what this worker sent (a result may precede its death)
+                try:
+                    msg = self.conns[i].recv()
+                except (EOFError, OSError):
+                    dead.add(i)
+                    break
+                if msg[0] == "init_error":
+                    raise WorkerStartError(f"a worker could not start: {msg[1]}")
+                if msg[0] == "ready":
+                    self.ready[i] = True
+                if msg[0] == "ok":
+                    events.append(Event(i, result=msg[1]))
+                    self.started_at[i] = None
+                elif msg[0] == "error":
+                    events.append(Event(i, error=msg[1]))
+                    self.started_at[i] = None
+                if not self.conns[i].poll():
+                    break
+        for i in sorted(dead):
+            self.procs[i].join(1)
+            code = self.procs[i].exitcode
+            if not self.ready[i] and code is not None and code >= 0:  # its setup failed (killed: restart it)
+                raise WorkerStartError(f"a worker process exited ({_signal_name(code)}) before it was set up; "
+                                       f"its error is above (the main module must be importable: run the "
+                                       f"proalign-engine command, python -m, or a script file)")
+            if self.started_at[i] is not None:  # it held a slide: that slide's try failed
+                events.append(Event(i, error=f"worker process died ({_signal_name(code)}) while embedding this slide",
+                                    died=True))
+            self._restart(i)
+        if self.slide_timeout:
+            now = time.monotonic()
+            for i, t in enumerate(self.started_at):
+                if t is not None and now - t > self.slide_timeout:
+                    events.append(Event(i, error=f"timed out after {self.slide_timeout:g} s (worker killed)",
+                                        died=True))
+                    self._restart(i)
+        return events
+
+    def close(self, drop: bool = False) -> None:
+        for i in range(self.slots):
+            if drop:
+                self._kill(i)
+                continue
+            try:
+                self.conns[i].send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        for i in range(self.slots):
+            p = self.procs[i]
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+            self.conns[i].close()

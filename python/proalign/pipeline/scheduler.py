@@ -1,0 +1,431 @@
+"""Archive-scale runs: shards, a pull-based queue, one writer, retries, quarantine, clean stops.
+
+    slides (manifest or folder) --shard i/n--> this node's slides --skip stored--> queue
+    queue --(largest first, next slide to whichever worker is free)--> workers (spec.build())
+    workers --SlideResult--> the writer (this process, the only one that opens the store)
+
+- Shards: a slide belongs to shard `blake2b(slide id) mod n`: stable across machines and runs,
+  so the n shards are disjoint and together complete whatever order the manifest lists.
+- Faults: a slide whose worker raised or died is put back at the end of the queue once (`retries`),
+  then quarantined: the run report lists its path, tries and every reason. Rerunning retries the
+  quarantined slides and skips every stored one.
+- Signals: the first SIGINT/SIGTERM stops handing out slides and finishes the ones in flight
+  (stored); a second drops them (their workers are killed; nothing half-written: a record is one
+  LMDB transaction). The report is written and the exit code is 3 (`EXIT_INTERRUPTED`).
+- Executors: in-process (`workers=1`), local processes (`workers>1`) or Ray actors; see
+  executors.py and ray_executor.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import ProAlignError, StoreError, StoreWriteError
+from ..features.io import SlideEntry, check_slide_id
+from .executors import InlineExecutor, ProcessExecutor, SlideDropped
+from .worker import EmbedOptions, WorkerSpec, describe
+
+log = logging.getLogger("proalign.embed")
+
+EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3
+
+
+# -- shards --------------------------------------------------------------------------------------
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/n" (0 <= i < n) -> (i, n)."""
+    try:
+        i, n = (int(p) for p in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n with 0 <= i < n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < n (shards are numbered from 0, as SLURM array tasks)")
+    return i, n
+
+
+def shard_of(slide_id: str, n: int) -> int:
+    """The shard of a slide: a stable hash of its id (never Python's salted hash())."""
+    h = hashlib.blake2b(slide_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(h, "big") % n
+
+
+def select_shard(entries: Sequence[SlideEntry], index: int, count: int) -> list[SlideEntry]:
+    return [e for e in entries if shard_of(e.slide_id, count) == index]
+
+
+# -- report --------------------------------------------------------------------------------------
+def _stage_times() -> dict[str, float]:
+    return {"scan_s": 0.0, "read_s": 0.0, "aggregate_s": 0.0, "write_s": 0.0}
+
+
+@dataclass
+class RunReport:
+    store: str
+    prototypes: str
+    options: dict
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # quarantined: id -> last reason
+    quarantine: dict[str, dict] = field(default_factory=dict)  # id -> {path, tries, reasons}
+    retried: dict[str, list[str]] = field(default_factory=dict)  # stored after a failed try: id -> reasons
+    timing: dict[str, float] = field(default_factory=_stage_times)
+    patches: int = 0
+    shard: str | None = None
+    scheduler: str = "inline"
+    workers: int = 1
+    interrupted: str | None = None  # the signal that stopped the run
+    pending: list[str] = field(default_factory=list)  # not done because the run was stopped
+    in_flight_at_stop: list[str] = field(default_factory=list)  # being embedded at the first signal
+    stored_after_stop: list[str] = field(default_factory=list)  # stored after the first signal
+    report_path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.interrupted
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.failed else EXIT_OK
+
+    def summary(self) -> str:
+        t = self.timing.get("total_s", 0.0)
+        s = (f"{len(self.done)} embedded, {len(self.skipped)} already stored, {len(self.failed)} failed "
+             f"in {t:.1f} s ({self.patches} patches)")
+        if self.retried:
+            s += f"; {len(self.retried)} stored on a retry"
+        if self.interrupted:
+            s += f"; stopped by {self.interrupted}, {len(self.pending)} not done (rerun the same command to finish)"
+        return s
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({**asdict(self), "ok": self.ok, "exit_code": self.exit_code}, indent=2))
+        os.replace(tmp, path)
+
+
+# -- progress ------------------------------------------------------------------------------------
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """A tqdm bar on a terminal (plain log lines otherwise) with slides/h, patches/s and an ETA
+    by remaining feature bytes (slides differ 10x in size, so a per-slide ETA would mislead)."""
+
+    def __init__(self, total: int, total_bytes: int, enabled: bool | None):
+        self.total, self.total_bytes = total, total_bytes
+        self.count = self.patches = self.bytes = 0
+        self.t0 = time.perf_counter()
+        self.last_log = self.t0
+        tty = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = None
+        if tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="slide", dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        self.every = max(1, total // 100)
+
+    def rates(self) -> tuple[float, float, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        slides_h = self.count / dt * 3600
+        patches_s = self.patches / dt
+        if self.total_bytes and self.bytes:
+            eta = (self.total_bytes - self.bytes) / (self.bytes / dt)
+        else:
+            eta = (self.total - self.count) / (self.count / dt) if self.count else float("inf")
+        return slides_h, patches_s, max(eta, 0.0)
+
+    def line(self) -> str:
+        slides_h, patches_s, eta = self.rates()
+        return f"{slides_h:,.0f} slides/h, {patches_s:,.0f} patches/s, ETA {_hms(eta)}"
+
+    def step(self, slide_id: str, status: str, patches: int, nbytes: int) -> None:
+        self.count += 1
+        self.patches += patches
+        self.bytes += nbytes
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.line()} | {slide_id}: {status}", refresh=False)
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if (status not in ("done", "skipped") or self.count % self.every == 0 or self.count == self.total
+                or now - self.last_log > 30):
+            self.last_log = now
+            log.info("[%d/%d] %s %s (%s)", self.count, self.total, slide_id, status, self.line())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- signals -------------------------------------------------------------------------------------
+class _Signals:
+    """First SIGINT/SIGTERM: stop handing out slides. Second: drop the slides in flight (raising
+    SlideDropped in-process while the inline worker computes; never during a store write)."""
+
+    def __init__(self, enabled: bool):
+        self.count, self.name = 0, None
+        self.executor = None
+        self.inflight: dict = {}  # the scheduler's slot -> task, to note what was in flight
+        self.in_flight_at_stop: list[str] = []
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        self.name = self.name or signal.Signals(signum).name
+        if self.count == 1:
+            self.in_flight_at_stop = sorted(t.entry.slide_id for t in list(self.inflight.values()))
+            log.warning("%s: finishing the slides in flight, then stopping (again to drop them)", self.name)
+        elif self.count == 2:
+            log.warning("%s again: dropping the slides in flight", signal.Signals(signum).name)
+            if isinstance(self.executor, InlineExecutor) and self.executor.busy:
+                raise SlideDropped()
+
+    def __enter__(self):
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# -- the run -------------------------------------------------------------------------------------
+@dataclass
+class _Task:
+    entry: SlideEntry
+    size: int
+    tries: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _make_executor(kind: str, spec, workers: int, ray_options: dict, slide_timeout: float | None,
+                   gpus: Sequence | None = None):
+    if kind == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(spec, workers, **ray_options)
+    if kind == "inline":
+        return InlineExecutor(spec)
+    env = [{"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus] if gpus else None
+    return ProcessExecutor(spec, workers, slide_timeout=slide_timeout, slot_env=env)
+
+
+def run_embedding(
+    entries: Sequence[SlideEntry],
+    prototypes: str | Path,
+    store_path: str | Path,
+    options: EmbedOptions = EmbedOptions(),
+    overwrite: bool = False,
+    report_path: str | Path | None = None,
+    progress: bool | None = None,
+    **scheduling,
+) -> RunReport:
+    """The features path: embed `entries` (feature files) with `prototypes` into the store; see
+    `run_archive` for `scheduling` (workers, scheduler, shard, retries, threads, ...)."""
+    from ..aggregate import resolve_backend
+    from ..prototypes.io import read_prototype_file
+
+    c, _ = read_prototype_file(prototypes)
+    resolve_backend(options.method, options.backend, options=options.aggregate_kwargs())  # a clear error now
+    spec = WorkerSpec(c, str(prototypes), options, scheduling.pop("threads", None))
+    return run_archive(entries, spec, store_path, overwrite=overwrite, report_path=report_path, progress=progress,
+                       **scheduling)
+
+
+def run_archive(
+    entries: Sequence[SlideEntry],
+    spec,
+    store_path: str | Path,
+    *,
+    overwrite: bool = False,
+    report_path: str | Path | None = None,
+    progress: bool | None = None,
+    workers: int = 1,
+    scheduler: str = "local",
+    shard: str | tuple[int, int] | None = None,
+    retries: int = 1,
+    slide_timeout: float | None = None,
+    gpus: Sequence[int | str] | None = None,
+    ray_address: str | None = None,
+    ray_cpus: float = 1.0,
+    ray_gpus: float = 0.0,
+    ray_init: dict | None = None,
+    handle_signals: bool = True,
+) -> RunReport:
+    """Run any per-slide worker (`spec`: see worker.py for the contract) over `entries` (this
+    shard's share of them) into the store; see the module docstring. Returns the run report, also
+    written as JSON (default `<store>/reports/run-<time>.json`).
+
+    workers: 1 runs in this process, more start local worker processes (scheduler="local") or
+    Ray actors (scheduler="ray"; ray_address, ray_cpus, ray_gpus, ray_init for `ray.init`).
+    gpus=[0, 1, ...]: one local worker process per GPU, with CUDA_VISIBLE_DEVICES set to it.
+    retries: further tries of a failed slide before quarantine. slide_timeout: seconds after which
+    a local worker stuck on one slide is killed. handle_signals: SIGINT/SIGTERM stop cleanly."""
+    from ..store import open_store
+
+    t_start = time.perf_counter()
+    if scheduler not in ("local", "ray"):
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose local or ray")
+    key = spec.record_key()
+    shard_text = None
+    if shard is not None:
+        i, n = parse_shard(shard) if isinstance(shard, str) else shard
+        shard_text = f"{i}/{n}"
+        entries = select_shard(entries, i, n)
+    if gpus and scheduler == "local":  # one worker process per GPU, each seeing only its own
+        workers = len(gpus)
+    workers = max(1, int(workers))
+    threads = spec.threads
+    if threads is None and (scheduler == "ray" or workers > 1):
+        # one fixed count per worker, so every worker splits slides the same way
+        threads = max(1, int(ray_cpus)) if scheduler == "ray" else max(1, (os.cpu_count() or 1) // workers)
+    spec = dataclasses.replace(spec, threads=threads, shard=shard_text)
+    kind = "ray" if scheduler == "ray" else ("processes" if workers > 1 or gpus else "inline")
+    about = spec.describe()
+    report = RunReport(str(store_path), str(about.get("prototypes")), about.get("options", {}),
+                       shard=shard_text, scheduler=kind, workers=workers)
+    if report_path is None:
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
+        report_path = Path(store_path) / "reports" / f"run-{stamp}.json"
+    report.report_path = str(report_path)
+
+    with open_store(store_path, write=True) as store, _Signals(handle_signals) as sig:
+        # which slides are still to do
+        t0 = time.perf_counter()
+        queue: deque[_Task] = deque()
+        for e in entries:
+            try:
+                check_slide_id(e.slide_id, str(e.path))
+            except ProAlignError as err:
+                report.failed[e.slide_id] = str(err)
+                report.quarantine[e.slide_id] = {"path": str(e.path), "tries": 0, "reasons": [str(err)]}
+                continue
+            if not overwrite and e.slide_id in store:
+                try:
+                    if store.record(e.slide_id).meta.get("options") == key:
+                        report.skipped.append(e.slide_id)
+                        continue
+                except StoreError as err:  # a damaged record counts as missing: redo it
+                    log.warning("%s: stored record is damaged (%s); embedding it again", e.slide_id, err)
+            queue.append(_Task(e, _size(Path(e.path))))
+        # largest first: with a pull-based queue the big slides do not end up last on one worker
+        queue = deque(sorted(queue, key=lambda t: -t.size))
+        report.timing["scan_s"] = time.perf_counter() - t0
+        log.info("%d slides to embed, %d already stored%s", len(queue), len(report.skipped),
+                 f" (shard {shard_text})" if shard_text else "")
+
+        executor = bar = None
+        inflight: dict[int, _Task] = {}
+        sig.inflight = inflight
+        try:
+            if queue:
+                executor = _make_executor(scheduler, spec, workers, {
+                    "address": ray_address, "num_cpus": ray_cpus, "num_gpus": ray_gpus, "init_kwargs": ray_init},
+                    slide_timeout, gpus)
+                sig.executor = executor
+            report.timing["start_workers_s"] = time.perf_counter() - t0 - report.timing["scan_s"]
+            bar = Progress(len(queue), sum(t.size for t in queue), progress)  # rates from the first slide out
+            idle = list(range(executor.slots))[::-1] if executor else []
+            while queue or inflight:
+                if sig.count >= 2:
+                    break
+                while idle and queue and sig.count == 0:
+                    slot = idle.pop()
+                    task = queue.popleft()
+                    task.tries += 1
+                    inflight[slot] = task
+                    try:
+                        executor.submit(slot, task.entry)
+                    except SlideDropped:
+                        break
+                    if kind == "inline":
+                        break  # done already: store it before taking the next
+                if sig.count and not inflight:
+                    break
+                for ev in executor.wait(0.2):
+                    task = inflight.pop(ev.slot)
+                    idle.append(ev.slot)
+                    sid = task.entry.slide_id
+                    if ev.result is not None:
+                        try:
+                            tw = time.perf_counter()
+                            store.put(sid, ev.result.embedding, ev.result.n_patches, ev.result.meta)
+                            report.timing["write_s"] += time.perf_counter() - tw
+                        except StoreWriteError as err:
+                            ev = type(ev)(ev.slot, error=describe(err))
+                        else:
+                            r = ev.result
+                            report.done.append(sid)
+                            report.patches += r.n_patches
+                            report.timing["read_s"] += r.read_s
+                            report.timing["aggregate_s"] += r.aggregate_s
+                            if task.reasons:
+                                report.retried[sid] = list(task.reasons)
+                            if sig.count:
+                                report.stored_after_stop.append(sid)
+                            bar.step(sid, "done", r.n_patches, task.size)
+                            continue
+                    task.reasons.append(ev.error)
+                    if task.tries <= retries:
+                        log.warning("%s failed (try %d), will retry: %s", sid, task.tries, ev.error)
+                        queue.append(task)
+                    else:
+                        report.failed[sid] = ev.error
+                        report.quarantine[sid] = {"path": str(task.entry.path), "tries": task.tries,
+                                                  "reasons": list(task.reasons)}
+                        log.error("%s failed: %s", sid, ev.error)
+                        bar.step(sid, "FAILED", 0, task.size)
+        except KeyboardInterrupt:  # signals not handled here (API default): drop what is in flight
+            sig.name, sig.count = sig.name or "SIGINT", 2
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if executor is not None:
+                executor.close(drop=sig.count >= 2 or bool(inflight))
+            report.pending = sorted([t.entry.slide_id for t in queue] + [t.entry.slide_id for t in inflight.values()])
+            report.interrupted = sig.name if report.pending else None  # a signal after the last slide: done
+            report.in_flight_at_stop = sig.in_flight_at_stop
+            total = time.perf_counter() - t_start
+            busy = report.timing["read_s"] + report.timing["aggregate_s"]
+            report.timing.update({
+                "total_s": total,
+                "slides_per_s": len(report.done) / total if total > 0 else 0.0,
+                "slides_per_h": 3600 * len(report.done) / total if total > 0 else 0.0,
+                "patches_per_s": report.patches / total if total > 0 else 0.0,
+                "worker_busy_fraction": busy / (total * workers) if total > 0 else 0.0,
+            })
+            if executor is not None and getattr(executor, "restarts", 0):
+                report.timing["worker_restarts"] = executor.restarts
+            report.write(Path(report_path))
+    return report

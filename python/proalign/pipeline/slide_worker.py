@@ -1,0 +1,132 @@
+"""The per-slide worker of the slides path: a slide file in -> one store record out, through
+`embed_slide` (tissue, grid, engine, decode, encoder, streaming aggregation). `SlideFileSpec`
+follows the worker contract of worker.py (picklable; build(), record_key(), describe()), so the
+same schedulers (inline, process pool, Ray, shards) run it; the encoder is loaded once per worker."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from .embed_slides import SlideOptions, embed_slide
+from .worker import EmbedOptions, set_threads
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """How slide files become features: the encoder (from local weights) and the patch settings."""
+
+    encoder: str
+    weights: str
+    encoder_kwargs: dict = field(default_factory=dict)
+    device: str | None = None  # None: cuda when present
+    options: SlideOptions = SlideOptions()
+    mpp: dict = field(default_factory=dict)  # slide file name or stem -> level-0 mpp; "*": the default
+    text_prototypes: np.ndarray | None = None  # (K, D): proalign in the joint space
+
+    def key(self) -> dict:
+        """What, besides the aggregation options, a stored record must match to count as done."""
+        return {**self.options.key(self.encoder), "weights": str(Path(self.weights).resolve()),
+                "space": "joint" if self.text_prototypes is not None else "visual"}
+
+    def mpp_for(self, path: Path) -> float | None:
+        return self.mpp.get(path.name, self.mpp.get(path.stem, self.mpp.get("*")))
+
+
+@dataclass(frozen=True)
+class SlideFileSpec:
+    """Everything a slides-path worker needs, by value."""
+
+    prototypes: np.ndarray  # (K, d) float32
+    prototypes_path: str  # provenance only
+    slides: SlideSpec
+    options: EmbedOptions = EmbedOptions()
+    threads: int | None = None
+    shard: str | None = None
+
+    def build(self) -> "SlideFileWorker":
+        return SlideFileWorker(self)
+
+    def record_key(self) -> dict:
+        from ..prototypes.io import prototype_hash
+
+        return {**self.options.key(prototype_hash(self.prototypes)), **self.slides.key()}
+
+    def describe(self) -> dict:
+        return {"prototypes": self.prototypes_path,
+                "options": {**asdict(self.options), "slides": asdict(self.slides.options),
+                            "encoder": self.slides.encoder, "weights": self.slides.weights}}
+
+
+class SlideFileWorker:
+    """Callable: SlideEntry (slide id, slide file) -> pipeline.worker.SlideRecord."""
+
+    def __init__(self, spec: SlideFileSpec):
+        import torch
+
+        from ..encoders import create_encoder
+        from ..prototypes.io import prototype_hash
+
+        self.spec, self.slides = spec, spec.slides
+        set_threads(spec.threads)
+        self.device = self.slides.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder = create_encoder(self.slides.encoder, self.slides.weights, device=self.device,
+                                      **self.slides.encoder_kwargs)
+        self.c = np.ascontiguousarray(spec.prototypes, dtype=np.float32)
+        self.phash = prototype_hash(self.c)
+        self.key = spec.record_key()
+        self.host = socket.gethostname()
+
+    def __call__(self, entry):
+        from .worker import SlideRecord
+
+        opts = self.spec.options
+        path = Path(entry.path)
+        res = embed_slide(path, self.encoder, self.c, method=opts.method, aggregate_kwargs=opts.aggregate_kwargs(),
+                          options=self.slides.options, slide_id=entry.slide_id, mpp=self.slides.mpp_for(path),
+                          device=self.device, text_prototypes=self.slides.text_prototypes)
+        emb = np.ascontiguousarray(res.embedding.astype(opts.dtype))
+        t = res.timing
+        meta = {
+            "method": opts.method, "options": self.key,
+            "taus": list(opts.taus) if opts.method == "proalign" else None,
+            "prototypes": {"hash": self.phash, "path": str(Path(self.spec.prototypes_path).resolve()),
+                           "k": int(self.c.shape[0])},
+            "slide": {"path": str(path.resolve()), "bytes": path.stat().st_size, "level": res.grid.level,
+                      "patch_size_level0": res.grid.patch_size_level0, "mpp": res.grid.level0_mpp},
+            "encoder": self.encoder.info() if hasattr(self.encoder, "info") else self.slides.encoder,
+            "slide_options": asdict(self.slides.options), "timing": t,
+            "engine_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "worker": {"host": self.host, "pid": os.getpid(), "device": str(self.device)},
+        }
+        if self.spec.shard:
+            meta["shard"] = self.spec.shard
+        return SlideRecord(entry.slide_id, emb, res.n_patches, meta, read_s=t["grid_s"] + t["patches_s"],
+                           aggregate_s=t["encode_s"] + t["aggregate_s"], nbytes=path.stat().st_size)
+
+
+def embed_archive(archive: str | Path, encoder: str, weights: str | Path, prototypes: str | Path, store: str | Path, *,
+                  options: EmbedOptions = EmbedOptions(), slide_options: SlideOptions = SlideOptions(),
+                  encoder_kwargs: dict | None = None, device: str | None = None, mpp: dict | None = None,
+                  text_prototypes: np.ndarray | None = None, overwrite: bool = False, **scheduling):
+    """Every slide file under `archive` -> one record each in `store` (resumable, sharded, retried:
+    see scheduler.run_archive for `scheduling`). Returns the run report."""
+    from ..features.io import SlideEntry
+    from ..prototypes.io import read_prototype_file
+    from ..slides.patching import list_slide_files
+    from .scheduler import run_archive
+
+    paths = list_slide_files(archive)
+    if not paths:
+        raise ValueError(f"no slide files found under {archive}")
+    c, _ = read_prototype_file(prototypes)
+    slides = SlideSpec(encoder, str(weights), dict(encoder_kwargs or {}), device, slide_options, dict(mpp or {}),
+                       text_prototypes)
+    spec = SlideFileSpec(c, str(prototypes), slides, options, scheduling.pop("threads", None))
+    entries = [SlideEntry(p.stem, p) for p in paths]
+    return run_archive(entries, spec, store, overwrite=overwrite, **scheduling)

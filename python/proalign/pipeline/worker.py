@@ -1,0 +1,177 @@
+"""The per-slide worker: one slide in -> one store record out.
+
+`WorkerSpec(...).build()` gives a `SlideWorker`; `worker(entry)` reads one slide's patch features,
+embeds them and returns a `SlideRecord` (embedding, N, provenance) that the single writer stores
+as it is. The worker never touches the store and holds no open files between slides; the spec
+is plain data (it is pickled to processes and Ray actors), so any scheduler can run it:
+in-process, a local process pool, Ray actors (scheduler.run_archive).
+
+The contract a scheduler relies on, for any kind of worker (the slides path brings its own spec,
+whose worker loads the encoder once and calls embed_slides.embed_slide per entry):
+- `spec.build()` -> a callable `worker(entry) -> SlideRecord`, raising (naming the slide) when
+  the slide is bad; called once per process/actor;
+- `spec.record_key()` -> the `options` a stored record must carry to count as done;
+- `spec.describe()` -> {"prototypes": ..., "options": ...} for the run report;
+- fields `threads` and `shard` (dataclass fields, set by the scheduler with dataclasses.replace).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import FeatureFileError, ProAlignError
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    method: str = "proalign"
+    taus: tuple[float, ...] = (0.1,)
+    over: str = "patches"
+    dtype: str = "float16"  # how embeddings are stored
+    backend: str | None = None  # None: fastest live backend
+    encoder_id: str | None = None  # default: the feature file's `encoder` attribute
+    panther_eps: float = 1.0  # METHOD.md defaults; PANTHER's released config.json runs 0.1
+    panther_prior: float = 1.0  # and 0.001 (its script flags never reach the model)
+
+    def key(self, prototypes_hash: str) -> dict:
+        """What a stored record must match to count as done (the backend does not change it)."""
+        k = {"method": self.method, "dtype": self.dtype, "prototypes": prototypes_hash}
+        if self.method == "proalign":
+            k.update(taus=list(self.taus), over=self.over)
+        if self.method == "panther":
+            k.update(eps=self.panther_eps, prior_strength=self.panther_prior)
+        return k
+
+    def aggregate_kwargs(self) -> dict:
+        if self.method == "proalign":
+            return {"tau": list(self.taus) if len(self.taus) > 1 else self.taus[0], "over": self.over}
+        if self.method == "panther":
+            return {"eps": self.panther_eps, "prior_strength": self.panther_prior}
+        return {}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, by value (it travels to processes and Ray actors)."""
+    prototypes: np.ndarray  # (K, d) float32
+    prototypes_path: str  # provenance only: workers never open it
+    options: EmbedOptions = EmbedOptions()
+    threads: int | None = None  # numba/torch threads in this worker; None: keep the defaults
+    shard: str | None = None  # "i/n", provenance only
+
+    def build(self) -> "SlideWorker":
+        return SlideWorker(self)
+
+    def record_key(self) -> dict:
+        from ..prototypes.io import prototype_hash
+
+        return self.options.key(prototype_hash(self.prototypes))
+
+    def describe(self) -> dict:
+        from dataclasses import asdict
+
+        from ..aggregate import resolve_backend
+
+        o = self.options
+        backend = resolve_backend(o.method, o.backend, options=o.aggregate_kwargs()).name
+        return {"prototypes": self.prototypes_path, "options": {**asdict(o), "backend": backend}}
+
+
+@dataclass
+class SlideRecord:
+    """One store record, ready to write, plus what the run report sums up."""
+    slide_id: str
+    embedding: np.ndarray
+    n_patches: int
+    meta: dict
+    read_s: float = 0.0
+    aggregate_s: float = 0.0
+    nbytes: int = 0  # size of the feature file
+
+
+def describe(e: BaseException) -> str:
+    """One line for the report: our errors already name the slide, file and problem."""
+    if isinstance(e, ProAlignError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def set_threads(threads: int | None) -> int:
+    """Set the threads numba and torch use in this process (None: keep the defaults); returns
+    the count in effect. The numba kernels cut a slide into work items by thread count, so a
+    slide of more than 4096 rows may come out different in the last bits with another count:
+    runs that must agree bit for bit should use the same number."""
+    import torch
+
+    try:
+        import numba
+    except ImportError:
+        numba = None
+    if threads:
+        torch.set_num_threads(threads)
+        if numba is not None:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return numba.get_num_threads() if numba is not None else torch.get_num_threads()
+
+
+class SlideWorker:
+    """Callable: `SlideEntry` -> `SlideRecord`; raises (naming the slide) when the slide is bad."""
+
+    def __init__(self, spec: WorkerSpec):
+        from ..aggregate import resolve_backend
+        from ..prototypes.io import prototype_hash
+
+        self.spec = spec
+        self.c = np.ascontiguousarray(spec.prototypes, dtype=np.float32)
+        self.phash = prototype_hash(self.c)
+        self.key = spec.options.key(self.phash)
+        self.threads = set_threads(spec.threads)
+        self.backend = resolve_backend(spec.options.method, spec.options.backend,
+                                       options=spec.options.aggregate_kwargs()).name
+        self.host = socket.gethostname()
+
+    def __call__(self, entry) -> SlideRecord:
+        from ..aggregate import aggregate
+        from ..features.io import check_slide_id, read_features
+
+        opts = self.spec.options
+        check_slide_id(entry.slide_id, str(entry.path))
+        t0 = time.perf_counter()
+        try:
+            ff = read_features(entry.path, entry.slide_id)
+        except ProAlignError:
+            raise
+        except Exception as e:  # a reader that let something else through: still this slide's problem
+            raise FeatureFileError(entry.path, f"unreadable: unexpected {type(e).__name__}: {e}", entry.slide_id) from e
+        t1 = time.perf_counter()
+        if ff.features.shape[1] != self.c.shape[1]:
+            raise FeatureFileError(entry.path, f"feature dim {ff.features.shape[1]} does not match the prototypes' "
+                                               f"dim {self.c.shape[1]}", entry.slide_id)
+        emb = aggregate(ff.features, self.c, method=opts.method, backend=opts.backend, **opts.aggregate_kwargs())
+        emb = np.ascontiguousarray(emb.astype(opts.dtype))
+        t2 = time.perf_counter()
+        source = ff.source
+        meta = {
+            "method": opts.method,
+            "options": self.key,
+            "taus": list(opts.taus) if opts.method == "proalign" else None,
+            "prototypes": {"hash": self.phash, "path": str(Path(self.spec.prototypes_path).resolve()),
+                           "k": int(self.c.shape[0])},
+            "feature_source": source,
+            "encoder": opts.encoder_id or ff.attrs.get("encoder"),
+            "backend": self.backend,
+            "engine_version": __version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "worker": {"host": self.host, "pid": os.getpid(), "threads": self.threads},
+        }
+        if self.spec.shard:
+            meta["shard"] = self.spec.shard
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+            meta["worker"]["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        return SlideRecord(entry.slide_id, emb, len(ff.features), meta, t1 - t0, t2 - t1, int(source["bytes"]))

@@ -1,0 +1,390 @@
+"""Archive scale (issue 6): kills and resumes, shards and merge, the local pool and Ray, faults.
+
+Every check compares against one uninterrupted in-process run of the same cohort, bit for bit.
+Slides have N <= 4000 rows so the numba backend splits them the same way whatever the thread
+count of a worker (see worker.set_threads).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import proalign
+from proalign.features import list_slides
+from proalign.pipeline import embed_features, select_shard, shard_of
+from proalign.prototypes.io import save_prototypes
+from proalign.store import merge_stores, open_store
+from proalign.store.export import verify_store
+from proalign.errors import StoreLockedError
+from proalign.store.merge import StoreMergeError
+from proalign.synthetic import write_cohort
+
+EXE = str(Path(sys.executable).parent / "proalign-engine")
+N_SLIDES = 48
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """48 TRIDENT-style slides (N 200..4000, d 64), 4 prototypes, and a clean reference store."""
+    root = tmp_path_factory.mktemp("archive")
+    feats = root / "features"
+    write_cohort(feats, n_slides=N_SLIDES, d=64, n_range=(200, 4000), g=4, seed=6)
+    ppath = root / "p.safetensors"
+    save_prototypes(ppath, np.random.default_rng(6).standard_normal((4, 64)).astype(np.float32), {})
+    clean = root / "clean.lmdb"
+    rep = embed_features(list_slides(features=feats), ppath, clean, progress=False)
+    assert rep.ok and len(rep.done) == N_SLIDES
+    with open_store(clean) as s:
+        ref = {sid: (s.record(sid).embedding.copy(), s.record(sid).n_patches) for sid in s}
+    return feats, ppath, ref
+
+
+def _embed_cmd(feats, ppath, out, *extra):
+    return [EXE, "embed", "--features", str(feats), "--prototypes", str(ppath), "--out", str(out), "--no-progress",
+            *map(str, extra)]
+
+
+def _count(store) -> int:
+    try:
+        with open_store(store) as s:
+            return len(s)
+    except proalign.errors.StoreError:  # not created yet
+        return 0
+
+
+def _wait_for(store, n, proc, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if _count(store) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {n} slides were stored")
+        time.sleep(0.005)
+    raise AssertionError(f"fewer than {n} slides stored after {timeout} s")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The worker processes of a run: the children of its forkserver."""
+    for c in _descendants(pid):
+        try:
+            cmd = Path(f"/proc/{c}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"forkserver" in cmd:
+            return _descendants(c)
+    return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _assert_equal_to_clean(store, ref, ids=None):
+    ids = sorted(ref) if ids is None else sorted(ids)
+    with open_store(store) as s:
+        assert list(s) == ids
+        assert verify_store(s) == {}
+        for sid in ids:
+            rec = s.record(sid)
+            assert rec.n_patches == ref[sid][1]
+            assert rec.embedding.dtype == ref[sid][0].dtype and rec.embedding.tobytes() == ref[sid][0].tobytes(), sid
+
+
+def _report(stdout: str) -> dict:
+    return json.loads(Path(stdout.split("report: ")[1].strip()).read_text())
+
+
+def test_sigkill_at_random_points_then_resume(tmp_path, cohort):
+    """SIGKILL the writer three times at seeded random points (2 worker processes, in-process, 2
+    workers); rerun: every slide stored exactly once, bit-identical to the uninterrupted run; no
+    worker outlives its writer."""
+    feats, ppath, ref = cohort
+    out = tmp_path / "s.lmdb"
+    rng = np.random.default_rng(20261126)
+    stored = 0
+    for kill in range(3):
+        n_workers = 1 if kill == 1 else 2
+        proc = subprocess.Popen(_embed_cmd(feats, ppath, out, "--workers", n_workers), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            _wait_for(out, stored + int(rng.integers(1, 8)), proc)
+            time.sleep(float(rng.uniform(0, 0.03)))
+            workers = _workers_of(proc.pid)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert bool(workers) == (n_workers > 1)
+        deadline = time.time() + 15
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), "workers outlived their killed writer"
+        n = _count(out)
+        assert stored <= n < N_SLIDES, f"kill {kill}: the run must be killed mid-way ({n} stored)"
+        with open_store(out) as s:
+            assert verify_store(s) == {}
+        stored = n
+    p = subprocess.run(_embed_cmd(feats, ppath, out), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"{N_SLIDES - stored} embedded, {stored} already stored, 0 failed" in p.stdout
+    rep = _report(p.stdout)
+    assert not set(rep["done"]) & set(rep["skipped"]) and len(rep["done"]) + len(rep["skipped"]) == N_SLIDES
+    _assert_equal_to_clean(out, ref)
+
+
+def test_sigkill_workers_loses_only_their_slides(tmp_path, cohort):
+    """SIGKILL both workers mid-run: their slides are retried, nothing else is lost or redone."""
+    feats, ppath, ref = cohort
+    out = tmp_path / "s.lmdb"
+    proc = subprocess.Popen(_embed_cmd(feats, ppath, out, "--workers", 2), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out, 3, proc)
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2
+        for w in workers:
+            os.kill(w, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stderr
+    rep = _report(stdout)
+    assert rep["timing"]["worker_restarts"] >= 2 and not rep["failed"]
+    assert 1 <= len(rep["retried"]) <= 2, rep["retried"]  # a worker is idle for well under 1% of the time
+    for reasons in rep["retried"].values():
+        assert "worker process died (signal SIGKILL)" in reasons[0]
+    assert sorted(rep["done"]) == sorted(ref)
+    _assert_equal_to_clean(out, ref)
+
+
+def test_sigterm_finishes_in_flight_and_exits_3(tmp_path, cohort):
+    feats, ppath, ref = cohort
+    out = tmp_path / "s.lmdb"
+    proc = subprocess.Popen(_embed_cmd(feats, ppath, out, "--workers", 2), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out, 4, proc)
+        workers = _workers_of(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 3, stderr
+    assert time.time() - t0 < 15
+    assert "stopped by SIGTERM" in stdout and "Traceback" not in stderr
+    rep = _report(stdout)
+    assert rep["interrupted"] == "SIGTERM" and not rep["ok"] and rep["exit_code"] == 3
+    assert 4 <= len(rep["done"]) < N_SLIDES and not rep["failed"]
+    assert sorted(rep["done"] + rep["pending"]) == sorted(ref)
+    # the slides in flight at the signal were finished and stored, and no other was started
+    assert 1 <= len(rep["in_flight_at_stop"]) <= 2
+    assert set(rep["in_flight_at_stop"]) <= set(rep["done"])
+    assert set(rep["stored_after_stop"]) <= set(rep["in_flight_at_stop"])
+    assert _count(out) == len(rep["done"])
+    assert not any(_alive(w) for w in workers)
+    p = subprocess.run(_embed_cmd(feats, ppath, out), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and f"{len(rep['pending'])} embedded, {len(rep['done'])} already stored" in p.stdout
+    _assert_equal_to_clean(out, ref)
+
+
+def test_second_sigint_drops_the_slide_in_process(tmp_path, cohort):
+    """In-process (--workers 1): SIGINT twice stops at once; whatever is stored is whole."""
+    feats, ppath, ref = cohort
+    out = tmp_path / "s.lmdb"
+    proc = subprocess.Popen(_embed_cmd(feats, ppath, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out, 2, proc)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 3, stderr
+    rep = _report(stdout)
+    assert rep["interrupted"] == "SIGINT" and len(rep["done"]) < N_SLIDES
+    assert sorted(rep["done"] + rep["pending"]) == sorted(ref)
+    _assert_equal_to_clean(out, ref, rep["done"])
+
+
+def test_two_writers_on_one_store(tmp_path, cohort):
+    """A second run on a store being written gets a clear error (exit 2) and writes nothing;
+    readers go on; the first run completes and the store is whole."""
+    feats, ppath, ref = cohort
+    out = tmp_path / "s.lmdb"
+    first = subprocess.Popen(_embed_cmd(feats, ppath, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        _wait_for(out, 1, first)
+        first.send_signal(signal.SIGSTOP)  # a slow writer: holds the store
+        n = _count(out)
+        second = subprocess.run(_embed_cmd(feats, ppath, out, "--workers", 2), capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert f"open for writing by another process (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        with open_store(tmp_path / "x.lmdb", write=True) as x:
+            x.put("zz", np.zeros(3, np.float16), 1, {})
+        with pytest.raises(StoreLockedError, match="open for writing by another process"):
+            merge_stores(out, [tmp_path / "x.lmdb"])  # a merge into it gets the same error
+        with open_store(out) as s:  # readers (this process) never block
+            assert len(s) == n and verify_store(s) == {}
+        assert _count(out) == n
+        first.send_signal(signal.SIGCONT)
+        stdout, stderr = first.communicate(timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 0, stderr
+    assert f"{N_SLIDES} embedded" in stdout
+    _assert_equal_to_clean(out, ref)
+
+
+def test_corrupt_and_unreadable_slides_are_quarantined(tmp_path, cohort):
+    feats, ppath, ref = cohort
+    good = sorted(feats.iterdir())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "truncated.h5").write_bytes(good[0].read_bytes()[:700])
+    (bad / "garbage.pt").write_bytes(np.random.default_rng(1).bytes(3000))
+    (bad / "garbage2.pt").write_bytes(np.random.default_rng(17).bytes(3000))  # torch.load: IndexError
+    with h5py.File(bad / "nan.h5", "w") as f:
+        f["features"] = np.full((5, 64), np.nan, np.float32)
+    (bad / "folder.h5").mkdir()
+    man = tmp_path / "m.csv"
+    rows = [f"{p.stem},{p}" for p in good]
+    rows += [f"{n},{bad / (n + ext)}" for n, ext in [("truncated", ".h5"), ("garbage", ".pt"), ("garbage2", ".pt"),
+                                                     ("nan", ".h5"), ("folder", ".h5"), ("missing", ".h5")]]
+    man.write_text("slide_id,path\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "s.lmdb"
+    cmd = [EXE, "embed", "--manifest", man, "--prototypes", ppath, "--out", out, "--workers", 2, "--no-progress"]
+    p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    rep = _report(p.stdout)
+    assert sorted(rep["done"]) == sorted(ref) and not rep["retried"]
+    q = rep["quarantine"]
+    assert sorted(q) == ["folder", "garbage", "garbage2", "missing", "nan", "truncated"]
+    for sid, entry in q.items():
+        assert entry["tries"] == 2 and len(entry["reasons"]) == 2 and Path(entry["path"]).stem == sid
+        assert f"FAILED {sid}: " in p.stderr
+    for sid in ("truncated", "garbage", "garbage2"):
+        assert "unreadable" in q[sid]["reasons"][0] and "unreadable" in q[sid]["reasons"][1]
+    assert "NaN or inf" in q["nan"]["reasons"][0]
+    assert "file not found" in q["missing"]["reasons"][0] and "file not found" in q["folder"]["reasons"][0]
+    _assert_equal_to_clean(out, ref)
+    rerun = cmd[:-3] + [cmd[-1]]  # in-process this time
+    p = subprocess.run(list(map(str, rerun)), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and f"0 embedded, {N_SLIDES} already stored, 6 failed" in p.stdout
+
+
+def test_shards_are_disjoint_complete_and_merge_to_a_single_run(tmp_path, cohort):
+    feats, ppath, ref = cohort
+    entries = list_slides(features=feats)
+    parts = [{e.slide_id for e in select_shard(entries, i, 3)} for i in range(3)]
+    assert all(parts) and set().union(*parts) == set(ref) and sum(map(len, parts)) == N_SLIDES
+    # a stable hash: these values must never change, or running job arrays would split differently
+    assert [shard_of(f"slide-{i}", 7) for i in range(8)] == [0, 4, 1, 1, 4, 3, 0, 0]
+    assert [shard_of(s, 4) for s in ("TCGA-05-4244-01Z-00-DX1", "a")] == [1, 3]
+    shards = []
+    for i in range(3):
+        s = tmp_path / f"shard{i}.lmdb"
+        rep = embed_features(entries, ppath, s, progress=False, shard=f"{i}/3")
+        assert set(rep.done) == parts[i] and rep.shard == f"{i}/3"
+        shards.append(s)
+    out = tmp_path / "merged.lmdb"
+    p = subprocess.run([EXE, "store", "merge", out, *shards, shards[0]], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert f"{N_SLIDES} records added from 3 shard(s)" in p.stdout
+    _assert_equal_to_clean(out, ref)
+    # identical duplicates (a slide embedded on two nodes) are stored once
+    again = tmp_path / "again.lmdb"
+    embed_features(entries[:5], ppath, again, progress=False)
+    rep = merge_stores(out, [again])
+    assert rep.added == 0 and len(rep.duplicates) == 5 and rep.already_in_out == N_SLIDES
+    _assert_equal_to_clean(out, ref)
+    # other options or another prototype set: refused, naming what differs; OUT untouched
+    other_tau = tmp_path / "tau.lmdb"
+    embed_features(entries[:2], ppath, other_tau, proalign.pipeline.EmbedOptions(taus=(0.5,)), progress=False)
+    p = subprocess.run([EXE, "store", "merge", tmp_path / "m2.lmdb", shards[0], other_tau], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "different options or prototype sets" in p.stderr
+    assert "taus: [0.1] vs [0.5]" in p.stderr
+    other_protos = tmp_path / "p2.safetensors"
+    save_prototypes(other_protos, np.ones((4, 64), np.float32), {})
+    op = tmp_path / "protos.lmdb"
+    embed_features(entries[:2], other_protos, op, progress=False)
+    with pytest.raises(StoreMergeError, match="prototype set"):
+        merge_stores(out, [op])
+    # the same slide with a different embedding: refused, naming the slide
+    bad = tmp_path / "conflict.lmdb"
+    sid = sorted(ref)[7]
+    with open_store(shards[shard_of(sid, 3)]) as s:
+        rec = s.record(sid)
+    with open_store(bad, write=True) as s:
+        s.put(sid, rec.embedding + np.float16(1), rec.n_patches, rec.meta)
+    with pytest.raises(StoreMergeError, match=f"slide '{sid}' is in .* with different embedding values"):
+        merge_stores(tmp_path / "m3.lmdb", [*shards, bad])
+    _assert_equal_to_clean(out, ref)
+
+
+def test_one_worker_per_gpu(tmp_path, cohort):
+    """gpus=[...]: one worker process per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES)."""
+    feats, ppath, ref = cohort
+    entries = list_slides(features=feats)[:8]
+    rep = embed_features(entries, ppath, tmp_path / "s.lmdb", progress=False, gpus=["3", "5"])
+    assert rep.ok and rep.workers == 2 and rep.scheduler == "processes"
+    with open_store(tmp_path / "s.lmdb") as s:
+        seen = {s.meta(sid)["worker"]["cuda_visible_devices"] for sid in s}
+        pids = {s.meta(sid)["worker"]["pid"] for sid in s}
+    assert seen and seen <= {"3", "5"} and len(pids) == len(seen)
+    _assert_equal_to_clean(tmp_path / "s.lmdb", ref, [e.slide_id for e in entries])
+
+
+def test_ray_backend_equals_local(tmp_path, cohort):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'proalign-engine[ray]')")
+    feats, ppath, ref = cohort
+    out = tmp_path / "ray.lmdb"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DISABLE_USAGE_STATS": "1"}
+    try:
+        p = subprocess.run(_embed_cmd(feats, ppath, out, "--backend", "ray", "--workers", 2, "--ray-cpus", 0.5),
+                           capture_output=True, text=True, timeout=150, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the Ray run did not finish in 150 s")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _report(p.stdout)
+    assert rep["scheduler"] == "ray" and rep["workers"] == 2 and sorted(rep["done"]) == sorted(ref)
+    with open_store(out) as s:
+        assert len({s.meta(sid)["worker"]["pid"] for sid in s}) == 2  # both actors took slides
+    _assert_equal_to_clean(out, ref)
