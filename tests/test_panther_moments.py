@@ -252,3 +252,12 @@ def test_dispatch_picks_fused_panther_and_respects_override(rng):
     if best == "numba":
         with pytest.raises(ValueError, match="em_steps"):
             proalign.aggregate(x, c, method="panther", em_steps=-1)
+
+
+def test_numba_plan_independent_of_threads_and_batch():
+    """A slide's work items depend on its own N only: bit-identical records across thread counts
+    (--workers 1 vs 2) and batch neighbours."""
+    a = numba_cpu.plan(np.array([10_000]))
+    b = numba_cpu.plan(np.array([5, 10_000, 70_000]))
+    sl = slice(b[3][1], b[3][2])
+    assert np.array_equal(a[0], b[0][sl] - 5) and np.array_equal(a[1], b[1][sl] - 5)

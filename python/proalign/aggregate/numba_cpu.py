@@ -215,17 +215,18 @@ if numba is not None:
         return nq_out, s1_out, s2_out
 
 
-MIN_ROWS = 1024  # rows per work item at least: fewer items, less partial memory to combine
+ITEM_ROWS = 4096  # rows per work item (at most): 25 items for a 100k-patch slide
 
 
-def plan(lengths: np.ndarray, min_rows: int = MIN_ROWS):
+def plan(lengths: np.ndarray, item_rows: int = ITEM_ROWS):
     """Work items of a ragged batch: item_start, item_end (rows), item_slide and the first item of
-    each slide. About 4 items per thread over the whole batch (at least min_rows rows each, as
-    the per-item partials cost memory and a combine), each within one slide."""
+    each slide. A slide of N rows is cut into ceil(N / item_rows) near-equal items whatever the
+    thread count or the rest of the batch, so its embedding is bit-identical across workers,
+    thread counts and batches (the partials are combined in item order)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     ends = np.cumsum(lengths)
     starts = ends - lengths
-    rows = max(min_rows, -(-int(ends[-1]) // (4 * numba.get_num_threads())))
+    rows = int(item_rows)
     nb = np.maximum(1, -(-lengths // rows))
     first = np.cumsum(nb) - nb
     item_slide = np.repeat(np.arange(len(lengths)), nb)

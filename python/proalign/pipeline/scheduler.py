@@ -349,7 +349,7 @@ def run_archive(
         sig.inflight = inflight
         try:
             if queue:
-                executor = _make_executor(scheduler, spec, workers, {
+                executor = _make_executor(kind, spec, workers, {
                     "address": ray_address, "num_cpus": ray_cpus, "num_gpus": ray_gpus, "init_kwargs": ray_init},
                     slide_timeout, gpus)
                 sig.executor = executor
