@@ -326,6 +326,86 @@ def prototypes_build(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
     click.echo(f"wrote {out} (K={ps.prototypes.shape[0]}, d={ps.prototypes.shape[1]}, hash {h})")
 
 
+@prototypes.command("train")
+@_with(features_opts + archive_opts + encoder_opts)
+@click.option("--from", "from_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The Step-3 initialisation (e.g. from `prototypes build --init text`).")
+@click.option("--descriptions", default=None, help="Teacher text: a shipped set or a JSON file (with --encoder).")
+@click.option("--text-prototypes", type=click.Path(dir_okay=False), help="Teacher text prototypes t_k (K, D).")
+@click.option("--projection", type=click.Path(dir_okay=False), help="Projection W (d, D), z = normalize(x W).")
+@click.option("--tau-a", default=None, type=float, help="Teacher temperature [1/logit_scale, or 0.01].")
+@click.option("--tau-s", default=0.05, show_default=True, type=float, help="Student temperature.")
+@click.option("--lambda", "lam", default=1.0, show_default=True, type=float, help="Weight of the anti-collapse KL.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(0))
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--pool-size", default=100_000, show_default=True, type=click.IntRange(1))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors or .npz.")
+@click.option("--force", is_flag=True, help="Save even a collapsed set.")
+def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_tissue, encoder, weights,
+                     encoder_args, device, from_file, descriptions, text_prototypes, projection, tau_a, tau_s, lam,
+                     epochs, lr, batch_size, seed, pool_size, out, force):
+    """Refine prototypes by patch-text contrast (METHOD.md Step 4); prints the loss curve and usage,
+    refuses a collapsed set unless --force; the curve also goes to OUT.train.json."""
+    from .prototypes.build import collapsed, sample_pool
+    from .prototypes.io import prototype_hash, read_matrix, read_prototype_file, save_prototypes
+    from .prototypes.train import train_prototypes
+
+    enc = dev = None
+    if encoder or archive:
+        enc, dev = _load_encoder(encoder, weights, encoder_args, device)
+    if archive:
+        from .prototypes.from_slides import sample_slide_pool
+        from .slides.patching import list_slide_files
+
+        pool = sample_slide_pool(list_slide_files(archive), enc, pool_size, seed, magnification=mag,
+                                 patch_size=patch_size, min_tissue=min_tissue,
+                                 mpp_for=_mpp_lookup(slide_mpp, mpp_csv), device=dev)
+    else:
+        pool = sample_pool(_entries(features, manifest), pool_size, seed)
+    init, init_meta = read_prototype_file(from_file)
+    meta: dict = {k: v for k, v in init_meta.items() if k in ("descriptions", "descriptions_hash", "type_names",
+                                                                "encoder")}
+    if text_prototypes:
+        text = read_prototype_file(text_prototypes)[0]
+    elif descriptions and enc is not None:
+        from .prototypes.descriptions import load_descriptions
+        from .prototypes.text import text_prototypes as make_text
+
+        dset = load_descriptions(descriptions)
+        text = make_text(enc, dset).numpy()
+        meta.update(descriptions=dset.name, descriptions_hash=dset.hash, type_names=list(dset.type_names))
+    else:
+        raise click.UsageError("the teacher needs --text-prototypes, or --descriptions with --encoder/--weights")
+    if projection:
+        proj = read_matrix(projection)
+    elif enc is not None and enc.joint_dim is not None:
+        proj = enc.projection_matrix().numpy()
+    else:
+        raise click.UsageError("the teacher needs --projection or a vision-language --encoder")
+    if tau_a is None:
+        tau_a = 1.0 / enc.logit_scale if enc is not None and enc.logit_scale else 0.01
+    res = train_prototypes(pool.x, text, proj, init, tau_s=tau_s, tau_a=tau_a, lam=lam, epochs=epochs, lr=lr,
+                           batch_size=batch_size, seed=seed)
+    for row in res.loss_curve:
+        click.echo(f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  ce {row['ce']:.4f}  kl {row['kl']:.5f}")
+    click.echo("usage per prototype: " + " ".join(f"{j}:{u:.3f}" for j, u in enumerate(res.usage)))
+    bad = collapsed(res.usage)
+    if bad and not force:
+        click.echo(f"error: collapsed prototype set: prototypes {bad} have < 0.1% usage; not saved "
+                   "(use --force to save anyway)", err=True)
+        sys.exit(1)
+    meta.update(res.meta, init=prototype_hash(init), init_path=str(Path(from_file).resolve()),
+                usage=[round(float(u), 6) for u in res.usage], loss_curve=res.loss_curve,
+                skipped_slides=pool.skipped, engine_version=__version__)
+    h = save_prototypes(out, res.prototypes, meta)
+    Path(str(out) + ".train.json").write_text(json.dumps({"loss_curve": res.loss_curve, "usage": meta["usage"],
+                                                          **res.meta}, indent=2))
+    click.echo(f"wrote {out} (K={res.prototypes.shape[0]}, d={res.prototypes.shape[1]}, hash {h}); "
+               f"loss {res.meta['train']['loss_before']:.4f} -> {res.meta['train']['loss_after']:.4f}")
+
+
 @main.command()
 @click.argument("slides", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--mag", "mag", type=float, default=None, help="Target magnification (default 20 unless --mpp).")
