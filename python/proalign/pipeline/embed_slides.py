@@ -39,7 +39,7 @@ class SlideOptions:
     edge: str = "inside"
     decoder: str = "auto"  # auto | cpu | dali-cpu | dali-gpu
     shrink_on_load: bool = False  # half-size DCT decode of JPEG tiles when patches are downsampled
-    batch_size: int | None = None  # encoder batch; None: chosen from free memory
+    batch_size: int | None = None  # encoder batch; None: from the GPU's free memory (CPU: 256)
     coords_dir: str | None = None  # read TRIDENT/CLAM coords instead of detecting tissue
     features_dir: str | None = None  # also write TRIDENT-style per-slide features .h5
 
@@ -134,7 +134,9 @@ def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "pr
         agg = StreamingAggregator(prototypes, method, queries=text_prototypes, **kw)
         writer = _FeatureWriter(options.features_dir, slide_id, grid) if options.features_dir else None
         stats = PatchStats()
-        batch_size = options.batch_size or 256
+        # on a GPU, as large as its free memory allows (the encoder's estimate); on the CPU, 256
+        batch_size = options.batch_size or (min(1024, encoder.batch_size_for(source_size=grid.patch_size))
+                                            if str(device).startswith("cuda") else 256)
         t_wait = time.perf_counter()
         # Patches come at the grid's size (e.g. 512 px at 20x); the encoder's own preprocess resizes
         # them to its input (CONCH: bicubic to 448) on the device, as its training pipeline did.
