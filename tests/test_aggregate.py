@@ -61,7 +61,10 @@ def test_extreme_inverse_temperature_does_not_overflow(rng):
     x, c = _data(rng, 500, 16, 4, scale=50.0)
     got = proalign.aggregate(x, c, tau=1e-4)
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, ref.proalign(x, c, 1e-4), rtol=1e-4, atol=1e-5)
+    # The fused fp32 backends compute cos in float32: its ~1e-7 error becomes ~1e-3 in s = cos/tau
+    # at 1/tau = 10,000, so the softmax weights (and h) carry relative errors up to ~1e-3 (3.5e-4
+    # seen); the tolerance follows that, the point here being no overflow and the right answer.
+    np.testing.assert_allclose(got, ref.proalign(x, c, 1e-4), rtol=2e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
