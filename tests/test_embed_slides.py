@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_encoders import conch_official_keys, random_state, tiny_conch_cfg  # noqa: F401 (fixtures)
-from test_encoders import conch_folder, conch_tokenizer_file  # noqa: F401
+from test_encoders import conch_folder, conch_tokenizer_file  # noqa: F401 (pytest fixtures)
 
 from proalign import aggregate
 from proalign.decode.patches import read_patches

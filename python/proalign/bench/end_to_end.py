@@ -68,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     from ..encoders import create_encoder
     from ..encoders.random_init import write_random_conch
     from ..pipeline.embed_slides import SlideOptions, embed_slide
-    from ..slides.patching import patch_slide
     from ..slides.synthetic_slides import write_aperio_svs
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="proalign-bench-e2e-"))
