@@ -388,3 +388,16 @@ def test_ray_backend_equals_local(tmp_path, cohort):
     with open_store(out) as s:
         assert len({s.meta(sid)["worker"]["pid"] for sid in s}) == 2  # both actors took slides
     _assert_equal_to_clean(out, ref)
+
+
+def test_gpus_flag_is_checked(tmp_path):
+    """--gpus names GPUs this machine has (none here): a clear usage error, exit 2, nothing written."""
+    from conftest import run_cli
+
+    r = run_cli("embed", "--features", str(tmp_path), "--prototypes", str(tmp_path / "p.safetensors"),
+                "--out", str(tmp_path / "s"), "--gpus", "0,1")
+    assert r.returncode == 2 and "--gpus 0,1: this machine has" in r.stderr
+    r = run_cli("embed", "--features", str(tmp_path), "--prototypes", str(tmp_path / "p.safetensors"),
+                "--out", str(tmp_path / "s"), "--gpus", "x")
+    assert r.returncode == 2 and "comma-separated" in r.stderr
+    assert not (tmp_path / "s").exists()

@@ -70,6 +70,25 @@ archive_opts = [
 ]
 
 
+def _parse_gpus(text: str | None, scheduler: str) -> list[int] | None:
+    """--gpus 0,1,3 -> [0, 1, 3], checked against the GPUs this machine has."""
+    if not text:
+        return None
+    if scheduler != "local":
+        raise click.UsageError("--gpus is for the local scheduler; with Ray use --ray-gpus")
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise click.UsageError(f"--gpus wants comma-separated GPU numbers, got {text!r}") from None
+    import torch
+
+    n = torch.cuda.device_count()
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= n:
+        raise click.UsageError(f"--gpus {text}: this machine has {n} CUDA GPU(s)"
+                               + (f" (0..{n - 1})" if n else "") + "; give distinct ids among them")
+    return ids
+
+
 def _encoder_kwargs(encoder_args) -> dict:
     kwargs = {}
     for item in encoder_args:
@@ -139,6 +158,8 @@ def _with(options):
               help="Only this node's share: slides whose id hashes to shard I of N (0 <= I < N).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
               help="Worker processes (or Ray actors); 1 embeds in this process.")
+@click.option("--gpus", default=None, metavar="0,1,...",
+              help="One worker process per listed GPU (CUDA_VISIBLE_DEVICES set to it); replaces --workers.")
 @click.option("--scheduler", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local: this machine's processes; ray: Ray actors (pip install 'proalign-engine[ray]').")
 @click.option("--retries", default=1, show_default=True, type=click.IntRange(0),
@@ -152,7 +173,7 @@ def _with(options):
 @click.option("--ray-gpus", default=0.0, show_default=True, type=float, help="GPUs per Ray actor.")
 def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_tissue, encoder, weights, encoder_args,
           device, coords_dir, save_features, decoder, shrink_on_load, batch_size, prototypes, out, method, tau, over,
-          dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, report, progress, shard, workers,
+          dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, report, progress, shard, workers, gpus,
           scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus):
     """Embed every slide's patch features (--features/--manifest), or every slide file of --archive
     through --encoder/--weights, into the store at --out (resumable, idempotent).
@@ -167,6 +188,7 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
     opts = EmbedOptions(method=method, taus=tuple(tau) or (0.1,), over=over, dtype=dtype, backend=backend,
                         encoder_id=encoder_id, panther_eps=panther_eps, panther_prior=panther_prior)
     scheduling = dict(report_path=report, progress=progress, shard=shard, workers=workers, scheduler=scheduler,
+                      gpus=_parse_gpus(gpus, scheduler),
                       retries=retries, threads=threads_per_worker, slide_timeout=slide_timeout,
                       ray_address=ray_address, ray_cpus=ray_cpus, ray_gpus=ray_gpus, handle_signals=True)
     try:

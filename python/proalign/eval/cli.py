@@ -42,6 +42,22 @@ eval_opts = [
 ]
 
 
+# `heatmap` straight from a slide file: the encoder and patching options of `embed --archive`
+slide_opts = [
+    click.option("--encoder", default=None, help="Without --features: conch_v1, open_clip:<arch>, timm:<name>."),
+    click.option("--weights", type=click.Path(exists=True), default=None, help="Local weights file or folder."),
+    click.option("--encoder-arg", "encoder_args", multiple=True, metavar="KEY=VALUE",
+                 help="Extra create_encoder argument (e.g. tokenizer=PATH); repeatable."),
+    click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)."),
+    click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for a slide without one."),
+    click.option("--mag", type=float, default=None, help="Target magnification (default: the encoder's)."),
+    click.option("--patch-size", type=click.IntRange(1), default=None, help="Patch px at --mag (default: encoder's)."),
+    click.option("--min-tissue", default=None, type=click.FloatRange(0, 1), help="Tissue fraction per patch. [0.1]"),
+    click.option("--save-features", type=click.Path(file_okay=False), default=None,
+                 help="Keep the computed features as <slide>.h5 in this folder (reuse them with --features)."),
+]
+
+
 def _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, standardize, seed):
     from .heads import HeadOptions
 
@@ -138,24 +154,67 @@ def register(main: click.Group) -> None:
 
     @main.command("heatmap")
     @click.argument("slide", required=False, type=click.Path(exists=True, dir_okay=False))
-    @click.option("--features", required=True, type=click.Path(exists=True, dir_okay=False),
-                  help="The slide's features .h5 (features + coords).")
+    @click.option("--features", default=None, type=click.Path(exists=True, dir_okay=False),
+                  help="The slide's features .h5 (features + coords). Without it: computed from SLIDE "
+                       "with --encoder/--weights.")
     @click.option("--prototypes", "prototypes", required=True, type=click.Path(exists=True, dir_okay=False))
     @click.option("--descriptions", default=None, help="Description set (shipped name or JSON) for the type names.")
     @click.option("--tau", default=0.1, show_default=True, type=float)
     @click.option("--scale", default="linear", show_default=True, type=click.Choice(["linear", "rank"]),
                   help="linear: a / max a per prototype; rank: percentile among the slide's patches.")
     @click.option("--thumbnail-size", default=1024, show_default=True, type=click.IntRange(64))
+    @_with(slide_opts)
+    @click.option("--montage", "montage_out", default=None, type=click.Path(dir_okay=False),
+                  help="Also write each prototype's top-attention patches of SLIDE to this PNG.")
+    @click.option("--montage-n", default=8, show_default=True, type=click.IntRange(1),
+                  help="--montage: patches per prototype.")
     @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file.")
-    def heatmap(slide, features, prototypes, descriptions, tau, scale, thumbnail_size, out):
-        """Per-prototype attention a_ik over SLIDE's thumbnail (no SLIDE: over a blank canvas)."""
-        from .plots import slide_heatmap
+    def heatmap(slide, features, prototypes, descriptions, tau, scale, thumbnail_size, encoder, weights,
+                encoder_args, device, slide_mpp, mag, patch_size, min_tissue, save_features, montage_out, montage_n,
+                out):
+        """Per-prototype attention a_ik over SLIDE's thumbnail (no SLIDE: over a blank canvas).
 
+        The patch features come from --features, or are computed from SLIDE itself with
+        --encoder E --weights W (tissue -> patch grid -> encoder, as `embed --archive` does)."""
+        from .plots import slide_pictures
+
+        kw = {}
+        if features is None:
+            if not encoder:
+                raise click.UsageError("give the slide's --features FILE, or --encoder E --weights W to compute "
+                                       "them from SLIDE")
+            if not slide:
+                raise click.UsageError("--encoder computes features from SLIDE: give the slide file")
+            if not weights:
+                raise click.UsageError("--encoder needs --weights (a local weights file or folder)")
+            from ..cli import _load_encoder
+            from ..pipeline.embed_slides import SlideOptions
+
+            enc, dev = _load_encoder(encoder, weights, encoder_args, device)
+            kw = dict(encoder=enc, device=dev, mpp=slide_mpp, save_features=save_features,
+                      slide_options=SlideOptions(magnification=mag, patch_size=patch_size,
+                                                 min_tissue=0.1 if min_tissue is None else min_tissue))
+        else:
+            extra = [name for name, v in (("--encoder", encoder), ("--weights", weights),
+                                          ("--encoder-arg", encoder_args), ("--device", device),
+                                          ("--slide-mpp", slide_mpp), ("--mag", mag), ("--patch-size", patch_size),
+                                          ("--min-tissue", min_tissue), ("--save-features", save_features)) if v]
+            if extra:
+                raise click.UsageError(f"{', '.join(extra)} compute features from SLIDE: not with --features")
+            kw = dict(features_path=features)
+        if montage_out and not slide:
+            raise click.UsageError("--montage reads the top patches from SLIDE: give the slide file")
         try:
-            p = slide_heatmap(slide, features, prototypes, out, descriptions, tau, scale, thumbnail_size)
+            res = slide_pictures(slide, prototypes, out, descriptions=descriptions, tau=tau, scale=scale,
+                                 thumbnail_size=thumbnail_size, montage_out=montage_out, montage_n=montage_n, **kw)
         except (ValueError, OSError) as e:
             raise click.ClickException(str(e)) from e
-        click.echo(f"wrote {p}")
+        if features is None:
+            click.echo(f"{res.slide_id}: {len(res.features)} patches encoded with {encoder}"
+                       + (f", features kept in {res.features_path}" if res.features_path else ""))
+        click.echo(f"wrote {res.heatmap}")
+        if res.montage:
+            click.echo(f"wrote {res.montage}")
 
     @main.group("plot")
     def plot():

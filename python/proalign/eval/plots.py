@@ -5,10 +5,12 @@ size is `figsize * dpi` (the `*_size` helpers say it in advance; the tests rely 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -127,6 +129,21 @@ def attention_heatmap(att: np.ndarray, coords: np.ndarray, patch_size: int, out:
     """One panel per prototype: its attention over the patches, painted at their level-0 `coords`
     over the slide thumbnail (or a blank canvas). `scale`: linear (a / max a) or rank
     (percentile of a among the slide's patches). The first panel is the thumbnail itself."""
+    return _save(attention_heatmap_figure(att, coords, patch_size, names, thumbnail, slide_size, scale, dpi,
+                                          max_canvas, title), out)
+
+
+def panel_titles(fig) -> list[str]:
+    """The prototype panels' titles of an `attention_heatmap_figure`, as drawn (the thumbnail's
+    panel left out)."""
+    return [ax.get_title() for ax in fig.axes[1:]]
+
+
+def attention_heatmap_figure(att: np.ndarray, coords: np.ndarray, patch_size: int,
+                             names: Sequence[str] | None = None, thumbnail: np.ndarray | None = None,
+                             slide_size: tuple[int, int] | None = None, scale: str = "linear", dpi: int = DPI,
+                             max_canvas: int = 512, title: str | None = None):
+    """`attention_heatmap`'s figure, not yet saved (its axes: the thumbnail, then one per prototype)."""
     coords = np.asarray(coords, np.int64)
     n, k = att.shape
     w0, h0 = slide_size or (int(coords[:, 0].max() + patch_size), int(coords[:, 1].max() + patch_size))
@@ -171,7 +188,7 @@ def attention_heatmap(att: np.ndarray, coords: np.ndarray, patch_size: int, out:
         fig.text(0.5, 1 - 0.5 * TITLE_IN / h_in, title, fontsize=10, ha="center", va="center")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (TITLE_IN + 0.3) / h_in, wspace=0.04,
                         hspace=0.35 / (h_in / rows))
-    return _save(fig, out)
+    return fig
 
 
 def montage_size(k: int, n: int, dpi: int = DPI, cell_in: float = 0.9, label_in: float = 1.6) -> tuple[int, int]:
@@ -408,50 +425,118 @@ def km_figure(run: dict, out: str | os.PathLike, title: str | None = None, dpi: 
 
 # --- from files (the CLI's entry points) -----------------------------------------------------
 
-def _slide_inputs(features_path, prototypes_path, descriptions, tau):
+def _check_dims(what: str, d: int, c: np.ndarray) -> None:
+    if d != c.shape[1]:
+        raise ValueError(f"{what}: feature dim {d} does not match the prototypes' dim {c.shape[1]}")
+
+
+def _slide_inputs(ff, c, pmeta, descriptions, tau):
+    """(attention (N, K), type names) of a features file's patches against prototypes c."""
+    if ff.coords is None:
+        raise ValueError(f"{ff.path}: no 'coords' dataset; heatmaps need the patches' coordinates")
+    _check_dims(str(ff.path), ff.features.shape[1], c)
+    return attention(ff.features, c, tau), prototype_names(c.shape[0], pmeta, descriptions)
+
+
+def features_from_slide(slide_path: str | os.PathLike, encoder, prototypes: np.ndarray, options=None,
+                        mpp: float | None = None, device: str = "cpu", save_dir: str | os.PathLike | None = None,
+                        slide_id: str | None = None):
+    """A slide's patch features and coords through the slides pipeline (tissue -> grid -> engine
+    -> `encoder`), as the FeatureFile that `embed --archive --save-features` would have written:
+    the TRIDENT-style .h5 goes to `save_dir` (kept) or to a temporary folder (removed)."""
     from ..features.io import read_features
+    from ..pipeline.embed_slides import SlideOptions, embed_slide
+
+    d = getattr(encoder, "feature_dim", None)
+    if d is not None:
+        _check_dims(f"encoder {getattr(encoder, 'name', '')}".strip(), int(d), prototypes)
+    slide_id = slide_id or Path(slide_path).stem
+    with tempfile.TemporaryDirectory(prefix="proalign-heatmap-") as tmp:
+        out_dir = Path(save_dir) if save_dir else Path(tmp)
+        opts = dataclasses.replace(options or SlideOptions(), features_dir=str(out_dir))
+        # "mean" folds each batch into one running sum: the cheapest aggregation to carry along
+        embed_slide(slide_path, encoder, prototypes, method="mean", options=opts, slide_id=slide_id, mpp=mpp,
+                    device=device)
+        return read_features(out_dir / f"{slide_id}.h5", slide_id)  # read whole, before the folder goes
+
+
+@dataclasses.dataclass
+class SlidePictures:
+    """What `slide_pictures` drew and the arrays behind it."""
+
+    slide_id: str
+    heatmap: Path
+    titles: list[str]  # the prototype panels' titles, as drawn
+    names: list[str]  # the prototypes' type names
+    attention: np.ndarray  # (N, K) a_ik: each column sums to 1 over the slide's patches
+    features: np.ndarray  # (N, d)
+    coords: np.ndarray  # (N, 2) level-0 x, y
+    patch_size: int  # level 0
+    montage: Path | None = None
+    features_path: Path | None = None  # the features file read, or the one written by save_features
+
+
+def slide_pictures(slide_path: str | os.PathLike | None, prototypes_path: str | os.PathLike,
+                   out: str | os.PathLike, *, features_path: str | os.PathLike | None = None, encoder=None,
+                   slide_options=None, mpp: float | None = None, device: str = "cpu",
+                   save_features: str | os.PathLike | None = None, descriptions: str | None = None,
+                   tau: float = 0.1, scale: str = "linear", thumbnail_size: int = 1024,
+                   montage_out: str | os.PathLike | None = None, montage_n: int = 8, patch_px: int = 96,
+                   dpi: int = DPI) -> SlidePictures:
+    """A slide's prototype-attention heatmaps (and, with `montage_out`, its top-patches montage).
+    The patch features come from `features_path` (features + coords .h5), or are computed from the
+    slide file itself with `encoder` (`slide_options`: SlideOptions for magnification, patch size,
+    tissue; `save_features`: a folder to keep them in as <slide_id>.h5)."""
     from ..prototypes.io import read_prototype_file
 
-    ff = read_features(features_path)
-    if ff.coords is None:
-        raise ValueError(f"{features_path}: no 'coords' dataset; heatmaps need the patches' coordinates")
+    if (features_path is None) == (encoder is None):
+        raise ValueError("give exactly one of a features file or an encoder (to compute features from the slide)")
+    if encoder is not None and not slide_path:
+        raise ValueError("computing features needs the slide file")
+    if montage_out is not None and not slide_path:
+        raise ValueError("the top-patches montage needs the slide file")
     c, pmeta = read_prototype_file(prototypes_path)
-    if ff.features.shape[1] != c.shape[1]:
-        raise ValueError(f"{features_path}: feature dim {ff.features.shape[1]} does not match the prototypes' "
-                         f"dim {c.shape[1]}")
-    att = attention(ff.features, c, tau)
-    names = prototype_names(c.shape[0], pmeta, descriptions)
-    return ff, att, names
+    if features_path is not None:
+        from ..features.io import read_features
+
+        ff = read_features(features_path)
+        kept = Path(features_path)
+    else:
+        ff = features_from_slide(slide_path, encoder, c, slide_options, mpp, device, save_features)
+        kept = Path(save_features) / f"{ff.slide_id}.h5" if save_features else None
+    att, names = _slide_inputs(ff, c, pmeta, descriptions, tau)
+    ps = patch_size_level0(ff.attrs, ff.coords)
+    thumb = size = None
+    if slide_path:
+        from .. import open_slide
+
+        with open_slide(slide_path, mpp=mpp) as sl:
+            thumb, size = sl.get_thumbnail(thumbnail_size), sl.dimensions
+    fig = attention_heatmap_figure(att, ff.coords, ps, names, thumb, size, scale=scale, dpi=dpi,
+                                   title=f"{ff.slide_id}: prototype attention (τ={tau:g}, {len(att)} patches)")
+    res = SlidePictures(ff.slide_id, _save(fig, out), panel_titles(fig), names, att, ff.features, ff.coords, ps,
+                        features_path=kept)
+    if montage_out is not None:
+        res.montage = _montage(slide_path, ff, att, names, ps, montage_out, montage_n, patch_px, dpi, mpp)
+    return res
 
 
 def slide_heatmap(slide_path: str | None, features_path: str, prototypes_path: str, out: str,
                   descriptions: str | None = None, tau: float = 0.1, scale: str = "linear",
                   thumbnail_size: int = 1024, dpi: int = DPI) -> Path:
     """Attention heatmaps of one slide from its features file (+ coords) and a prototype file."""
-    ff, att, names = _slide_inputs(features_path, prototypes_path, descriptions, tau)
-    ps = patch_size_level0(ff.attrs, ff.coords)
-    thumb = size = None
-    if slide_path:
-        from .. import open_slide
-
-        with open_slide(slide_path) as sl:
-            thumb, size = sl.get_thumbnail(thumbnail_size), sl.dimensions
-    return attention_heatmap(att, ff.coords, ps, out, names, thumb, size, scale=scale, dpi=dpi,
-                             title=f"{ff.slide_id}: prototype attention (τ={tau:g}, {len(att)} patches)")
+    return slide_pictures(slide_path, prototypes_path, out, features_path=features_path, descriptions=descriptions,
+                          tau=tau, scale=scale, thumbnail_size=thumbnail_size, dpi=dpi).heatmap
 
 
-def slide_montage(slide_path: str, features_path: str, prototypes_path: str, out: str, n: int = 8,
-                  descriptions: str | None = None, tau: float = 0.1, patch_px: int = 96, dpi: int = DPI) -> Path:
-    """Each prototype's n highest-attention patches of one slide, read from the slide."""
+def _montage(slide_path, ff, att, names, ps, out, n, patch_px, dpi, mpp=None) -> Path:
     from .. import open_slide, read_patches
 
-    ff, att, names = _slide_inputs(features_path, prototypes_path, descriptions, tau)
-    ps = patch_size_level0(ff.attrs, ff.coords)
     k = att.shape[1]
     n_eff = min(n, len(att))
     top = np.argsort(-att, axis=0, kind="stable")[:n_eff].T  # (K, n_eff)
     uniq, inv = np.unique(top.ravel(), return_inverse=True)
-    with open_slide(slide_path) as sl:
+    with open_slide(slide_path, mpp=mpp) as sl:
         tiles = read_patches(sl, ff.coords[uniq], ps, patch_px)
     patches = np.zeros((k, n, patch_px, patch_px, 3), np.uint8)
     patches[:, :n_eff] = tiles[inv].reshape(k, n_eff, patch_px, patch_px, 3)
@@ -459,3 +544,15 @@ def slide_montage(slide_path: str, features_path: str, prototypes_path: str, out
     scores[:, :n_eff] = np.take_along_axis(att, top.T, axis=0).T * len(att)  # attention relative to uniform
     return top_patches_montage(patches, out, names, scores, dpi=dpi,
                                title=f"{ff.slide_id}: top {n_eff} patches per prototype (score = a·N)")
+
+
+def slide_montage(slide_path: str, features_path: str, prototypes_path: str, out: str, n: int = 8,
+                  descriptions: str | None = None, tau: float = 0.1, patch_px: int = 96, dpi: int = DPI) -> Path:
+    """Each prototype's n highest-attention patches of one slide, read from the slide."""
+    from ..features.io import read_features
+    from ..prototypes.io import read_prototype_file
+
+    ff = read_features(features_path)
+    c, pmeta = read_prototype_file(prototypes_path)
+    att, names = _slide_inputs(ff, c, pmeta, descriptions, tau)
+    return _montage(slide_path, ff, att, names, patch_size_level0(ff.attrs, ff.coords), out, n, patch_px, dpi)
