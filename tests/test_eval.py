@@ -465,6 +465,97 @@ def test_montage_usage_map_roc_km(slide_case, planted, cli, tmp_path):
         _png(tmp_path / f"{sub}2.png")
 
 
+
+@pytest.fixture(scope="module")
+def slide_and_conch(tmp_path_factory):
+    """A generated 20x slide and a tiny random CONCH (weights folder + its config overrides)."""
+    from proalign.encoders.random_init import write_random_conch
+    from proalign.slides.synthetic_slides import write_aperio_svs
+
+    root = tmp_path_factory.mktemp("heat")
+    svs = root / "case-7.svs"
+    write_aperio_svs(svs, 2048, 1536, tile=256, levels=(1, 4), seed=7, tissue="blobs", mpp=0.5, app_mag=20)
+    over = write_random_conch(root / "conch")
+    return svs, root / "conch", over
+
+
+def test_heatmap_straight_from_the_slide(slide_and_conch, tmp_path, rng):
+    """Slide + encoder -> features and coords through the slides pipeline -> the same heatmap as the
+    features-file path on those features; panel titles are the prototype file's type names."""
+    from PIL import Image
+
+    from proalign.encoders import create_encoder
+    from proalign.pipeline.embed_slides import SlideOptions
+    from proalign.prototypes.io import save_prototypes
+    from proalign.slides.patching import patch_slide
+
+    svs, weights, over = slide_and_conch
+    enc = create_encoder("conch_v1", weights, **over)
+    names = ["tumour", "stroma", "necrosis"]
+    c = rng.normal(size=(3, enc.feature_dim)).astype(np.float32)
+    protos = tmp_path / "p.safetensors"
+    save_prototypes(protos, c, {"type_names": names})
+    with one_thread():
+        res = plots.slide_pictures(svs, protos, tmp_path / "h.png", encoder=enc,
+                                   slide_options=SlideOptions(magnification=20, patch_size=128),
+                                   save_features=tmp_path / "feats", montage_out=tmp_path / "m.png", montage_n=4)
+    _, grid = patch_slide(svs, patch_size=128, target_magnification=20)
+    n = len(grid)
+    assert n > 20 and res.features.shape == (n, enc.feature_dim) and res.coords.shape == (n, 2)
+    assert sorted(map(tuple, res.coords.tolist())) == sorted(map(tuple, grid.coords.tolist()))
+    assert res.patch_size == grid.patch_size_level0 == 128 and res.slide_id == "case-7"
+    # attention: a_ik = softmax over the slide's patches, each prototype's column sums to 1
+    assert res.attention.shape == (n, 3)
+    np.testing.assert_allclose(res.attention.sum(0), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(res.attention, plots.attention(res.features, c, 0.1))
+    assert res.names == names and len(res.titles) == 3
+    for t, name in zip(res.titles, names):
+        assert t.startswith(f"{name} (peak ") and t.endswith("× uniform)"), t
+    with proalign.open_slide(svs) as s:
+        th = s.get_thumbnail(1024).shape[:2]
+    img = _png(res.heatmap, plots.heatmap_size(3, th))
+    _png(res.montage, plots.montage_size(3, 4))
+    # the features-file path on the kept features: the same arrays, titles and picture
+    assert res.features_path == tmp_path / "feats" / "case-7.h5"
+    ref = plots.slide_pictures(svs, protos, tmp_path / "h_ref.png", features_path=res.features_path)
+    np.testing.assert_array_equal(ref.coords, res.coords)
+    np.testing.assert_array_equal(ref.attention, res.attention)
+    assert ref.titles == res.titles and ref.patch_size == res.patch_size
+    np.testing.assert_array_equal(np.asarray(Image.open(ref.heatmap).convert("RGB")), img)
+
+
+def test_heatmap_cli_from_slide_and_usage_errors(slide_and_conch, tmp_path):
+    from proalign.prototypes.io import save_prototypes
+
+    svs, weights, over = slide_and_conch
+    protos = tmp_path / "p.safetensors"
+    c = np.random.default_rng(0).normal(size=(2, over["embed_dim"])).astype(np.float32)
+    save_prototypes(protos, c, {"type_names": ["tumour", "stroma"]})
+    enc_args = [a for k, v in over.items() for a in ("--encoder-arg", f"{k}={v}")]
+    out, mont = tmp_path / "h.png", tmp_path / "m.png"
+    with one_thread():
+        r = _invoke("heatmap", svs, "--prototypes", protos, "--encoder", "conch_v1", "--weights", weights, *enc_args,
+                    "--mag", 20, "--patch-size", 128, "--device", "cpu", "--montage", mont, "--montage-n", 3,
+                    "--out", out)
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out}" in r.stdout and f"wrote {mont}" in r.stdout and "patches encoded with conch_v1" in r.stdout
+    with proalign.open_slide(svs) as s:
+        th = s.get_thumbnail(1024).shape[:2]
+    _png(out, plots.heatmap_size(2, th))
+    _png(mont, plots.montage_size(2, 3))
+    feats = tmp_path / "f.h5"
+    feats.write_bytes(b"")
+    for args, msg in [
+        ((svs, "--prototypes", protos), "--encoder E --weights W"),  # neither --features nor --encoder
+        ((svs, "--prototypes", protos, "--encoder", "conch_v1"), "--encoder needs --weights"),
+        (("--prototypes", protos, "--encoder", "conch_v1", "--weights", weights), "give the slide file"),
+        ((svs, "--prototypes", protos, "--features", feats, "--mag", 20), "--mag compute features from SLIDE"),
+        (("--prototypes", protos, "--features", feats, "--montage", mont), "--montage reads the top patches"),
+    ]:
+        r = _invoke("heatmap", *args, "--out", tmp_path / "x.png")
+        assert r.exit_code == 2 and msg in r.output, r.output
+    assert not (tmp_path / "x.png").exists()
+
 # --- the report -----------------------------------------------------------------------------------
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

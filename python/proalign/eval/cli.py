@@ -52,7 +52,8 @@ slide_opts = [
     click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for a slide without one."),
     click.option("--mag", type=float, default=None, help="Target magnification (default: the encoder's)."),
     click.option("--patch-size", type=click.IntRange(1), default=None, help="Patch px at --mag (default: encoder's)."),
-    click.option("--min-tissue", default=None, type=click.FloatRange(0, 1), help="Tissue fraction per patch. [0.1]"),
+    click.option("--min-tissue", default=None, type=click.FloatRange(0, 1),
+                 help="Least tissue fraction of a patch (default 0.1)."),
     click.option("--save-features", type=click.Path(file_okay=False), default=None,
                  help="Keep the computed features as <slide>.h5 in this folder (reuse them with --features)."),
 ]
@@ -178,7 +179,8 @@ def register(main: click.Group) -> None:
         --encoder E --weights W (tissue -> patch grid -> encoder, as `embed --archive` does)."""
         from .plots import slide_pictures
 
-        kw = {}
+        if montage_out and not slide:
+            raise click.UsageError("--montage reads the top patches from SLIDE: give the slide file")
         if features is None:
             if not encoder:
                 raise click.UsageError("give the slide's --features FILE, or --encoder E --weights W to compute "
@@ -198,12 +200,11 @@ def register(main: click.Group) -> None:
             extra = [name for name, v in (("--encoder", encoder), ("--weights", weights),
                                           ("--encoder-arg", encoder_args), ("--device", device),
                                           ("--slide-mpp", slide_mpp), ("--mag", mag), ("--patch-size", patch_size),
-                                          ("--min-tissue", min_tissue), ("--save-features", save_features)) if v]
+                                          ("--min-tissue", min_tissue), ("--save-features", save_features))
+                     if v not in (None, ())]
             if extra:
                 raise click.UsageError(f"{', '.join(extra)} compute features from SLIDE: not with --features")
             kw = dict(features_path=features)
-        if montage_out and not slide:
-            raise click.UsageError("--montage reads the top patches from SLIDE: give the slide file")
         try:
             res = slide_pictures(slide, prototypes, out, descriptions=descriptions, tau=tau, scale=scale,
                                  thumbnail_size=thumbnail_size, montage_out=montage_out, montage_n=montage_n, **kw)

@@ -17,6 +17,8 @@
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import dataclasses
 import hashlib
 import json
@@ -119,6 +121,14 @@ class RunReport:
 
 
 # -- progress ------------------------------------------------------------------------------------
+def _drain(events, inflight: dict, sig) -> Iterator:
+    """Each event of a batch, its slide counted in flight (for a stop's snapshot) until stored."""
+    for ev in events:
+        sid = inflight[ev.slot].entry.slide_id
+        yield ev
+        sig.storing.discard(sid)
+
+
 def _hms(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -186,6 +196,7 @@ class _Signals:
         self.count, self.name = 0, None
         self.executor = None
         self.inflight: dict = {}  # the scheduler's slot -> task, to note what was in flight
+        self.storing: set[str] = set()  # results received, not yet stored: in flight too
         self.in_flight_at_stop: list[str] = []
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self._old: dict = {}
@@ -194,7 +205,7 @@ class _Signals:
         self.count += 1
         self.name = self.name or signal.Signals(signum).name
         if self.count == 1:
-            self.in_flight_at_stop = sorted(t.entry.slide_id for t in list(self.inflight.values()))
+            self.in_flight_at_stop = sorted({t.entry.slide_id for t in list(self.inflight.values())} | self.storing)
             log.warning("%s: finishing the slides in flight, then stopping (again to drop them)", self.name)
         elif self.count == 2:
             log.warning("%s again: dropping the slides in flight", signal.Signals(signum).name)
@@ -372,7 +383,9 @@ def run_archive(
                         break  # done already: store it before taking the next
                 if sig.count and not inflight:
                     break
-                for ev in executor.wait(0.2):
+                events = list(executor.wait(0.2))
+                sig.storing = {inflight[ev.slot].entry.slide_id for ev in events}
+                for ev in _drain(events, inflight, sig):
                     task = inflight.pop(ev.slot)
                     idle.append(ev.slot)
                     sid = task.entry.slide_id
