@@ -70,23 +70,24 @@ archive_opts = [
 ]
 
 
-def _parse_gpus(text: str | None, scheduler: str) -> list[int] | None:
+def _parse_gpus(text: str | None, scheduler: str, device: str | None = None) -> list[int] | None:
     """--gpus 0,1,3 -> [0, 1, 3], checked against the GPUs this machine has."""
-    if not text:
+    if text is None:
         return None
     if scheduler != "local":
         raise click.UsageError("--gpus is for the local scheduler; with Ray use --ray-gpus")
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise click.UsageError(f"--gpus wants comma-separated GPU numbers, got {text!r}") from None
-    import torch
+    if device is not None and device != "cuda":
+        raise click.UsageError(f"--gpus gives each worker its own GPU as cuda; it cannot go with --device {device}")
+    from .pipeline.scheduler import parse_gpus
 
-    n = torch.cuda.device_count()
-    if not ids or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= n:
-        raise click.UsageError(f"--gpus {text}: this machine has {n} CUDA GPU(s)"
-                               + (f" (0..{n - 1})" if n else "") + "; give distinct ids among them")
-    return ids
+    try:
+        if not any(t.strip() for t in text.split(",")):
+            raise ValueError(f"--gpus wants comma-separated GPU numbers, got {text!r}")
+        import torch
+
+        return parse_gpus(text, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _encoder_kwargs(encoder_args) -> dict:
@@ -171,37 +172,61 @@ def _with(options):
 @click.option("--ray-address", default=None, help="Ray cluster (auto, ray://host:port); default: a local Ray.")
 @click.option("--ray-cpus", default=1.0, show_default=True, type=float, help="CPUs per Ray actor (fractions allowed).")
 @click.option("--ray-gpus", default=0.0, show_default=True, type=float, help="GPUs per Ray actor.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Slides: copy each slide to this local folder before use (from network storage), deleted "
+                   "once stored.")
+@click.option("--cache-ahead", default=2, show_default=True, type=click.IntRange(0),
+              help="--cache-dir: how many slides (queue order) to copy ahead of the ones being embedded.")
+@click.option("--keep-cache", is_flag=True, help="--cache-dir: keep the copies (a rerun reuses them).")
 def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_tissue, encoder, weights, encoder_args,
           device, coords_dir, save_features, decoder, shrink_on_load, batch_size, prototypes, out, method, tau, over,
           dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, report, progress, shard, workers, gpus,
-          scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus):
+          scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus, cache_dir,
+          cache_ahead, keep_cache):
     """Embed every slide's patch features (--features/--manifest), or every slide file of --archive
-    through --encoder/--weights, into the store at --out (resumable, idempotent).
+    (or of a slide manifest from `proalign-engine manifest`, given as --manifest) through
+    --encoder/--weights, into the store at --out (resumable, idempotent).
 
     Exit code 0 when every slide is stored, 1 when any slide failed (quarantined: see the run
     report), 2 on a usage or store error, 3 when stopped by SIGINT/SIGTERM (the slides in flight
     are finished, or dropped on a second signal; rerun the same command to finish)."""
     from .pipeline import EmbedOptions, embed_features
+    from .slides.manifest import is_slide_manifest
 
+    slide_manifest = bool(manifest) and Path(manifest).is_file() and is_slide_manifest(manifest)
+    if cache_dir and not (archive or slide_manifest):
+        raise click.UsageError("--cache-dir is for slide files (--archive or a slide manifest), not feature files")
+    if (cache_ahead != 2 or keep_cache) and not cache_dir:
+        raise click.UsageError("--cache-ahead/--keep-cache go with --cache-dir")
     if backend == "ray":
         scheduler, backend = "ray", None
     opts = EmbedOptions(method=method, taus=tuple(tau) or (0.1,), over=over, dtype=dtype, backend=backend,
                         encoder_id=encoder_id, panther_eps=panther_eps, panther_prior=panther_prior)
     scheduling = dict(report_path=report, progress=progress, shard=shard, workers=workers, scheduler=scheduler,
-                      gpus=_parse_gpus(gpus, scheduler),
+                      gpus=_parse_gpus(gpus, scheduler, device),
                       retries=retries, threads=threads_per_worker, slide_timeout=slide_timeout,
                       ray_address=ray_address, ray_cpus=ray_cpus, ray_gpus=ray_gpus, handle_signals=True)
+    if cache_dir:
+        scheduling.update(cache_dir=cache_dir, cache_ahead=cache_ahead, keep_cache=keep_cache)
     try:
-        if archive:
+        if archive or slide_manifest:
             from .pipeline.embed_slides import SlideOptions
             from .pipeline.slide_worker import embed_archive
             from .slides.patching import read_mpp_csv
 
-            if features or manifest:
-                raise click.UsageError("give --archive or --features/--manifest, not both")
+            if features or (archive and manifest):
+                raise click.UsageError("give --archive, --manifest or --features, one of them")
             if not (encoder and weights):
-                raise click.UsageError("--archive needs --encoder and --weights")
-            mpp = {**(read_mpp_csv(mpp_csv) if mpp_csv else {}), **({"*": slide_mpp} if slide_mpp else {})}
+                raise click.UsageError("slide files need --encoder and --weights")
+            table = read_mpp_csv(mpp_csv) if mpp_csv else {}
+            mpp = {**table, **({"*": slide_mpp} if slide_mpp else {})}
+            if slide_manifest:  # the recorded mpp and sizes; --slide-mpp/--mpp-csv fill slides without an mpp
+                from .slides.manifest import read_slide_manifest
+
+                m = read_slide_manifest(manifest, slide_mpp=slide_mpp, mpp_table=table)
+                for path, why in m.duplicates.items():
+                    click.echo(f"not embedded: {path}: {why}", err=True)
+                archive, mpp = m.entries, {}
             sopts = SlideOptions(magnification=mag, patch_size=patch_size, min_tissue=min_tissue, decoder=decoder,
                                  shrink_on_load=shrink_on_load, batch_size=batch_size, coords_dir=coords_dir,
                                  features_dir=save_features)
@@ -219,6 +244,35 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
         click.echo(f"FAILED {sid}: {why}", err=True)
     click.echo(f"report: {rep.report_path}")
     sys.exit(rep.exit_code)
+
+
+@main.command("manifest")
+@click.option("--archive", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of slide files.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The manifest CSV to write.")
+@click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for every slide (as embed --slide-mpp).")
+@click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False), help="Per-slide mpp: columns wsi,mpp.")
+@click.option("--workers", default=None, type=click.IntRange(1), help="Processes reading metadata (default: cores).")
+def manifest_cmd(archive, out, slide_mpp, mpp_csv, workers):
+    """List an archive once: one CSV row per slide file (slide_id, path, size_bytes, format, width,
+    height, levels, mpp, mpp_source, objective_power, status, error), from each slide's metadata
+    only (no pixels), read by a process pool. Slides that do not open are listed with the reason
+    (status error). `embed --manifest OUT` then reuses it: no listing, no mpp lookups."""
+    from .slides.manifest import build_manifest
+    from .slides.patching import read_mpp_csv
+
+    rows = build_manifest(archive, out, slide_mpp=slide_mpp, mpp_table=read_mpp_csv(mpp_csv) if mpp_csv else None,
+                          workers=workers)
+    if not rows:
+        raise click.UsageError(f"no slide files found under {archive}")
+    bad = [r for r in rows if r["status"] != "ok"]
+    no_mpp = [r for r in rows if r["status"] == "ok" and not r["mpp"]]
+    for r in bad:
+        click.echo(f"{r['status'].upper()} {r['path']}: {r['error']}", err=True)
+    click.echo(f"wrote {out}: {len(rows)} slides, {len(rows) - len(bad)} readable, {len(bad)} not "
+               f"({sum(int(r['size_bytes'] or 0) for r in rows) / 2**30:.2f} GiB)")
+    if no_mpp:
+        click.echo(f"{len(no_mpp)} slide(s) have no mpp (e.g. {no_mpp[0]['slide_id']}): give --slide-mpp or "
+                   "--mpp-csv here or to embed", err=True)
 
 
 @main.command()
@@ -352,80 +406,109 @@ def prototypes_build(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
 @_with(features_opts + archive_opts + encoder_opts)
 @click.option("--from", "from_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The Step-3 initialisation (e.g. from `prototypes build --init text`).")
-@click.option("--descriptions", default=None, help="Teacher text: a shipped set or a JSON file (with --encoder).")
-@click.option("--text-prototypes", type=click.Path(dir_okay=False), help="Teacher text prototypes t_k (K, D).")
-@click.option("--projection", type=click.Path(dir_okay=False), help="Projection W (d, D), z = normalize(x W).")
-@click.option("--tau-a", default=None, type=float, help="Teacher temperature [1/logit_scale, or 0.01].")
-@click.option("--tau-s", default=0.05, show_default=True, type=float, help="Student temperature.")
-@click.option("--lambda", "lam", default=1.0, show_default=True, type=float, help="Weight of the anti-collapse KL.")
+@click.option("--descriptions", default=None, help="Teacher text: a shipped set or a JSON file (with a VLM --encoder).")
+@click.option("--text-prototypes", type=click.Path(exists=True, dir_okay=False),
+              help="Teacher text prototypes t_k (K, D).")
+@click.option("--projection", type=click.Path(exists=True, dir_okay=False),
+              help="Projection W (d, D), z = normalize(x W).")
+@click.option("--tau-a", default=None, type=float,
+              help="Teacher temperature [the encoder's 1/logit_scale, else the --from file's, else 0.01].")
+@click.option("--tau-s", default=0.05, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Student temperature.")
+@click.option("--lambda", "lam", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Weight of the anti-collapse KL(mean p || mean q).")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(0))
-@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="AdamW learning rate on unit-norm prototypes.")
 @click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the pool and the batch order.")
 @click.option("--pool-size", default=100_000, show_default=True, type=click.IntRange(1))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors or .npz.")
 @click.option("--force", is_flag=True, help="Save even a collapsed set.")
 def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_tissue, encoder, weights,
                      encoder_args, device, from_file, descriptions, text_prototypes, projection, tau_a, tau_s, lam,
                      epochs, lr, batch_size, seed, pool_size, out, force):
-    """Refine prototypes by patch-text contrast (METHOD.md Step 4); prints the loss curve and usage,
-    refuses a collapsed set unless --force; the curve also goes to OUT.train.json."""
-    from .prototypes.build import collapsed, sample_pool
-    from .prototypes.io import prototype_hash, read_matrix, read_prototype_file, save_prototypes
-    from .prototypes.train import train_prototypes
+    """Refine a prototype set by patch-text contrast (METHOD.md Step 4) on a seeded pool of
+    --features/--manifest rows or --archive slides. Prints the loss curve and the usage, refuses a
+    collapsed set unless --force; the curve also goes to OUT.train.json."""
+    from .prototypes.build import sample_pool
+    from .prototypes.io import read_matrix, read_prototype_file
+    from .prototypes.train import CollapsedSetError, save_trained, train_prototypes
 
+    if not (text_prototypes or descriptions):
+        raise click.UsageError("the teacher needs --text-prototypes T, or --descriptions with a vision-language "
+                               "--encoder")
+    if descriptions and not text_prototypes and not encoder:
+        raise click.UsageError("--descriptions needs a vision-language --encoder/--weights for the text tower")
+    if Path(out).suffix not in (".safetensors", ".npz"):
+        raise click.UsageError(f"--out {out}: use a .safetensors or .npz file")
     enc = dev = None
     if encoder or archive:
         enc, dev = _load_encoder(encoder, weights, encoder_args, device)
-    if archive:
-        from .prototypes.from_slides import sample_slide_pool
-        from .slides.patching import list_slide_files
-
-        pool = sample_slide_pool(list_slide_files(archive), enc, pool_size, seed, magnification=mag,
-                                 patch_size=patch_size, min_tissue=min_tissue,
-                                 mpp_for=_mpp_lookup(slide_mpp, mpp_csv), device=dev)
-    else:
-        pool = sample_pool(_entries(features, manifest), pool_size, seed)
     init, init_meta = read_prototype_file(from_file)
-    meta: dict = {k: v for k, v in init_meta.items() if k in ("descriptions", "descriptions_hash", "type_names",
-                                                                "encoder")}
+    # what the file says about its types, from the initialisation, then the teacher (which wins)
+    meta: dict = {k: init_meta[k] for k in ("descriptions", "descriptions_hash", "type_names", "encoder")
+                  if k in init_meta}
     if text_prototypes:
-        text = read_prototype_file(text_prototypes)[0]
-    elif descriptions and enc is not None:
+        text, tmeta = read_prototype_file(text_prototypes)
+        teacher_meta = {"descriptions": tmeta.get("description_set", tmeta.get("descriptions")),
+                        "descriptions_hash": tmeta.get("description_set_hash", tmeta.get("descriptions_hash")),
+                        "type_names": tmeta.get("type_names")}
+    else:
         from .prototypes.descriptions import load_descriptions
         from .prototypes.text import text_prototypes as make_text
 
         dset = load_descriptions(descriptions)
         text = make_text(enc, dset).numpy()
-        meta.update(descriptions=dset.name, descriptions_hash=dset.hash, type_names=list(dset.type_names))
-    else:
-        raise click.UsageError("the teacher needs --text-prototypes, or --descriptions with --encoder/--weights")
+        teacher_meta = {"descriptions": dset.name, "descriptions_hash": dset.hash, "type_names": list(dset.type_names)}
+    known = meta.get("descriptions_hash")
+    if known and teacher_meta["descriptions_hash"] and known != teacher_meta["descriptions_hash"]:
+        click.echo(f"warning: --from was built from description set {meta.get('descriptions')!r} ({known}), the "
+                   f"teacher is {teacher_meta['descriptions']!r} ({teacher_meta['descriptions_hash']}): "
+                   "type k may not be the same type in both", err=True)
+    meta.update({k: v for k, v in teacher_meta.items() if v})
     if projection:
         proj = read_matrix(projection)
     elif enc is not None and enc.joint_dim is not None:
         proj = enc.projection_matrix().numpy()
     else:
-        raise click.UsageError("the teacher needs --projection or a vision-language --encoder")
+        raise click.UsageError("the teacher needs --projection W, or a vision-language --encoder (with a text tower)")
     if tau_a is None:
-        tau_a = 1.0 / enc.logit_scale if enc is not None and enc.logit_scale else 0.01
-    res = train_prototypes(pool.x, text, proj, init, tau_s=tau_s, tau_a=tau_a, lam=lam, epochs=epochs, lr=lr,
+        tau_a = (1.0 / enc.logit_scale if enc is not None and enc.logit_scale
+                 else float(init_meta.get("tau_a", 0.01)))
+    if archive:
+        from .prototypes.from_slides import sample_slide_pool
+        from .slides.patching import list_slide_files
+
+        paths = list_slide_files(archive)
+        if not paths:
+            raise click.UsageError(f"no slide files found under {archive}")
+        pool = sample_slide_pool(paths, enc, pool_size, seed, magnification=mag, patch_size=patch_size,
+                                 min_tissue=min_tissue, mpp_for=_mpp_lookup(slide_mpp, mpp_csv), device=dev)
+    else:
+        pool = sample_pool(_entries(features, manifest), pool_size, seed)
+    click.echo(f"pool: {len(pool.x)} patches from {len(pool.slide_ids)} slides ({len(pool.skipped)} skipped)")
+    for sid, why in pool.skipped.items():
+        click.echo(f"skipped {sid}: {why}", err=True)
+    res = train_prototypes(pool.x, None, text, proj, init, tau_s=tau_s, tau_a=tau_a, lam=lam, epochs=epochs, lr=lr,
                            batch_size=batch_size, seed=seed)
+    tr = res.meta["train"]
     for row in res.loss_curve:
-        click.echo(f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  ce {row['ce']:.4f}  kl {row['kl']:.5f}")
-    click.echo("usage per prototype: " + " ".join(f"{j}:{u:.3f}" for j, u in enumerate(res.usage)))
-    bad = collapsed(res.usage)
-    if bad and not force:
-        click.echo(f"error: collapsed prototype set: prototypes {bad} have < 0.1% usage; not saved "
-                   "(use --force to save anyway)", err=True)
+        click.echo(f"epoch {row['epoch']:3d}  total {row['total']:.5f}  ce {row['ce']:.5f}  kl {row['kl']:.6f}")
+    click.echo(f"pool loss {tr['loss_before']['total']:.5f} -> {tr['loss_after']['total']:.5f}")
+    click.echo("usage per prototype: " + " ".join(f"{j}:{u:.4f}" for j, u in enumerate(res.usage)))
+    tr["from"] = {"path": str(Path(from_file).resolve()), "hash": tr["init_hash"], "init": init_meta.get("init")}
+    meta.update(init="train", seed=seed, pool_size=len(pool.x), n_slides=len(pool.slide_ids),
+                skipped_slides=pool.skipped, tau_a=tau_a, engine_version=__version__)
+    if enc is not None:
+        meta["encoder"] = enc.name
+    try:
+        h = save_trained(out, res, meta, force=force)
+    except CollapsedSetError as e:
+        click.echo(f"error: {e}", err=True)
         sys.exit(1)
-    meta.update(res.meta, init=prototype_hash(init), init_path=str(Path(from_file).resolve()),
-                usage=[round(float(u), 6) for u in res.usage], loss_curve=res.loss_curve,
-                skipped_slides=pool.skipped, engine_version=__version__)
-    h = save_prototypes(out, res.prototypes, meta)
-    Path(str(out) + ".train.json").write_text(json.dumps({"loss_curve": res.loss_curve, "usage": meta["usage"],
-                                                          **res.meta}, indent=2))
-    click.echo(f"wrote {out} (K={res.prototypes.shape[0]}, d={res.prototypes.shape[1]}, hash {h}); "
-               f"loss {res.meta['train']['loss_before']:.4f} -> {res.meta['train']['loss_after']:.4f}")
+    click.echo(f"wrote {out} (K={res.prototypes.shape[0]}, d={res.prototypes.shape[1]}, hash {h}) "
+               f"and {out}.train.json")
 
 
 @main.command()

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -66,6 +67,34 @@ def select_shard(entries: Sequence[SlideEntry], index: int, count: int) -> list[
     return [e for e in entries if shard_of(e.slide_id, count) == index]
 
 
+# -- GPUs ----------------------------------------------------------------------------------------
+def parse_gpus(text: str, available: int) -> list[int]:
+    """"0,1,3" -> [0, 1, 3]: distinct GPU numbers below `available` (torch's device count)."""
+    try:
+        ids = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--gpus wants comma-separated GPU numbers, got {text!r}") from None
+    if available < 1:
+        raise ValueError(f"--gpus {text}: this machine has no CUDA GPU (torch sees none); leave out --gpus "
+                         "to run on the CPU")
+    bad = [i for i in ids if not 0 <= i < available]
+    if not ids or bad or len(set(ids)) != len(ids):
+        why = (f"no such GPU {bad[0]}" if bad else "no GPU listed" if not ids else "a GPU is listed twice")
+        raise ValueError(f"--gpus {text}: this machine has {available} CUDA GPU(s) (0..{available - 1}); {why}")
+    return ids
+
+
+def gpu_env(gpus: Sequence[int | str], visible: str | None = None) -> list[dict[str, str]]:
+    """The environment of each GPU's worker: CUDA_VISIBLE_DEVICES = that GPU. When this process
+    already sees a subset (CUDA_VISIBLE_DEVICES="4,6"), GPU i means the i-th of it, as in torch."""
+    shown = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    out = []
+    for g in gpus:
+        g = str(g).strip()
+        out.append({"CUDA_VISIBLE_DEVICES": shown[int(g)] if g.isdigit() and int(g) < len(shown) else g})
+    return out
+
+
 # -- report --------------------------------------------------------------------------------------
 def _stage_times() -> dict[str, float]:
     return {"scan_s": 0.0, "read_s": 0.0, "aggregate_s": 0.0, "write_s": 0.0}
@@ -91,6 +120,7 @@ class RunReport:
     pending: list[str] = field(default_factory=list)  # not done because the run was stopped
     in_flight_at_stop: list[str] = field(default_factory=list)  # being embedded at the first signal
     stored_after_stop: list[str] = field(default_factory=list)  # stored after the first signal
+    cache: dict = field(default_factory=dict)  # the local slide cache (cache_dir): counts, fallbacks
     report_path: str | None = None
 
     @property
@@ -109,6 +139,8 @@ class RunReport:
              f"in {t:.1f} s ({self.patches} patches)")
         if self.retried:
             s += f"; {len(self.retried)} stored on a retry"
+        if self.cache.get("fallback"):
+            s += f"; {len(self.cache['fallback'])} read from the original path (no cache copy: see the report)"
         if self.interrupted:
             s += f"; stopped by {self.interrupted}, {len(self.pending)} not done (rerun the same command to finish)"
         return s
@@ -239,6 +271,12 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _entry_size(entry) -> int:
+    """The slide's bytes: as recorded in a manifest entry (no stat on network storage), else stat."""
+    size = getattr(entry, "size_bytes", None)
+    return int(size) if size is not None else _size(Path(entry.path))
+
+
 def _make_executor(kind: str, spec, workers: int, ray_options: dict, slide_timeout: float | None,
                    gpus: Sequence | None = None):
     if kind == "ray":
@@ -247,7 +285,7 @@ def _make_executor(kind: str, spec, workers: int, ray_options: dict, slide_timeo
         return RayExecutor(spec, workers, **ray_options)
     if kind == "inline":
         return InlineExecutor(spec)
-    env = [{"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus] if gpus else None
+    env = gpu_env(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")) if gpus else None
     return ProcessExecutor(spec, workers, slide_timeout=slide_timeout, slot_env=env)
 
 
@@ -292,6 +330,10 @@ def run_archive(
     ray_gpus: float = 0.0,
     ray_init: dict | None = None,
     handle_signals: bool = True,
+    cache_dir: str | Path | None = None,
+    cache_ahead: int = 2,
+    keep_cache: bool = False,
+    cache_min_free: int = 256 << 20,
 ) -> RunReport:
     """Run any per-slide worker (`spec`: see worker.py for the contract) over `entries` (this
     shard's share of them) into the store; see the module docstring. Returns the run report, also
@@ -301,12 +343,18 @@ def run_archive(
     Ray actors (scheduler="ray"; ray_address, ray_cpus, ray_gpus, ray_init for `ray.init`).
     gpus=[0, 1, ...]: one local worker process per GPU, with CUDA_VISIBLE_DEVICES set to it.
     retries: further tries of a failed slide before quarantine. slide_timeout: seconds after which
-    a local worker stuck on one slide is killed. handle_signals: SIGINT/SIGTERM stop cleanly."""
+    a local worker stuck on one slide is killed. handle_signals: SIGINT/SIGTERM stop cleanly.
+    cache_dir: copy each slide to this local folder before it is handed out, `cache_ahead` slides
+    ahead (queue order), deleting each copy once stored unless keep_cache; a failed copy falls back
+    to the original path (report: `cache.fallback`). See slide_cache.py."""
     from ..store import open_store
 
     t_start = time.perf_counter()
     if scheduler not in ("local", "ray"):
         raise ValueError(f"unknown scheduler {scheduler!r}; choose local or ray")
+    if cache_dir is not None and scheduler == "ray":
+        raise ValueError("a local slide cache (--cache-dir) is for the local scheduler: Ray actors may run on "
+                         "other nodes")
     key = spec.record_key()
     shard_text = None
     if shard is not None:
@@ -348,17 +396,22 @@ def run_archive(
                         continue
                 except StoreError as err:  # a damaged record counts as missing: redo it
                     log.warning("%s: stored record is damaged (%s); embedding it again", e.slide_id, err)
-            queue.append(_Task(e, _size(Path(e.path))))
+            queue.append(_Task(e, _entry_size(e)))
         # largest first: with a pull-based queue the big slides do not end up last on one worker
         queue = deque(sorted(queue, key=lambda t: -t.size))
         report.timing["scan_s"] = time.perf_counter() - t0
         log.info("%d slides to embed, %d already stored%s", len(queue), len(report.skipped),
                  f" (shard {shard_text})" if shard_text else "")
 
-        executor = bar = None
+        executor = bar = cache = None
         inflight: dict[int, _Task] = {}
         sig.inflight = inflight
         try:
+            if queue and cache_dir is not None:  # copying starts while the workers start
+                from .slide_cache import SlideCache
+
+                cache = SlideCache(cache_dir, cache_ahead, keep_cache, cache_min_free)
+                cache.plan([t.entry for t in itertools.islice(queue, cache.ahead)])
             if queue:
                 executor = _make_executor(kind, spec, workers, {
                     "address": ray_address, "num_cpus": ray_cpus, "num_gpus": ray_gpus, "init_kwargs": ray_init},
@@ -373,10 +426,18 @@ def run_archive(
                 while idle and queue and sig.count == 0:
                     slot = idle.pop()
                     task = queue.popleft()
+                    entry = task.entry
+                    if cache is not None:  # the local copy (waits for it), or the original if it failed
+                        entry = cache.take(task.entry, stop=lambda: sig.count > 0)
+                        if entry is None:  # stopped while waiting for the copy: not handed out
+                            queue.appendleft(task)
+                            idle.append(slot)
+                            break
+                        cache.plan([t.entry for t in itertools.islice(queue, cache.ahead)])
                     task.tries += 1
                     inflight[slot] = task
                     try:
-                        executor.submit(slot, task.entry)
+                        executor.submit(slot, entry)
                     except SlideDropped:
                         break
                     if kind == "inline":
@@ -406,8 +467,12 @@ def run_archive(
                                 report.retried[sid] = list(task.reasons)
                             if sig.count:
                                 report.stored_after_stop.append(sid)
+                            if cache is not None:  # stored: its local copy goes
+                                cache.release(sid)
                             bar.step(sid, "done", r.n_patches, task.size)
                             continue
+                    if cache is not None:  # a failed try: a retry copies it again
+                        cache.release(sid)
                     task.reasons.append(ev.error)
                     if task.tries <= retries:
                         log.warning("%s failed (try %d), will retry: %s", sid, task.tries, ev.error)
@@ -426,6 +491,9 @@ def run_archive(
                 bar.close()
             if executor is not None:
                 executor.close(drop=sig.count >= 2 or bool(inflight))
+            if cache is not None:
+                cache.close()
+                report.cache = cache.summary()
             report.pending = sorted([t.entry.slide_id for t in queue] + [t.entry.slide_id for t in inflight.values()])
             report.interrupted = sig.name if report.pending else None  # a signal after the last slide: done
             report.in_flight_at_stop = sig.in_flight_at_stop

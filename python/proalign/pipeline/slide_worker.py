@@ -9,6 +9,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -86,9 +87,13 @@ class SlideFileWorker:
         from .worker import SlideRecord
 
         opts = self.spec.options
-        path = Path(entry.path)
+        path = Path(entry.path)  # where to read: the slide, or its local cached copy
+        source = Path(getattr(entry, "source", None) or path)  # the slide itself (provenance)
+        mpp = getattr(entry, "mpp", None)  # recorded in a manifest
+        if mpp is None:
+            mpp = self.slides.mpp_for(source)
         res = embed_slide(path, self.encoder, self.c, method=opts.method, aggregate_kwargs=opts.aggregate_kwargs(),
-                          options=self.slides.options, slide_id=entry.slide_id, mpp=self.slides.mpp_for(path),
+                          options=self.slides.options, slide_id=entry.slide_id, mpp=mpp,
                           device=self.device, text_prototypes=self.slides.text_prototypes)
         emb = np.ascontiguousarray(res.embedding.astype(opts.dtype))
         t = res.timing
@@ -97,8 +102,9 @@ class SlideFileWorker:
             "taus": list(opts.taus) if opts.method == "proalign" else None,
             "prototypes": {"hash": self.phash, "path": str(Path(self.spec.prototypes_path).resolve()),
                            "k": int(self.c.shape[0])},
-            "slide": {"path": str(path.resolve()), "bytes": path.stat().st_size, "level": res.grid.level,
-                      "patch_size_level0": res.grid.patch_size_level0, "mpp": res.grid.level0_mpp},
+            "slide": {"path": str(source.resolve()), "bytes": path.stat().st_size, "level": res.grid.level,
+                      "patch_size_level0": res.grid.patch_size_level0, "mpp": res.grid.level0_mpp,
+                      **({"read_from": "cache"} if source != path else {})},
             "encoder": self.encoder.info() if hasattr(self.encoder, "info") else self.slides.encoder,
             "slide_options": asdict(self.slides.options), "timing": t,
             "engine_version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -106,27 +112,37 @@ class SlideFileWorker:
         }
         if self.spec.shard:
             meta["shard"] = self.spec.shard
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # --gpus: this worker's GPU
+            meta["worker"]["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
         return SlideRecord(entry.slide_id, emb, res.n_patches, meta, read_s=t["grid_s"] + t["patches_s"],
                            aggregate_s=t["encode_s"] + t["aggregate_s"], nbytes=path.stat().st_size)
 
 
-def embed_archive(archive: str | Path, encoder: str, weights: str | Path, prototypes: str | Path, store: str | Path, *,
+def embed_archive(archive: str | Path | Sequence, encoder: str, weights: str | Path, prototypes: str | Path,
+                  store: str | Path, *,
                   options: EmbedOptions = EmbedOptions(), slide_options: SlideOptions = SlideOptions(),
                   encoder_kwargs: dict | None = None, device: str | None = None, mpp: dict | None = None,
                   text_prototypes: np.ndarray | None = None, overwrite: bool = False, **scheduling):
     """Every slide file under `archive` -> one record each in `store` (resumable, sharded, retried:
-    see scheduler.run_archive for `scheduling`). Returns the run report."""
+    see scheduler.run_archive for `scheduling`, cache_dir included). `archive` may also be a list
+    of entries, e.g. `read_slide_manifest(...).entries` (their recorded size and mpp are used).
+    Returns the run report."""
     from ..features.io import SlideEntry
     from ..prototypes.io import read_prototype_file
     from ..slides.patching import list_slide_files
     from .scheduler import run_archive
 
-    paths = list_slide_files(archive)
-    if not paths:
-        raise ValueError(f"no slide files found under {archive}")
+    if isinstance(archive, (str, Path)):
+        paths = list_slide_files(archive)
+        if not paths:
+            raise ValueError(f"no slide files found under {archive}")
+        entries = [SlideEntry(p.stem, p) for p in paths]
+    else:
+        entries = list(archive)
+        if not entries:
+            raise ValueError("no slides to embed (an empty manifest?)")
     c, _ = read_prototype_file(prototypes)
     slides = SlideSpec(encoder, str(weights), dict(encoder_kwargs or {}), device, slide_options, dict(mpp or {}),
                        text_prototypes)
     spec = SlideFileSpec(c, str(prototypes), slides, options, scheduling.pop("threads", None))
-    entries = [SlideEntry(p.stem, p) for p in paths]
     return run_archive(entries, spec, store, overwrite=overwrite, **scheduling)
