@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import FeatureFileError
+from .h5_chunks import read_row_chunked
 
 FEATURE_SUFFIXES = (".h5", ".pt")
 LMDB_MAX_KEY_BYTES = 511
@@ -57,13 +58,19 @@ def plain_attr(v):
     return v
 
 
-def _squeeze_batch(a, name: str, path: Path, slide_id: str, width: int | None = None):
-    if a.ndim == 3 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 2 or (width is not None and a.shape[1] != width):
+def _rows_shape(shape: tuple, name: str, path: Path, slide_id: str, width: int | None = None) -> tuple:
+    """(N, w) of a dataset stored as (N, w) or (1, N, w); anything else is an error."""
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2 or (width is not None and shape[1] != width):
         want = f"(N, {width})" if width else "(N, d)"
-        raise FeatureFileError(path, f"dataset {name!r} has shape {a.shape}, expected {want}", slide_id)
-    return a
+        raise FeatureFileError(path, f"dataset {name!r} has shape {shape}, expected {want}", slide_id)
+    return shape
+
+
+def _squeeze_batch(a, name: str, path: Path, slide_id: str, width: int | None = None):
+    _rows_shape(a.shape, name, path, slide_id, width)
+    return a[0] if a.ndim == 3 else a
 
 
 def _check_features(feats: np.ndarray, path: Path, slide_id: str) -> np.ndarray:
@@ -82,16 +89,17 @@ def _check_features(feats: np.ndarray, path: Path, slide_id: str) -> np.ndarray:
     return feats
 
 
-def read_features(path: str | os.PathLike, slide_id: str | None = None) -> FeatureFile:
+def read_features(path: str | os.PathLike, slide_id: str | None = None, *, coords: bool = True) -> FeatureFile:
     """Read one slide's features (and coords/attributes when present); raise FeatureFileError
-    naming the file and the problem otherwise."""
+    naming the file and the problem otherwise. `coords=False` checks the coords' shape but does
+    not read them (the embedding does not need them)."""
     path = Path(path)
     slide_id = slide_id or path.stem
     if not path.is_file():
         raise FeatureFileError(path, "file not found", slide_id)
     try:
         if path.suffix == ".h5":
-            return _read_h5(path, slide_id)
+            return _read_h5(path, slide_id, coords)
         if path.suffix == ".pt":
             return _read_pt(path, slide_id)
     except FeatureFileError:
@@ -101,20 +109,28 @@ def read_features(path: str | os.PathLike, slide_id: str | None = None) -> Featu
     raise FeatureFileError(path, f"unknown feature file type {path.suffix!r} (expected .h5 or .pt)", slide_id)
 
 
-def _read_h5(path: Path, slide_id: str) -> FeatureFile:
+def _read_whole(ds: h5py.Dataset) -> np.ndarray:
+    fast = read_row_chunked(ds)  # TRIDENT/CLAM one-row chunks in one read
+    return ds[()] if fast is None else fast
+
+
+def _read_h5(path: Path, slide_id: str, with_coords: bool) -> FeatureFile:
     with h5py.File(path, "r") as f:
         if "features" not in f or not isinstance(f["features"], h5py.Dataset):
             raise FeatureFileError(path, f"no 'features' dataset (found: {sorted(f.keys())})", slide_id)
         ds = f["features"]
-        feats = _squeeze_batch(ds[()], "features", path, slide_id)
+        feats = _squeeze_batch(_read_whole(ds), "features", path, slide_id)
         attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
         attrs.update({k: plain_attr(v) for k, v in ds.attrs.items()})
         coords = None
         if "coords" in f:
-            coords = _squeeze_batch(f["coords"][()], "coords", path, slide_id, width=2)
-            attrs.update({f"coords.{k}": plain_attr(v) for k, v in f["coords"].attrs.items()})
-            if len(coords) != len(feats):
-                raise FeatureFileError(path, f"{len(coords)} coords but {len(feats)} feature rows", slide_id)
+            cds = f["coords"]
+            n_coords = _rows_shape(cds.shape, "coords", path, slide_id, width=2)[0]
+            if n_coords != len(feats):
+                raise FeatureFileError(path, f"{n_coords} coords but {len(feats)} feature rows", slide_id)
+            if with_coords:
+                coords = _squeeze_batch(_read_whole(cds), "coords", path, slide_id, width=2)
+            attrs.update({f"coords.{k}": plain_attr(v) for k, v in cds.attrs.items()})
     return FeatureFile(slide_id, path, _check_features(feats, path, slide_id), coords, attrs)
 
 

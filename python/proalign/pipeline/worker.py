@@ -144,7 +144,7 @@ class SlideWorker:
         check_slide_id(entry.slide_id, str(entry.path))
         t0 = time.perf_counter()
         try:
-            ff = read_features(entry.path, entry.slide_id)
+            ff = read_features(entry.path, entry.slide_id, coords=False)
         except ProAlignError:
             raise
         except Exception as e:  # a reader that let something else through: still this slide's problem
