@@ -10,7 +10,8 @@ stage alone (engine + decode, no model) and the encoder alone (preprocess + forw
 number of patches already in memory); the per-stage split (tissue + grid, once per slide, is
 reported apart from the streaming part); and the baseline: OpenSlide
 read_region + PIL resize in a torch DataLoader (2 workers) + the same model in fp32, on the same
-grids. Peak host memory (VmHWM) and, on a GPU, peak GPU memory.
+grids. Peak host memory (VmHWM) and, on a GPU, peak GPU memory, and the encoder alone with CUDA
+graphs against eager at the run's batch size and at 32.
 """
 from __future__ import annotations
 
@@ -52,6 +53,24 @@ class _OpenSlidePatches(torch.utils.data.Dataset):
         x, y = (int(v) for v in self.coords[i])
         img = self._os.read_region((x, y), self.level, (self.read, self.read)).convert("RGB")
         return torch.from_numpy(np.asarray(img.resize((self.out, self.out), Image.BILINEAR)))
+
+
+def _encoder_alone(enc, n: int, batch_size: int, device: str) -> float:
+    """Seconds to preprocess + encode `n` patches already on the device (after one warm-up batch)."""
+    fake = torch.randint(0, 256, (batch_size, enc.patch_size, enc.patch_size, 3), dtype=torch.uint8, device=device)
+    with torch.inference_mode():
+        enc.encode_image(enc.preprocess(fake))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            b = min(batch_size, n - done)
+            enc.encode_image(enc.preprocess(fake[:b]))
+            done += b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,18 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     patches_alone = time.perf_counter() - t0
 
     # 3. the encoder alone, same number of patches already in memory
-    fake = torch.randint(0, 256, (args.batch_size, enc.patch_size, enc.patch_size, 3), dtype=torch.uint8,
-                         device=args.device)
-    t0 = time.perf_counter()
-    done = 0
-    with torch.inference_mode():
-        while done < n_total:
-            b = min(args.batch_size, n_total - done)
-            enc.encode_image(enc.preprocess(fake[:b]))
-            done += b
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-    encoder_alone = time.perf_counter() - t0
+    encoder_alone = _encoder_alone(enc, n_total, args.batch_size, args.device)
+    graphs = {}
+    if args.device.startswith("cuda"):  # CUDA graphs vs eager, at the run's batch size and a small one
+        genc = create_encoder("conch_v1", work / f"conch_{args.model}", device=args.device, cuda_graphs=True, **over)
+        for b in sorted({args.batch_size, 32}):
+            eager_s = _encoder_alone(enc, max(n_total, 8 * b), b, args.device)
+            graph_s = _encoder_alone(genc, max(n_total, 8 * b), b, args.device)
+            graphs[str(b)] = {"eager_patches_per_s": max(n_total, 8 * b) / eager_s,
+                              "graphs_patches_per_s": max(n_total, 8 * b) / graph_s, "speedup": eager_s / graph_s}
+        del genc
 
     # 4. TRIDENT-style baseline: OpenSlide + PIL in a DataLoader, the same model in fp32, mean pooling
     base_enc = create_encoder("conch_v1", work / f"conch_{args.model}", device=args.device, dtype=torch.float32,
@@ -150,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "split_s": split, "baseline_s": baseline, "baseline_patches_per_s": n_total / baseline,
         "speedup_vs_baseline": baseline / streamed, "peak_rss_mb": _peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
+        "cuda_graphs": graphs,
     }
     print(json.dumps(out))
     print(f"\nwhole path: {out['slides_per_hour']:.0f} slides/h, {out['patches_per_s']:.0f} patches/s "
@@ -161,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     print("split (s): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in split.items()))
     print(f"TRIDENT-style baseline (reading + model, same grids): {out['baseline_patches_per_s']:.0f} patches/s; "
           f"ours (streaming part) {out['speedup_vs_baseline']:.2f}x")
+    for b, g in graphs.items():
+        print(f"encoder alone at batch {b}: eager {g['eager_patches_per_s']:.0f}/s, CUDA graphs "
+              f"{g['graphs_patches_per_s']:.0f}/s = {g['speedup']:.2f}x")
     return 0
 
 

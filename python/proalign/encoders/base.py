@@ -202,6 +202,19 @@ class Encoder:
             self._image_fn = torch.compile(backbone.forward_features, backend=backend, dynamic=False)
             self.compiled = True
 
+    def use_cuda_graphs(self) -> None:
+        """Replay the image forward as a CUDA graph (see `GraphedForward`). On a GPU a ViT-B batch
+        is a few hundred kernels; for small batches their launch time is a real share of the
+        forward, which a graph removes. Needs a CUDA device."""
+        if self.device.type != "cuda":
+            raise EncoderError(f"{self.name}: CUDA graphs need a CUDA device (this encoder is on {self.device})")
+        if not isinstance(self._image_fn, GraphedForward):
+            self._image_fn = GraphedForward(self._image_fn)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return isinstance(self._image_fn, GraphedForward)
+
     # -- preprocessing ------------------------------------------------------------------------
     def _norm_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._norm_cache:
@@ -244,7 +257,8 @@ class Encoder:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32 or self.device.type not in ("cuda", "cpu"):
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        # autocast's cache of cast weights must not outlive a CUDA graph capture
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, cache_enabled=not self.cuda_graphs)
 
     def encode_image(self, pixels: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
         """Normalised float pixels (n, 3, H, W) (from `preprocess`) -> pre-projection features x
@@ -365,11 +379,56 @@ class Encoder:
                 "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
                 "feature_dim": self.feature_dim, "joint_dim": self.joint_dim, "magnification": self.magnification,
                 "patch_size": self.patch_size, "logit_scale": self.logit_scale, "dtype": str(self.dtype).split(".")[-1],
-                "device": str(self.device), "compiled": self.compiled}
+                "device": str(self.device), "compiled": self.compiled, "cuda_graphs": self.cuda_graphs}
 
     def __repr__(self) -> str:
         return (f"Encoder({self.name!r}, d={self.feature_dim}, D={self.joint_dim}, input={self.input_size}, "
                 f"{self.patch_size}px@{self.magnification:g}x, {self.device}, {str(self.dtype).split('.')[-1]})")
+
+
+class GraphedForward:
+    """`fn(pixels)` replayed from a CUDA graph captured at one batch shape.
+
+    The first call captures the graph at that call's batch (after warm-up runs on a side stream,
+    as CUDA graph capture requires); later calls copy their pixels into the graph's static input
+    and replay it. A smaller batch (the last one of a slide) is padded with zeros to the captured
+    size and its rows cut from the output; a larger batch or another image size captures again.
+    The output is cloned, since the next replay overwrites the graph's static output. Rows are
+    computed independently by a ViT, so padding does not change them; the tests compare replays
+    with the eager forward."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], warmup: int = 3):
+        self.fn, self.warmup = fn, warmup
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.static_in: Optional[torch.Tensor] = None
+        self.static_out: Optional[torch.Tensor] = None
+        self.captures = 0
+
+    def _capture(self, x: torch.Tensor) -> None:
+        self.graph = self.static_in = self.static_out = None  # free the previous graph's pool first
+        static_in = x.detach().clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.fn(static_in)
+        self.graph, self.static_in, self.static_out = graph, static_in, static_out
+        self.captures += 1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if (self.static_in is None or n > self.static_in.shape[0] or x.shape[1:] != self.static_in.shape[1:]
+                or x.dtype != self.static_in.dtype or x.device != self.static_in.device):
+            self._capture(x)
+        self.static_in[:n].copy_(x)
+        if n < self.static_in.shape[0]:
+            self.static_in[n:].zero_()
+        self.graph.replay()
+        return self.static_out[:n].clone()
 
 
 def free_memory(device: torch.device) -> int:
@@ -386,5 +445,5 @@ def free_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-__all__ = ["Encoder", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_MEAN", "OPENAI_STD", "build_on_meta",
+__all__ = ["Encoder", "GraphedForward", "IMAGENET_MEAN", "IMAGENET_STD", "OPENAI_MEAN", "OPENAI_STD", "build_on_meta",
            "find_weights", "free_memory", "load_checkpoint", "read_state_dict", "resolve_device", "resolve_dtype"]

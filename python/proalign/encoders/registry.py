@@ -67,11 +67,12 @@ def list_encoders(pattern: Optional[str] = None, *, descriptions: bool = False) 
 
 
 def create_encoder(name: str, weights: Optional[str | os.PathLike], *, device: Any = "cpu", dtype: Any = None,
-                   compile: bool | str = False, **kwargs: Any) -> Encoder:
+                   compile: bool | str = False, cuda_graphs: bool = False, **kwargs: Any) -> Encoder:
     """Build encoder `name` from local `weights` (a checkpoint file or a folder holding it).
 
     `device`: where it runs; `dtype`: compute dtype (default bf16 on a GPU, fp32 on the CPU);
-    `compile`: torch.compile the image forward (True, or a backend name). Other keyword arguments
+    `compile`: torch.compile the image forward (True, or a backend name); `cuda_graphs`: replay
+    the image forward as a CUDA graph (GPU only; Encoder.use_cuda_graphs). Other keyword arguments
     go to the encoder's builder: architecture overrides (timm / open_clip style), `tokenizer=PATH`,
     `mean`/`std`/`interpolation`/`magnification`/`patch_px` for the timm and open_clip families,
     `impl="native"|"conch"|"auto"` for conch_v1. A missing path raises EncoderError saying what to
@@ -79,16 +80,19 @@ def create_encoder(name: str, weights: Optional[str | os.PathLike], *, device: A
     if not isinstance(name, str) or not name:
         raise EncoderError(f"encoder name must be a non-empty string, got {name!r}")
     common = dict(device=device, dtype=dtype, compile=compile)
-    if name in _EXACT:
-        return _EXACT[name][0](weights, **common, **kwargs)
     family, sep, arch = name.partition(":")
-    if sep and family in _FAMILIES and arch:
-        return _FAMILIES[family][0](name, arch, weights, **common, **kwargs)
-    known = list_encoders()
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise EncoderError(f"unknown encoder {name!r}.{hint} Known: {', '.join(_EXACT)}, open_clip:<arch>, timm:<arch> "
-                       "(list_encoders() lists them).")
+    if name in _EXACT:
+        enc = _EXACT[name][0](weights, **common, **kwargs)
+    elif sep and family in _FAMILIES and arch:
+        enc = _FAMILIES[family][0](name, arch, weights, **common, **kwargs)
+    else:
+        close = difflib.get_close_matches(name, list_encoders(), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise EncoderError(f"unknown encoder {name!r}.{hint} Known: {', '.join(_EXACT)}, open_clip:<arch>, "
+                           "timm:<arch> (list_encoders() lists them).")
+    if cuda_graphs:
+        enc.use_cuda_graphs()
+    return enc
 
 
 __all__ = ["create_encoder", "list_encoders", "register_encoder"]
