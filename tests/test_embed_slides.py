@@ -2,6 +2,8 @@
 -> streaming aggregation, checked against the same steps done by hand on the whole slide."""
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -150,3 +152,22 @@ def test_embed_archive_cli_resumes_and_reports(tmp_path, rng):
             assert s.meta(sid)["options"]["encoder"] == "conch_v1"
     r2 = run_cli(*cmd)
     assert r2.returncode == 1 and "0 embedded, 2 already stored" in r2.stdout, r2.stdout
+
+
+def test_worker_threads_size_the_cpu_decoders():
+    """N workers on one node: each worker's CPU decoders use its share of the cores, not every core."""
+    from proalign.decode.patches import _make_decoder, set_decode_threads
+    from proalign.pipeline.worker import set_threads
+
+    import numba
+
+    before, before_numba = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        set_threads(3)
+        assert _make_decoder("cpu", "jpeg").threads == 3
+        set_decode_threads(None)
+        assert _make_decoder("cpu", "jpeg").threads == (os.cpu_count() or 1)
+    finally:
+        set_decode_threads(None)
+        torch.set_num_threads(before)
+        numba.set_num_threads(before_numba)

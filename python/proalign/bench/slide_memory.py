@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         "pooler_heads": 8, "text_width": 768, "text_layers": 12, "text_heads": 12, "context_length": 128}))
 
     small = _run(args, slide, model_dir, over, 0)
-    # stride s gives about (side / s)^2 patches on dense tissue: pick it from the measured count
-    stride = max(1, min(PATCH, math.floor(PATCH * math.sqrt(small["patches"] / args.patches))))
+    # stride s gives about (side / s)^2 patches on dense tissue: pick it from the measured count,
+    # one pixel shorter for the patches lost at the edges
+    stride = max(1, min(PATCH, math.floor(PATCH * math.sqrt(small["patches"] / args.patches)) - 1))
     large = _run(args, slide, model_dir, over, PATCH - stride)
     out = {"device": args.device, "model": model, "slide": f"{args.size}^2 dense, 40x", "small": small, "large": large,
            "patches_ratio": large["patches"] / small["patches"],

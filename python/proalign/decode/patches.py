@@ -54,7 +54,12 @@ class TilePlan:
     origins: np.ndarray  # (n, 2) level-pixel origins, in visiting order
     tiles: np.ndarray  # linear tile indices in first-use order
     ready: np.ndarray  # (n,) tiles that must be decoded before the patch at this position can be cut
-    evict_after: list[np.ndarray]  # tiles whose last patch is at this position
+    evict_tiles: np.ndarray  # tiles ordered by the position of their last patch ...
+    evict_bounds: np.ndarray  # (n + 1,) ... those of position p are evict_tiles[bounds[p]:bounds[p + 1]]
+
+    def evict_after(self, p: int) -> np.ndarray:
+        """Tiles no patch after position p needs (two arrays, not one per patch: O(tiles) memory)."""
+        return self.evict_tiles[self.evict_bounds[p]:self.evict_bounds[p + 1]]
 
 
 def choose_level(slide: Slide, patch_size_level0: int, out_size: int) -> tuple[int, int]:
@@ -119,12 +124,9 @@ def plan_tiles(slide: TiffSlide, coords: np.ndarray, patch_size_level0: int, out
     last = np.zeros(len(tiles), np.int64)
     np.maximum.at(last, np.searchsorted(tiles, flat_t), flat_p)
     ready = np.maximum.accumulate(ready) if n else ready  # patches are cut in visiting order
-    evict: list[np.ndarray] = [np.empty(0, np.int64)] * n
-    if len(tiles):
-        by_last = np.argsort(last, kind="stable")
-        bounds = np.searchsorted(last[by_last], np.arange(n + 1))
-        evict = [tiles[by_last[bounds[i]:bounds[i + 1]]] for i in range(n)]
-    return TilePlan(level, r, page, order, origins, tiles_in_order, ready, evict)
+    by_last = np.argsort(last, kind="stable")
+    bounds = np.searchsorted(last[by_last], np.arange(n + 1))
+    return TilePlan(level, r, page, order, origins, tiles_in_order, ready, tiles[by_last], bounds)
 
 
 def resize_patches(batch: torch.Tensor, out_size: int) -> torch.Tensor:
@@ -143,6 +145,16 @@ def resize_patches(batch: torch.Tensor, out_size: int) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).contiguous()
 
 
+_decode_threads: int | None = None  # None: one per core
+
+
+def set_decode_threads(threads: int | None) -> None:
+    """Threads of the CPU decoders this process makes from now on. A worker sets its share of the
+    cores (pipeline.worker.set_threads), so N workers on one node do not each start one per core."""
+    global _decode_threads
+    _decode_threads = None if threads is None else max(1, int(threads))
+
+
 def _gpu_decode_possible() -> bool:
     return torch.cuda.is_available() and _has_dali()
 
@@ -153,7 +165,7 @@ def _make_decoder(decoder: str | object, codec: str):
     if decoder == "auto":
         decoder = "dali-gpu" if codec in ("jpeg", "jpeg2000") and _gpu_decode_possible() else "cpu"
     if decoder == "cpu":
-        return CpuDecoder(threads=os.cpu_count() or 1)
+        return CpuDecoder(threads=_decode_threads or os.cpu_count() or 1)
     if decoder in ("dali-gpu", "dali-cpu"):
         from .dali_decode import DaliDecoder
         return DaliDecoder(device=decoder.split("-")[1])
@@ -264,7 +276,7 @@ def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_si
                 out = buf[filled]
                 for c, rr in tiles_for_rect(page, int(lx), int(ly), r, r):
                     paste_tile(out, cache[rr * page.tiles_across + c], int(lx), int(ly), c, rr, page)
-                for t in plan.evict_after[p].tolist():
+                for t in plan.evict_after(p).tolist():
                     cache.pop(t, None)
                 p += 1
                 filled += 1

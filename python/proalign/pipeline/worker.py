@@ -103,17 +103,19 @@ def describe(e: BaseException) -> str:
 
 
 def set_threads(threads: int | None) -> int:
-    """Set the threads numba and torch use in this process (None: keep the defaults); returns
-    the count in effect. The numba kernels cut a slide into work items by thread count, so a
-    slide of more than 4096 rows may come out different in the last bits with another count:
-    runs that must agree bit for bit should use the same number."""
+    """Set the threads numba, torch and the CPU tile decoders use in this process (None: keep the
+    defaults); returns the count in effect. Records do not depend on it (the numba kernels cut a
+    slide into work items by its length alone)."""
     import torch
+
+    from ..decode.patches import set_decode_threads
 
     try:
         import numba
     except ImportError:
         numba = None
     if threads:
+        set_decode_threads(threads)
         torch.set_num_threads(threads)
         if numba is not None:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
