@@ -114,6 +114,23 @@ def _load_encoder(encoder, weights, encoder_args, device):
     return create_encoder(encoder, weights, device=dev, **_encoder_kwargs(encoder_args)), dev
 
 
+def _sample_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, patch_size, min_tissue, slide_mpp,
+                 mpp_csv):
+    """The prototype pool: patches of slide files encoded on the fly (--archive), or rows of feature files."""
+    from .prototypes.build import sample_pool
+
+    if not archive:
+        return sample_pool(_entries(features, manifest), pool_size, seed)
+    from .prototypes.from_slides import sample_slide_pool
+    from .slides.patching import list_slide_files
+
+    paths = list_slide_files(archive)
+    if not paths:
+        raise click.UsageError(f"no slide files found under {archive}")
+    return sample_slide_pool(paths, enc, pool_size, seed, magnification=mag, patch_size=patch_size,
+                             min_tissue=min_tissue, mpp_for=_mpp_lookup(slide_mpp, mpp_csv), device=dev)
+
+
 def _mpp_lookup(slide_mpp, mpp_csv):
     from .slides.patching import read_mpp_csv
 
@@ -348,23 +365,14 @@ def prototypes_build(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
                      top_fraction, from_file, out, force):
     """Build a prototype set from a cohort's features (--features/--manifest) or slides (--archive
     with --encoder/--weights) (METHOD.md Step 3)."""
-    from .prototypes.build import prototypes_from_pool, sample_pool
+    from .prototypes.build import prototypes_from_pool
     from .prototypes.io import read_matrix, read_prototype_file, save_prototypes
 
     enc = dev = None
     if encoder or archive:
         enc, dev = _load_encoder(encoder, weights, encoder_args, device)
-    if archive:
-        from .prototypes.from_slides import sample_slide_pool
-        from .slides.patching import list_slide_files
-
-        paths = list_slide_files(archive)
-        if not paths:
-            raise click.UsageError(f"no slide files found under {archive}")
-        pool = sample_slide_pool(paths, enc, pool_size, seed, magnification=mag, patch_size=patch_size,
-                                 min_tissue=min_tissue, mpp_for=_mpp_lookup(slide_mpp, mpp_csv), device=dev)
-    else:
-        pool = sample_pool(_entries(features, manifest), pool_size, seed)
+    pool = _sample_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, patch_size, min_tissue,
+                        slide_mpp, mpp_csv)
     meta_extra: dict = {}
     text = read_prototype_file(text_prototypes)[0] if text_prototypes else None
     proj = read_matrix(projection) if projection else None
@@ -431,7 +439,6 @@ def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
     """Refine a prototype set by patch-text contrast (METHOD.md Step 4) on a seeded pool of
     --features/--manifest rows or --archive slides. Prints the loss curve and the usage, refuses a
     collapsed set unless --force; the curve also goes to OUT.train.json."""
-    from .prototypes.build import sample_pool
     from .prototypes.io import read_matrix, read_prototype_file
     from .prototypes.train import CollapsedSetError, save_trained, train_prototypes
 
@@ -476,17 +483,8 @@ def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
     if tau_a is None:
         tau_a = (1.0 / enc.logit_scale if enc is not None and enc.logit_scale
                  else float(init_meta.get("tau_a", 0.01)))
-    if archive:
-        from .prototypes.from_slides import sample_slide_pool
-        from .slides.patching import list_slide_files
-
-        paths = list_slide_files(archive)
-        if not paths:
-            raise click.UsageError(f"no slide files found under {archive}")
-        pool = sample_slide_pool(paths, enc, pool_size, seed, magnification=mag, patch_size=patch_size,
-                                 min_tissue=min_tissue, mpp_for=_mpp_lookup(slide_mpp, mpp_csv), device=dev)
-    else:
-        pool = sample_pool(_entries(features, manifest), pool_size, seed)
+    pool = _sample_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, patch_size, min_tissue,
+                        slide_mpp, mpp_csv)
     click.echo(f"pool: {len(pool.x)} patches from {len(pool.slide_ids)} slides ({len(pool.skipped)} skipped)")
     for sid, why in pool.skipped.items():
         click.echo(f"skipped {sid}: {why}", err=True)
