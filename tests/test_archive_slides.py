@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ from conftest import run_cli
 from proalign import open_store
 from proalign.encoders.random_init import write_random_conch
 from proalign.features import list_slides
+from proalign.features.io import SlideEntry
 from proalign.pipeline import run_archive
 from proalign.pipeline.scheduler import gpu_env, parse_gpus
-from proalign.pipeline.slide_cache import cache_path
+from proalign.pipeline.slide_cache import SlideCache, cache_path
 from proalign.pipeline.worker import EmbedOptions, WorkerSpec
 from proalign.prototypes.io import save_prototypes
 from proalign.slides.manifest import COLUMNS, build_manifest, is_slide_manifest, read_slide_manifest
@@ -57,6 +59,11 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+def _tree(folder: Path) -> list[Path]:
+    """Everything under `folder`, folders included (an empty per-slide folder counts)."""
+    return sorted(folder.rglob("*"))
+
+
 # -- manifest ------------------------------------------------------------------------------------
 def test_manifest_lists_every_slide_with_metadata_and_reasons(tmp_path):
     """A process pool reads metadata; broken and duplicate slides are listed with their reason,
@@ -70,8 +77,11 @@ def test_manifest_lists_every_slide_with_metadata_and_reasons(tmp_path):
     (arch / "sub" / "a.tif").write_bytes((arch / "a.svs").read_bytes())  # same slide id as a.svs
     (tmp_path / "mpp.csv").write_text("wsi,mpp\nb.svs,0.25\n")
     out = tmp_path / "m.csv"
-    r = run_cli("manifest", "--archive", arch, "--out", out, "--mpp-csv", tmp_path / "mpp.csv", "--workers", "2")
+    r = run_cli("manifest", "--archive", arch, "--out", out, "--mpp-csv", tmp_path / "mpp.csv", "--workers", "2",
+                "--no-progress")
     assert r.returncode == 0, r.stderr
+    assert "[4/4] slides probed" in r.stderr  # the duplicate is not probed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["archive", "m.csv", "mpp.csv"]  # no temporary file
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == COLUMNS
@@ -130,6 +140,91 @@ def test_embed_manifest_reuses_recorded_mpp_and_listing(tmp_path, conch):
     build_manifest(arch, m2, workers=1)
     r3 = _embed(conch, tmp_path / "m2.lmdb", "--manifest", m2)
     assert r3.returncode == 1 and "s1" in _report(r3.stdout)["quarantine"]
+
+
+def test_embed_mpp_flags_fill_only_slides_without_an_mpp(tmp_path, conch):
+    """With a slide manifest, --mpp-csv and --slide-mpp never override a slide's own mpp (0.5 here,
+    different from both); --mpp-csv comes first for slides without one, --slide-mpp for the rest."""
+    arch = tmp_path / "archive"
+    arch.mkdir()
+    _slide(arch / "s0.svs", 41)  # metadata mpp 0.5
+    _slide(arch / "s1.svs", 42, mpp=None)
+    _slide(arch / "s2.svs", 43, mpp=None)
+    m = tmp_path / "m.csv"
+    build_manifest(arch, m, workers=1)
+    (tmp_path / "mpp.csv").write_text("wsi,mpp\ns0.svs,0.3\ns1.svs,0.3\n")
+    r = _embed(conch, tmp_path / "s.lmdb", "--manifest", m, "--mpp-csv", tmp_path / "mpp.csv", "--slide-mpp", "0.25")
+    assert r.returncode == 0, r.stderr
+    with open_store(tmp_path / "s.lmdb") as s:
+        assert {sid: s.meta(sid)["slide"]["mpp"] for sid in s} == {"s0": 0.5, "s1": 0.3, "s2": 0.25}
+
+
+def test_read_slide_manifest_relative_paths_and_duplicate_ids(tmp_path):
+    """Relative paths are taken from the manifest's folder; a slide id listed twice keeps the first
+    file in sorted path order (as build_manifest decides), whatever the row order; rows marked
+    duplicate stay out. Both are returned as slide id -> paths."""
+    m = tmp_path / "sub" / "m.csv"
+    m.parent.mkdir()
+    elsewhere = tmp_path / "z.svs"
+    m.write_text("slide_id,path,size_bytes,format,mpp,mpp_source,status,error\n"
+                 "x,slides/b/x.svs,10,aperio-svs,0.5,metadata,ok,\n"
+                 "x,slides/a/x.tif,11,aperio-svs,0.5,metadata,ok,\n"
+                 "y,slides/y.svs,12,,,,duplicate,slide id 'y' is already taken by /n/y.svs\n"
+                 f"z,{elsewhere},13,aperio-svs,,none,ok,\n")
+    man = read_slide_manifest(m, slide_mpp=0.25)
+    assert [(e.slide_id, e.path, e.size_bytes, e.mpp) for e in man.entries] == [
+        ("x", m.parent / "slides" / "a" / "x.tif", 11, None), ("z", elsewhere, 13, 0.25)]
+    assert man.duplicates == {"x": [str(m.parent / "slides" / "b" / "x.svs")],
+                              "y": [str(m.parent / "slides" / "y.svs")]}
+
+
+def test_manifest_row_for_a_slide_whose_metadata_cannot_be_read(tmp_path, monkeypatch):
+    """A slide that opens but whose metadata then raises gets an error row (the build goes on) and
+    is closed."""
+    import proalign.slides.slide as slide_module
+
+    closed = []
+
+    class Unreadable:
+        @property
+        def info(self):
+            raise KeyError("level 0")
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(slide_module, "open_slide", lambda *a, **k: Unreadable())
+    rows = build_manifest(paths=[_slide(tmp_path / "a.svs", 1)], workers=1)
+    assert [(r["slide_id"], r["status"], r["error"]) for r in rows] == [("a", "error", "KeyError: 'level 0'")]
+    assert closed == [True]
+
+
+def test_embed_archive_embeds_one_file_per_slide_id(tmp_path, conch):
+    """`embed --archive` with a.svs and sub/a.tif (both slide id `a`, different slides): a.svs (first
+    in sorted path order) is embedded, sub/a.tif is listed in the report with a warning; the same
+    with --cache-dir and two workers (the cache is keyed by slide id) and from a slide manifest."""
+    arch = tmp_path / "archive"
+    (arch / "sub").mkdir(parents=True)
+    _slide(arch / "a.svs", 51)
+    _slide(arch / "sub" / "a.tif", 52)
+    _slide(arch / "b.svs", 53)
+    build_manifest(arch, tmp_path / "m.csv", slide_mpp=0.5, workers=1)
+    listing = ("--archive", arch, "--slide-mpp", "0.5")
+    runs = {"manifest": ("--manifest", tmp_path / "m.csv"), "plain": listing,
+            "cache": (*listing, "--cache-dir", tmp_path / "cache", "--workers", "2")}
+    embedded = {}
+    for name, args in runs.items():
+        r = _embed(conch, tmp_path / f"{name}.lmdb", *args)
+        assert r.returncode == 0, r.stderr
+        rep = _report(r.stdout)
+        assert sorted(rep["done"]) == ["a", "b"] and rep["duplicates"] == {"a": [str(arch / "sub" / "a.tif")]}
+        assert "not embedded" in r.stderr and "a.tif" in r.stderr and "1 file(s) not embedded" in r.stdout
+        with open_store(tmp_path / f"{name}.lmdb") as s:
+            assert s.meta("a")["slide"]["path"] == str((arch / "a.svs").resolve())
+            embedded[name] = s["a"].tobytes()
+    assert embedded["manifest"] == embedded["plain"] == embedded["cache"]
+    assert rep["cache"]["copied"] == 2 and rep["cache"]["fallback"] == {}
+    assert _tree(tmp_path / "cache") == []
 
 
 # -- --gpus --------------------------------------------------------------------------------------
@@ -235,10 +330,16 @@ def test_cache_reads_local_copies_bounded_ahead_and_removes_them(tmp_path, netwo
     assert max(counts) == ahead + 1  # and the copier did get ahead
     # queue order: largest first, and the copies followed it
     assert [s for s, *_ in spy.spy] == [e.slide_id for e in sorted(entries, key=lambda e: -e.path.stat().st_size)]
-    assert _files(cache) == []  # every copy removed
+    assert _tree(cache) == []  # every copy removed, and its folder
     c = rep.cache
-    assert c["copied"] == c["deleted"] == len(entries) and c["fallback"] == {} and c["peak_ahead"] <= ahead
+    assert c["copied"] == c["deleted"] == len(entries) and c["fallback"] == {} and c["in_place"] == 0
+    assert (1 <= c["peak_ahead"] <= ahead) if ahead else c["peak_ahead"] == 0
     assert c["bytes"] == sum(e.path.stat().st_size for e in entries)
+    # the records' provenance names the feature files, not the deleted copies
+    with open_store(tmp_path / "s.lmdb") as s:
+        for sid in s:
+            assert s.meta(sid)["feature_source"]["path"] == str(by_id[sid].resolve())
+            assert s.meta(sid)["feature_source"]["read_from"] == "cache"
 
 
 def test_cache_copy_failure_falls_back_to_the_original(tmp_path, network):
@@ -260,6 +361,7 @@ def test_cache_copy_failure_falls_back_to_the_original(tmp_path, network):
                       cache_dir=tmp_path / "c2", cache_min_free=1 << 62)
     assert rep.ok and len(rep.cache["fallback"]) == len(entries) and rep.cache["copied"] == 0
     assert all("free" in why for why in rep.cache["fallback"].values())
+    assert _tree(tmp_path / "c2") == []  # no empty per-slide folder left behind
     _same(tmp_path / "s2.lmdb", ref)
 
 
@@ -270,7 +372,7 @@ def test_keep_cache_is_reused_and_ray_is_refused(tmp_path, network):
     assert rep.ok and rep.cache["copied"] == len(entries) and len(_files(cache)) == len(entries)
     rep = run_archive(entries, spec, tmp_path / "s.lmdb", progress=False, cache_dir=cache, overwrite=True)
     assert rep.ok and rep.cache["reused"] == len(entries) and rep.cache["copied"] == 0
-    assert _files(cache) == []  # not kept this time
+    assert _tree(cache) == []  # not kept this time
     _same(tmp_path / "s.lmdb", ref)
     with pytest.raises(ValueError, match="local scheduler"):
         run_archive(entries, spec, tmp_path / "r.lmdb", scheduler="ray", cache_dir=cache)
@@ -290,8 +392,9 @@ def test_cache_on_the_slides_cli(tmp_path, conch):
                                                                      "--workers", "2"))
     assert r.returncode == 0, r.stderr
     rep = _report(r.stdout)
-    assert rep["cache"]["copied"] == 3 and rep["cache"]["fallback"] == {} and rep["cache"]["peak_ahead"] <= 1
-    assert _files(cache) == []
+    # the first copy is made while the workers start: it waits ahead
+    assert rep["cache"]["copied"] == 3 and rep["cache"]["fallback"] == {} and rep["cache"]["peak_ahead"] == 1
+    assert _tree(cache) == []
     with open_store(tmp_path / "c.lmdb") as s:
         for sid in ("s0", "s1", "s2"):
             assert s.meta(sid)["slide"]["path"] == str((arch / f"{sid}.svs").resolve())
@@ -301,14 +404,146 @@ def test_cache_on_the_slides_cli(tmp_path, conch):
     assert r.returncode == 2 and "--cache-dir is for slide files" in r.stderr
 
 
-def test_manifest_pool_survives_a_crashing_reader():
-    """A reader that kills its pool process marks only its own slide; every other slide is probed."""
+def test_manifest_pool_survives_a_crashing_reader(monkeypatch):
+    """A reader that kills its pool process marks only its own slide; every other slide is probed,
+    and only the slides in flight at a crash are probed alone: the rest go on in a fresh pool (not
+    one new process per remaining slide)."""
     from _crash_probe import probe
 
-    from proalign.slides.manifest import _probe_all
+    from proalign.slides import manifest
 
-    jobs = [(f"s{i}", f"/x/{'crash' if i == 2 else 'ok'}{i}.svs", None) for i in range(5)]
-    rows = _probe_all(jobs, 2, probe)
+    started = []
+
+    class CountingPool(manifest.ProcessPoolExecutor):
+        def __init__(self, max_workers, **kw):
+            started.append(max_workers)
+            super().__init__(max_workers, **kw)
+
+    monkeypatch.setattr(manifest, "ProcessPoolExecutor", CountingPool)
+    crash = {2, 25}
+    jobs = [(f"s{i}", f"/x/{'crash' if i in crash else 'ok'}{i}.svs", None) for i in range(40)]
+    seen = []
+    rows = manifest._probe_all(jobs, 2, probe, progress=lambda done, total: seen.append((done, total)))
     assert [r["slide_id"] for r in rows] == [j[0] for j in jobs]
-    assert [r["status"] for r in rows] == ["ok", "ok", "error", "ok", "ok"]
-    assert "crashed" in rows[2]["error"]
+    assert [i for i, r in enumerate(rows) if r["status"] != "ok"] == sorted(crash)
+    assert all("crashed" in rows[i]["error"] for i in crash)
+    # per crash: <= 4 slides in flight re-probed alone (a new process after the crasher), then a fresh pool
+    assert sum(started) <= 2 + len(crash) * (1 + 1 + 2), started
+    assert seen == [(n, len(jobs)) for n in range(1, len(jobs) + 1)]
+
+
+def test_cache_hands_a_copy_only_to_its_own_file(tmp_path):
+    """Two files under one slide id (defence in depth: the listing already drops duplicates): the
+    other file reads its original, and its release leaves the first file's copy alone."""
+    a, b = tmp_path / "nfs" / "s.svs", tmp_path / "nfs" / "sub" / "s.tif"
+    b.parent.mkdir(parents=True)
+    a.write_bytes(b"a" * 1000)
+    b.write_bytes(b"b" * 2000)
+    cache = SlideCache(tmp_path / "cache", ahead=1)
+    try:
+        cache.plan([SlideEntry("s", a)])
+        got_a = cache.take(SlideEntry("s", a))
+        assert got_a.path == cache_path(cache.dir, "s", "s.svs") and got_a.source == a
+        got_b = cache.take(SlideEntry("s", b))
+        assert got_b == SlideEntry("s", b) and str(a) in cache.fallback["s"]
+        cache.release(SlideEntry("s", b))
+        assert got_a.path.read_bytes() == a.read_bytes()  # still there for a's worker
+        cache.release(SlideEntry("s", a))
+        assert not got_a.path.exists()
+    finally:
+        cache.close()
+    assert _tree(cache.dir) == []
+
+
+def _take_within(cache, entry, seconds=20):
+    """cache.take(entry) in a thread: what it returned, or a failure if it is still waiting."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(cache.take(entry)), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert out, f"take() still waiting after {seconds} s"
+    return out[0]
+
+
+class _StatFailsCache(SlideCache):
+    def _copy(self, entry):  # a "copy" that is not there: stat'ing it fails
+        return self.dir / "missing" / Path(entry.path).name, False
+
+
+class _DeadCopierCache(SlideCache):
+    def _run(self):  # the copier thread ends at once, no copy made
+        return
+
+
+def test_cache_copier_failures_fall_back_to_the_original(tmp_path):
+    """Whatever fails in the copier thread, take() does not wait for ever: an error after the copy
+    fails that copy (reason recorded), a dead copier thread fails every copy."""
+    src = tmp_path / "nfs" / "s.svs"
+    src.parent.mkdir()
+    src.write_bytes(b"x" * 1000)
+    entry = SlideEntry("s", src)
+    for cls, why in [(_StatFailsCache, "FileNotFoundError"), (_DeadCopierCache, "copier thread stopped")]:
+        cache = cls(tmp_path / cls.__name__, ahead=1)
+        try:
+            cache.plan([entry])
+            assert _take_within(cache, entry) == entry
+            assert why in cache.fallback["s"]
+        finally:
+            cache.close()
+
+
+def test_cache_multi_file_slides_in_place_and_a_retry_clears_fallback(tmp_path, caplog):
+    """MRXS (and DICOM, VMS, VMU) slides are read in place: counted, no warning, no fallback. A
+    slide whose copy failed and whose retry's copy works is no longer listed as a fallback."""
+    nfs = tmp_path / "nfs"
+    nfs.mkdir()
+    mrxs, svs = nfs / "m.mrxs", nfs / "s.svs"
+    mrxs.write_bytes(b"m" * 100)
+    svs.write_bytes(b"s" * 1000)
+    cache = SlideCache(tmp_path / "cache", ahead=2)
+    blocker = cache_path(cache.dir, "s", "s.svs")
+    blocker.mkdir(parents=True)  # the first copy cannot land
+    try:
+        cache.plan([SlideEntry("m", mrxs), SlideEntry("s", svs)])
+        with caplog.at_level("WARNING", logger="proalign.embed"):
+            assert cache.take(SlideEntry("m", mrxs)) == SlideEntry("m", mrxs)
+        assert not caplog.records
+        assert cache.take(SlideEntry("s", svs)) == SlideEntry("s", svs) and "s" in cache.fallback
+        cache.release(SlideEntry("s", svs))  # the try failed
+        blocker.rmdir()
+        retry = cache.take(SlideEntry("s", svs))
+        assert retry.path == blocker and retry.source == svs
+        cache.release(SlideEntry("s", svs))
+    finally:
+        cache.close()
+    assert {k: cache.summary()[k] for k in ("in_place", "copied", "fallback")} == \
+        {"in_place": 1, "copied": 1, "fallback": {}}
+    assert _tree(cache.dir) == []
+
+
+def test_results_are_stored_while_a_copy_is_made(tmp_path, network, monkeypatch):
+    """Two worker processes, no copy ahead: the second slide's copy waits until the first slide's
+    copy is deleted, which happens only once the first slide is stored: the run must store results
+    (and check timeouts, in the same call) while it waits for a copy."""
+    from proalign.pipeline import slide_cache
+
+    entries, spec, ref = network
+    cache = tmp_path / "cache"
+    first, second = sorted(entries, key=lambda e: -e.path.stat().st_size)[:2]
+    first_copy = cache_path(cache, first.slide_id, first.path.name)
+    stored_meanwhile = []
+    copy = slide_cache.SlideCache._copy
+
+    def slow_copy(self, entry):
+        if entry.slide_id == second.slide_id:
+            end = time.monotonic() + 15
+            while first_copy.exists() and time.monotonic() < end:
+                time.sleep(0.02)
+            stored_meanwhile.append(not first_copy.exists())
+        return copy(self, entry)
+
+    monkeypatch.setattr(slide_cache.SlideCache, "_copy", slow_copy)
+    rep = run_archive(entries, spec, tmp_path / "s.lmdb", progress=False, cache_dir=cache, cache_ahead=0,
+                      workers=2, slide_timeout=60)
+    assert rep.ok and stored_meanwhile == [True]
+    _same(tmp_path / "s.lmdb", ref)

@@ -132,10 +132,12 @@ def _sample_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, pa
 
 
 def _mpp_lookup(slide_mpp, mpp_csv):
+    """path -> the user's mpp for that slide (--mpp-csv by name or stem, else --slide-mpp) or None."""
+    from .slides.manifest import mpp_for
     from .slides.patching import read_mpp_csv
 
-    table = read_mpp_csv(mpp_csv) if mpp_csv else {}
-    return lambda p: table.get(Path(p).name, table.get(Path(p).stem, slide_mpp))
+    table = {**(read_mpp_csv(mpp_csv) if mpp_csv else {}), **({"*": slide_mpp} if slide_mpp else {})}
+    return lambda p: mpp_for(table, p)
 
 
 def _with(options):
@@ -241,9 +243,8 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
                 from .slides.manifest import read_slide_manifest
 
                 m = read_slide_manifest(manifest, slide_mpp=slide_mpp, mpp_table=table)
-                for path, why in m.duplicates.items():
-                    click.echo(f"not embedded: {path}: {why}", err=True)
                 archive, mpp = m.entries, {}
+                scheduling["duplicates"] = m.duplicates  # reported (and logged) by the run
             sopts = SlideOptions(magnification=mag, patch_size=patch_size, min_tissue=min_tissue, decoder=decoder,
                                  shrink_on_load=shrink_on_load, batch_size=batch_size, coords_dir=coords_dir,
                                  features_dir=save_features)
@@ -263,13 +264,42 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
     sys.exit(rep.exit_code)
 
 
+class _ManifestProgress:
+    """Slides probed, shown as embed shows its progress: a tqdm bar on a terminal (or with
+    --progress), plain log lines otherwise (each 5% of the slides, after 30 s without one, at the end)."""
+
+    def __init__(self, enabled: bool | None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar, self.last = None, 0.0
+
+    def update(self, done: int, total: int) -> None:
+        import time
+
+        if self.enabled:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="slide", dynamic_ncols=True)
+            self.bar.update(done - self.bar.n)
+            return
+        now = time.monotonic()
+        if done == total or done % max(1, total // 20) == 0 or now - self.last > 30:
+            self.last = now
+            logging.getLogger("proalign.manifest").info("[%d/%d] slides probed", done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @main.command("manifest")
 @click.option("--archive", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of slide files.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The manifest CSV to write.")
 @click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for every slide (as embed --slide-mpp).")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False), help="Per-slide mpp: columns wsi,mpp.")
 @click.option("--workers", default=None, type=click.IntRange(1), help="Processes reading metadata (default: cores).")
-def manifest_cmd(archive, out, slide_mpp, mpp_csv, workers):
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def manifest_cmd(archive, out, slide_mpp, mpp_csv, workers, progress):
     """List an archive once: one CSV row per slide file (slide_id, path, size_bytes, format, width,
     height, levels, mpp, mpp_source, objective_power, status, error), from each slide's metadata
     only (no pixels), read by a process pool. Slides that do not open are listed with the reason
@@ -277,8 +307,12 @@ def manifest_cmd(archive, out, slide_mpp, mpp_csv, workers):
     from .slides.manifest import build_manifest
     from .slides.patching import read_mpp_csv
 
-    rows = build_manifest(archive, out, slide_mpp=slide_mpp, mpp_table=read_mpp_csv(mpp_csv) if mpp_csv else None,
-                          workers=workers)
+    shown = _ManifestProgress(progress)
+    try:
+        rows = build_manifest(archive, out, slide_mpp=slide_mpp, mpp_table=read_mpp_csv(mpp_csv) if mpp_csv else None,
+                              workers=workers, progress=shown.update)
+    finally:
+        shown.close()
     if not rows:
         raise click.UsageError(f"no slide files found under {archive}")
     bad = [r for r in rows if r["status"] != "ok"]
@@ -527,16 +561,16 @@ def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_
     """Tissue detection and a patch grid per slide, written as TRIDENT coords .h5. Exit 1 when a
     slide failed (the others are still written)."""
     from .slides.coords_io import trident_coords_path, write_coords_h5
-    from .slides.patching import patch_slide, read_mpp_csv
+    from .slides.patching import patch_slide
 
     if mag is not None and target_mpp is not None:
         raise click.UsageError("give --mag or --mpp, not both")
     single = len(slides) == 1 and out.endswith(".h5")
-    per_slide = read_mpp_csv(mpp_csv) if mpp_csv else {}
+    mpp_of = _mpp_lookup(slide_mpp, mpp_csv)
     failed = 0
     for path in slides:
         p = Path(path)
-        mpp = per_slide.get(p.name, per_slide.get(p.stem, slide_mpp))
+        mpp = mpp_of(p)
         try:
             slide, grid = patch_slide(p, mpp=mpp, patch_size=patch_size, target_magnification=mag,
                                       target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue, edge=edge)

@@ -121,6 +121,7 @@ class RunReport:
     in_flight_at_stop: list[str] = field(default_factory=list)  # being embedded at the first signal
     stored_after_stop: list[str] = field(default_factory=list)  # stored after the first signal
     cache: dict = field(default_factory=dict)  # the local slide cache (cache_dir): counts, fallbacks
+    duplicates: dict[str, list[str]] = field(default_factory=dict)  # slide id -> other files, not embedded
     report_path: str | None = None
 
     @property
@@ -139,6 +140,9 @@ class RunReport:
              f"in {t:.1f} s ({self.patches} patches)")
         if self.retried:
             s += f"; {len(self.retried)} stored on a retry"
+        if self.duplicates:
+            s += (f"; {sum(map(len, self.duplicates.values()))} file(s) not embedded: their slide id is taken "
+                  "(see the report's duplicates)")
         if self.cache.get("fallback"):
             s += f"; {len(self.cache['fallback'])} read from the original path (no cache copy: see the report)"
         if self.interrupted:
@@ -334,6 +338,7 @@ def run_archive(
     cache_ahead: int = 2,
     keep_cache: bool = False,
     cache_min_free: int = 256 << 20,
+    duplicates: dict[str, list[str]] | None = None,
 ) -> RunReport:
     """Run any per-slide worker (`spec`: see worker.py for the contract) over `entries` (this
     shard's share of them) into the store; see the module docstring. Returns the run report, also
@@ -346,7 +351,10 @@ def run_archive(
     a local worker stuck on one slide is killed. handle_signals: SIGINT/SIGTERM stop cleanly.
     cache_dir: copy each slide to this local folder before it is handed out, `cache_ahead` slides
     ahead (queue order), deleting each copy once stored unless keep_cache; a failed copy falls back
-    to the original path (report: `cache.fallback`). See slide_cache.py."""
+    to the original path (report: `cache.fallback`). See slide_cache.py.
+    duplicates: slide id -> files left out because another file has that id (slide_worker's
+    listing, a slide manifest); recorded in the report (this shard's ids) and logged, and they do
+    not change the exit code."""
     from ..store import open_store
 
     t_start = time.perf_counter()
@@ -361,6 +369,7 @@ def run_archive(
         i, n = parse_shard(shard) if isinstance(shard, str) else shard
         shard_text = f"{i}/{n}"
         entries = select_shard(entries, i, n)
+        duplicates = {sid: p for sid, p in (duplicates or {}).items() if shard_of(sid, n) == i}
     if gpus and scheduler == "local":  # one worker process per GPU, each seeing only its own
         workers = len(gpus)
     workers = max(1, int(workers))
@@ -377,6 +386,11 @@ def run_archive(
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
         report_path = Path(store_path) / "reports" / f"run-{stamp}.json"
     report.report_path = str(report_path)
+    report.duplicates = {sid: list(paths) for sid, paths in (duplicates or {}).items()}
+    kept = {e.slide_id: e.path for e in entries}
+    for sid, paths in report.duplicates.items():
+        log.warning("not embedded: %s (slide id %r is taken by %s; rename to embed)", ", ".join(paths), sid,
+                    kept.get(sid, "another file"))
 
     with open_store(store_path, write=True) as store, _Signals(handle_signals) as sig:
         # which slides are still to do
@@ -423,16 +437,18 @@ def run_archive(
             while queue or inflight:
                 if sig.count >= 2:
                     break
+                copying = False  # the next slide's local copy is still being made
                 while idle and queue and sig.count == 0:
-                    slot = idle.pop()
-                    task = queue.popleft()
+                    task = queue[0]
                     entry = task.entry
-                    if cache is not None:  # the local copy (waits for it), or the original if it failed
-                        entry = cache.take(task.entry, stop=lambda: sig.count > 0)
-                        if entry is None:  # stopped while waiting for the copy: not handed out
-                            queue.appendleft(task)
-                            idle.append(slot)
+                    if cache is not None:  # the local copy, or the original if it failed
+                        entry = cache.take(task.entry, timeout=0.05)
+                        if entry is None:  # not copied yet: store results and check timeouts meanwhile
+                            copying = True
                             break
+                    queue.popleft()
+                    slot = idle.pop()
+                    if cache is not None:
                         cache.plan([t.entry for t in itertools.islice(queue, cache.ahead)])
                     task.tries += 1
                     inflight[slot] = task
@@ -444,7 +460,7 @@ def run_archive(
                         break  # done already: store it before taking the next
                 if sig.count and not inflight:
                     break
-                events = list(executor.wait(0.2))
+                events = list(executor.wait(0.05 if copying else 0.2))
                 sig.storing = {inflight[ev.slot].entry.slide_id for ev in events}
                 for ev in _drain(events, inflight, sig):
                     task = inflight.pop(ev.slot)
@@ -468,11 +484,11 @@ def run_archive(
                             if sig.count:
                                 report.stored_after_stop.append(sid)
                             if cache is not None:  # stored: its local copy goes
-                                cache.release(sid)
+                                cache.release(task.entry)
                             bar.step(sid, "done", r.n_patches, task.size)
                             continue
                     if cache is not None:  # a failed try: a retry copies it again
-                        cache.release(sid)
+                        cache.release(task.entry)
                     task.reasons.append(ev.error)
                     if task.tries <= retries:
                         log.warning("%s failed (try %d), will retry: %s", sid, task.tries, ev.error)

@@ -5,12 +5,13 @@ handed out; a worker reads the local copy, which is deleted once the slide's rec
 
 Each copy is written to a `.part` file and renamed when whole (atomic), after checking the free
 space (the slide plus `min_free` must fit) and, afterwards, the copied size. If a copy fails the
-slide is read from its original path and the failure is noted (`fallback` in the run report).
-Multi-file formats (DICOM series, MRXS, VMS) are read in place.
+slide is read from its original path and the failure is noted (`fallback` in the run report; a
+later try whose copy succeeds clears it). Multi-file formats (DICOM series, MRXS, VMS, VMU) are
+read in place by design (`in_place`: a count, no warning).
 
-The scheduler calls `plan(next entries)` after each hand-out, `take(entry)` to get the entry to
-submit (its `path` the local copy, its `source` the original), and `release(slide_id)` once the
-slide is stored or its try failed.
+The scheduler calls `plan(next entries)` after each hand-out, `take(entry, timeout)` to get the
+entry to submit (its `path` the local copy, its `source` the original; None while the copy is
+still being made) and `release(entry)` once the slide is stored or its try failed.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 log = logging.getLogger("proalign.embed")
 
@@ -52,6 +53,11 @@ def cache_path(cache_dir: str | Path, slide_id: str, name: str) -> Path:
     return Path(cache_dir) / key / name
 
 
+def _in_place(entry) -> bool:
+    """A multi-file slide (its other files sit next to it): read from where it is."""
+    return Path(entry.path).suffix.lower() in MULTI_FILE_SUFFIXES
+
+
 def _with_path(entry, local: Path):
     """The entry to hand to the worker: same slide, path = the local copy, source = the original."""
     from ..slides.manifest import SlideFileEntry
@@ -75,60 +81,74 @@ class SlideCache:
         self.stats = {"copied": 0, "reused": 0, "bytes": 0, "copy_s": 0.0, "wait_s": 0.0, "deleted": 0,
                       "peak_ahead": 0}
         self.fallback: dict[str, str] = {}  # slide id -> why it was read from the original path
+        self.in_place: set[str] = set()  # multi-file slides, read from the original path by design
         self._clean_stale_parts()
         self._thread = threading.Thread(target=self._run, name="proalign-slide-cache", daemon=True)
         self._thread.start()
 
     # -- the scheduler's side (main thread) ------------------------------------------------------
     def plan(self, upcoming: Sequence) -> None:
-        """The next slides in queue order: copy the first `ahead` of them; copies not yet started
-        for slides that left the window are forgotten."""
-        window = {e.slide_id: e for e in list(upcoming)[: self.ahead]}
+        """The next slides in queue order: copy the first `ahead` of them (multi-file slides are
+        not copied). A planned slide leaves the window only by being taken (the queue's head is
+        handed out first), so nothing planned is ever dropped here."""
         with self._cv:
-            for sid in [s for s in self._todo if s not in window and not self._state[s].taken]:
-                self._todo.remove(sid)
-                del self._state[sid]
-            for sid, e in window.items():
-                if sid not in self._state:
-                    self._state[sid] = _Copy(e)
-                    self._todo.append(sid)
+            for e in list(upcoming)[: self.ahead]:
+                if e.slide_id not in self._state and not _in_place(e):
+                    self._state[e.slide_id] = _Copy(e)
+                    self._todo.append(e.slide_id)
             self._note_peak()
             self._cv.notify_all()
 
-    def take(self, entry, stop: Callable[[], bool] = lambda: False):
-        """The entry to submit for `entry`: its local copy once made (waiting for it if needed;
-        copied now when it was not planned), or `entry` itself when the copy failed or the format
-        is read in place. None when `stop()` turned true while waiting (nothing is taken)."""
+    def take(self, entry, timeout: float | None = None):
+        """The entry to submit for `entry`: its local copy once made (copied now when it was not
+        planned), or `entry` itself when the copy failed, the format is read in place, or the
+        cache holds another file under this slide id. None when the copy is not made within
+        `timeout` seconds (None: wait until it is): the slide stays claimed; take it again."""
         sid = entry.slide_id
+        if _in_place(entry):
+            self.in_place.add(sid)
+            return entry
         t0 = time.perf_counter()
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             c = self._state.get(sid)
+            if c is not None and Path(c.entry.path) != Path(entry.path):  # never hand out another file's copy
+                self.fallback[sid] = f"not cached: the cache holds {c.entry.path} under the same slide id"
+                log.warning("%s: reading the original %s (%s)", sid, entry.path, self.fallback[sid])
+                return entry
             if c is None:
                 c = self._state[sid] = _Copy(entry)
                 self._todo.appendleft(sid)
-            elif c.status == "queued" and self._todo and self._todo[0] != sid:
+            elif c.status == "queued" and self._todo[0] != sid:
                 self._todo.remove(sid)
                 self._todo.appendleft(sid)
             c.taken = True
             self._cv.notify_all()
             while c.status in ("queued", "copying"):
-                if stop():
-                    c.taken = False
+                if not self._thread.is_alive():  # nobody will make the copy: read the original
+                    c.status, c.reason = "failed", "not cached: the copier thread stopped"
+                    break
+                left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                if left <= 0:
+                    self.stats["wait_s"] += time.perf_counter() - t0
                     return None
-                self._cv.wait(0.1)
+                self._cv.wait(left)
             self.stats["wait_s"] += time.perf_counter() - t0
             if c.status == "ready":
+                self.fallback.pop(sid, None)  # an earlier try's failed copy: this one worked
                 return _with_path(entry, c.local)
             self.fallback[sid] = c.reason or "copy failed"
             log.warning("%s: reading the original (%s)", sid, self.fallback[sid])
             return entry
 
-    def release(self, slide_id: str) -> None:
-        """The slide is stored (or its try failed): delete its copy unless keeping them."""
+    def release(self, entry) -> None:
+        """`entry`'s slide is stored (or its try failed): delete its copy unless keeping them."""
         with self._cv:
-            c = self._state.pop(slide_id, None)
-        if c is not None:
-            self._discard(c)
+            c = self._state.get(entry.slide_id)
+            if c is None or Path(c.entry.path) != Path(entry.path):
+                return  # no copy of this file (read in place, or another file's copy: not ours to delete)
+            del self._state[entry.slide_id]
+        self._discard(c)
 
     def close(self) -> None:
         """Stop copying; delete the copies not used (and any partial file) unless keeping them."""
@@ -145,7 +165,7 @@ class SlideCache:
 
     def summary(self) -> dict:
         return {"dir": str(self.dir), "ahead": self.ahead, "keep": self.keep, **self.stats,
-                "fallback": dict(self.fallback)}
+                "in_place": len(self.in_place), "fallback": dict(self.fallback)}
 
     # -- the copier thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -155,33 +175,28 @@ class SlideCache:
                     self._cv.wait()
                 if self._stop:
                     return
-                sid = self._todo.popleft()
-                c = self._state[sid]
+                c = self._state[self._todo.popleft()]
                 c.status = "copying"
             t0 = time.perf_counter()
-            try:
+            try:  # everything about this copy: a failure fails the copy, never the thread
                 local, reused = self._copy(c.entry)
+                size = local.stat().st_size
                 status, reason = "ready", None
             except Exception as e:  # noqa: BLE001 - any failure: the worker reads the original
-                local, reused, status, reason = None, False, "failed", (
+                local, reused, size, status, reason = None, False, 0, "failed", (
                     str(e) if isinstance(e, CacheCopyError) else f"cache copy failed: {type(e).__name__}: {e}")
             with self._cv:
                 c.local, c.status, c.reason = local, status, reason
                 if status == "ready":
                     self.stats["reused" if reused else "copied"] += 1
                     if not reused:
-                        self.stats["bytes"] += local.stat().st_size
+                        self.stats["bytes"] += size
                         self.stats["copy_s"] += time.perf_counter() - t0
-                gone = self._state.get(sid) is not c  # forgotten while copying (left the window)
                 self._note_peak()
                 self._cv.notify_all()
-            if gone:
-                self._discard(c)
 
     def _copy(self, entry) -> tuple[Path, bool]:
         src = Path(entry.path)
-        if src.suffix.lower() in MULTI_FILE_SUFFIXES:
-            raise CacheCopyError(f"not cached: {src.suffix} slides are several files (read in place)")
         st = src.stat()
         dest = cache_path(self.dir, entry.slide_id, src.name)
         try:
@@ -190,11 +205,11 @@ class SlideCache:
                 return dest, True  # a kept copy of the same file
         except OSError:
             pass
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(dest.parent).free
+        free = shutil.disk_usage(self.dir).free  # before the slide's folder exists: no empty folder left
         if st.st_size + self.min_free > free:
             raise CacheCopyError(f"not cached: {free / 2**30:.2f} GiB free in {self.dir}, the slide needs "
                                  f"{st.st_size / 2**30:.2f} GiB plus {self.min_free / 2**30:.2f} GiB kept free")
+        dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(f".{dest.name}{_PART}{os.getpid()}")
         try:
             with open(src, "rb") as fi, open(part, "wb") as fo:

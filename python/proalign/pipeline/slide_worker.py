@@ -27,16 +27,13 @@ class SlideSpec:
     encoder_kwargs: dict = field(default_factory=dict)
     device: str | None = None  # None: cuda when present
     options: SlideOptions = SlideOptions()
-    mpp: dict = field(default_factory=dict)  # slide file name or stem -> level-0 mpp; "*": the default
+    mpp: dict = field(default_factory=dict)  # slide file name or stem -> level-0 mpp; "*": the default (mpp_for)
     text_prototypes: np.ndarray | None = None  # (K, D): proalign in the joint space
 
     def key(self) -> dict:
         """What, besides the aggregation options, a stored record must match to count as done."""
         return {**self.options.key(self.encoder), "weights": str(Path(self.weights).resolve()),
                 "space": "joint" if self.text_prototypes is not None else "visual"}
-
-    def mpp_for(self, path: Path) -> float | None:
-        return self.mpp.get(path.name, self.mpp.get(path.stem, self.mpp.get("*")))
 
 
 @dataclass(frozen=True)
@@ -84,6 +81,7 @@ class SlideFileWorker:
         self.host = socket.gethostname()
 
     def __call__(self, entry):
+        from ..slides.manifest import mpp_for
         from .worker import SlideRecord
 
         opts = self.spec.options
@@ -91,7 +89,7 @@ class SlideFileWorker:
         source = Path(getattr(entry, "source", None) or path)  # the slide itself (provenance)
         mpp = getattr(entry, "mpp", None)  # recorded in a manifest
         if mpp is None:
-            mpp = self.slides.mpp_for(source)
+            mpp = mpp_for(self.slides.mpp, source)
         res = embed_slide(path, self.encoder, self.c, method=opts.method, aggregate_kwargs=opts.aggregate_kwargs(),
                           options=self.slides.options, slide_id=entry.slide_id, mpp=mpp,
                           device=self.device, text_prototypes=self.slides.text_prototypes)
@@ -124,11 +122,14 @@ def embed_archive(archive: str | Path | Sequence, encoder: str, weights: str | P
                   encoder_kwargs: dict | None = None, device: str | None = None, mpp: dict | None = None,
                   text_prototypes: np.ndarray | None = None, overwrite: bool = False, **scheduling):
     """Every slide file under `archive` -> one record each in `store` (resumable, sharded, retried:
-    see scheduler.run_archive for `scheduling`, cache_dir included). `archive` may also be a list
-    of entries, e.g. `read_slide_manifest(...).entries` (their recorded size and mpp are used).
-    Returns the run report."""
+    see scheduler.run_archive for `scheduling`, cache_dir and duplicates included). `archive` may
+    also be a list of entries, e.g. `read_slide_manifest(...).entries` (their recorded size and mpp
+    are used). Of several files with one slide id only the first in sorted path order is embedded
+    (`manifest.duplicate_ids`, as the manifest does); the others are listed in the report's
+    `duplicates`. Returns the run report."""
     from ..features.io import SlideEntry
     from ..prototypes.io import read_prototype_file
+    from ..slides.manifest import duplicate_ids
     from ..slides.patching import list_slide_files
     from .scheduler import run_archive
 
@@ -141,8 +142,14 @@ def embed_archive(archive: str | Path | Sequence, encoder: str, weights: str | P
         entries = list(archive)
         if not entries:
             raise ValueError("no slides to embed (an empty manifest?)")
+    # one file per slide id: records, the store and the cache are keyed by it
+    dup = duplicate_ids([(e.slide_id, e.path) for e in entries])
+    duplicates = {sid: list(paths) for sid, paths in (scheduling.pop("duplicates", None) or {}).items()}
+    for n in sorted(dup):
+        duplicates.setdefault(entries[n].slide_id, []).append(str(entries[n].path))
+    entries = [e for n, e in enumerate(entries) if n not in dup]
     c, _ = read_prototype_file(prototypes)
     slides = SlideSpec(encoder, str(weights), dict(encoder_kwargs or {}), device, slide_options, dict(mpp or {}),
                        text_prototypes)
     spec = SlideFileSpec(c, str(prototypes), slides, options, scheduling.pop("threads", None))
-    return run_archive(entries, spec, store, overwrite=overwrite, **scheduling)
+    return run_archive(entries, spec, store, overwrite=overwrite, duplicates=duplicates, **scheduling)

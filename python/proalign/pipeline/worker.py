@@ -159,6 +159,8 @@ class SlideWorker:
         emb = np.ascontiguousarray(emb.astype(opts.dtype))
         t2 = time.perf_counter()
         source = ff.source
+        if getattr(entry, "source", None) is not None:  # read from a local cached copy: name the original
+            source = {**source, "path": str(Path(entry.source).resolve()), "read_from": "cache"}
         meta = {
             "method": opts.method,
             "options": self.key,

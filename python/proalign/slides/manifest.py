@@ -4,7 +4,8 @@ with a process pool (metadata only, no pixels) and reused by `embed --manifest`,
 archive on network storage is listed and probed once, not on every run.
 
 A slide that does not open is kept, with status `error` and the reason; a second file with an
-already-listed slide id (same name in two folders) gets status `duplicate`.
+already-listed slide id (same name in two folders) gets status `duplicate` (the rule is
+`duplicate_ids`, shared with `read_slide_manifest` and `embed --archive`).
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import csv
 import logging
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from ..features.io import SlideEntry
 
@@ -44,11 +46,32 @@ class SlideFileEntry(SlideEntry):
 class SlideManifest:
     entries: list[SlideFileEntry]  # status ok, plus error rows (tried again: the file may be fixed)
     rows: list[dict]  # every row as read
-    duplicates: dict[str, str] = field(default_factory=dict)  # path -> reason (not embedded)
+    duplicates: dict[str, list[str]] = field(default_factory=dict)  # slide id -> paths not embedded
 
     @property
     def errors(self) -> dict[str, str]:
         return {r["slide_id"]: r["error"] for r in self.rows if r["status"] == "error"}
+
+
+def duplicate_ids(items: Sequence[tuple[str, str | Path]]) -> dict[int, str]:
+    """The duplicate rule: of the files (slide id, path) sharing a slide id, the first in sorted
+    path order keeps it and the others are not embedded. Returns index in `items` -> the reason."""
+    first: dict[str, Path] = {}
+    out: dict[int, str] = {}
+    for i in sorted(range(len(items)), key=lambda i: Path(items[i][1])):
+        sid, p = items[i]
+        if sid in first:
+            out[i] = f"slide id {sid!r} is already taken by {first[sid]}; rename one of the files"
+        else:
+            first[sid] = Path(p)
+    return out
+
+
+def mpp_for(table: Mapping[str, float], path: str | Path) -> float | None:
+    """The user mpp of a slide file: by file name, then stem (as --mpp-csv lists them), then the
+    default under "*" (--slide-mpp); None: the slide's own metadata."""
+    p = Path(path)
+    return table.get(p.name, table.get(p.stem, table.get("*")))
 
 
 def _probe(job: tuple[str, str, float | None]) -> dict:
@@ -63,19 +86,20 @@ def _probe(job: tuple[str, str, float | None]) -> dict:
     try:
         row["size_bytes"] = os.stat(path).st_size
         slide = open_slide(path, mpp=mpp, threads=1)
+        try:  # reading the metadata of an opened slide can fail too
+            i = slide.info
+            found = {"format": i.format, "width": i.levels[0][0], "height": i.levels[0][1],
+                     "levels": len(i.levels), "mpp": repr(i.mpp) if i.mpp else "", "mpp_source": i.mpp_source,
+                     "objective_power": repr(i.objective_power) if i.objective_power else ""}
+        finally:
+            slide.close()
     except ProAlignError as e:
         row.update(status="error", error=getattr(e, "problem", str(e)))
         return row
     except Exception as e:  # a reader that let something else through: still only this slide's problem
         row.update(status="error", error=f"{type(e).__name__}: {e}")
         return row
-    try:
-        i = slide.info
-        row.update(format=i.format, width=i.levels[0][0], height=i.levels[0][1], levels=len(i.levels),
-                   mpp=repr(i.mpp) if i.mpp else "", mpp_source=i.mpp_source,
-                   objective_power=repr(i.objective_power) if i.objective_power else "")
-    finally:
-        slide.close()
+    row.update(found)
     return row
 
 
@@ -86,63 +110,97 @@ def _crashed(job) -> dict:
     return row
 
 
-def _probe_all(jobs: list[tuple[str, str, float | None]], workers: int, probe: Callable = _probe) -> list[dict]:
-    """Probe every slide, in order. A pool process that crashes (a native reader's segfault) breaks
-    the pool: the slides not yet probed are then done one at a time, so only the culprit fails."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [probe(j) for j in jobs]
-    ctx = get_context("forkserver")  # never fork this process (threads, open files)
+def _probe_all(jobs: list[tuple[str, str, float | None]], workers: int, probe: Callable = _probe,
+               progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Probe every slide; rows in the jobs' order. One future per slide, at most two per process
+    queued, so a pool process that crashes (a native reader's segfault) breaks the pool with few
+    slides in flight: only those are probed again, one at a time in a process of their own (to find
+    the culprit), and the rest go on in a fresh pool."""
     out: dict[int, dict] = {}
-    chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        try:
-            for i, row in enumerate(pool.map(probe, jobs, chunksize=chunk)):
-                out[i] = row
-        except BrokenProcessPool:
-            log.warning("a metadata reader crashed; probing the remaining slides one at a time")
-    for i, job in enumerate(jobs):
-        if i in out:
-            continue
-        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            try:
-                out[i] = pool.submit(probe, job).result()
-            except BrokenProcessPool:
-                out[i] = _crashed(job)
+
+    def done(i: int, row: dict) -> None:
+        out[i] = row
+        if progress is not None:
+            progress(len(out), len(jobs))
+
+    if workers <= 1 or len(jobs) <= 1:
+        for i, job in enumerate(jobs):
+            done(i, probe(job))
+        return [out[i] for i in range(len(jobs))]
+    ctx = get_context("forkserver")  # never fork this process (threads, open files)
+    todo = deque(range(len(jobs)))
+    while todo:
+        suspects: list[int] = []
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            running: dict[Future, int] = {}
+            broken = False
+            while running or (todo and not broken):
+                while todo and not broken and len(running) < 2 * workers:
+                    try:
+                        running[pool.submit(probe, jobs[todo[0]])] = todo[0]
+                        todo.popleft()
+                    except BrokenProcessPool:
+                        broken = True
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                if broken or any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
+                    broken = True
+                    finished = list(running)  # the pool is gone: each slide it held gets its answer now
+                for f in finished:
+                    i = running.pop(f)
+                    if isinstance(f.exception(), BrokenProcessPool):
+                        suspects.append(i)
+                    else:
+                        done(i, f.result())
+        if suspects:
+            log.warning("a metadata reader crashed; probing the %d slide(s) in flight one at a time",
+                        len(suspects))
+            _probe_alone(sorted(suspects), jobs, probe, ctx, done)
     return [out[i] for i in range(len(jobs))]
+
+
+def _probe_alone(indices: list[int], jobs: list, probe: Callable, ctx, done: Callable[[int, dict], None]) -> None:
+    """Probe each slide alone in a one-process pool (a new process only after a crash)."""
+    pool = None
+    try:
+        for i in indices:
+            if pool is None:
+                pool = ProcessPoolExecutor(1, mp_context=ctx)
+            try:
+                done(i, pool.submit(probe, jobs[i]).result())
+            except BrokenProcessPool:
+                done(i, _crashed(jobs[i]))
+                pool.shutdown()
+                pool = None
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def build_manifest(archive: str | Path | None = None, out: str | Path | None = None, *,
                    paths: Sequence[str | Path] | None = None, slide_mpp: float | None = None,
                    mpp_table: dict[str, float] | None = None, workers: int | None = None,
                    progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """One row per slide file under `archive` (or of `paths`), written as CSV to `out` (atomically)
-    when given; returns the rows. The mpp rule is `embed --archive`'s: `mpp_table` (file name or
-    stem -> mpp, as from --mpp-csv) first, then `slide_mpp` for every slide, else the slide's own;
-    `mpp_source` says which (user, metadata, none)."""
+    """One row per slide file under `archive` (or of `paths`), written as CSV to `out` when given
+    (once, at the end: a temporary file renamed); returns the rows. The mpp rule is `embed
+    --archive`'s (`mpp_for`): `mpp_table` (file name or stem -> mpp, as from --mpp-csv) first, then
+    `slide_mpp` for every slide, else the slide's own; `mpp_source` says which (user, metadata,
+    none). `progress(done, total)` is called as slides are probed."""
     from .patching import list_slide_files
 
     if paths is None:
         if archive is None:
             raise ValueError("give an archive folder or a list of slide paths")
         paths = list_slide_files(archive)
-    table = mpp_table or {}
+    table = {**(mpp_table or {}), **({"*": slide_mpp} if slide_mpp is not None else {})}
     files = [Path(p).absolute() for p in paths]
-    seen: dict[str, Path] = {}
-    jobs, dup = [], {}
-    for p in files:
-        sid = p.stem
-        if sid in seen:
-            dup[len(jobs) + len(dup)] = (sid, p, seen[sid])
-            continue
-        seen[sid] = p
-        jobs.append((sid, str(p), table.get(p.name, table.get(p.stem, slide_mpp))))
+    dup = duplicate_ids([(p.stem, p) for p in files])
+    jobs = [(p.stem, str(p), mpp_for(table, p)) for n, p in enumerate(files) if n not in dup]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    rows = _probe_all(jobs, workers)
+    rows = _probe_all(jobs, workers, progress=progress)
     for pos in sorted(dup):  # keep the listing order; a duplicate is listed with its reason
-        sid, p, first = dup[pos]
+        p = files[pos]
         row = dict.fromkeys(COLUMNS, "")
-        row.update(slide_id=sid, path=str(p), status="duplicate",
-                   error=f"slide id {sid!r} is already taken by {first}; rename one of the files")
+        row.update(slide_id=p.stem, path=str(p), status="duplicate", error=dup[pos])
         try:
             row["size_bytes"] = p.stat().st_size
         except OSError:
@@ -188,7 +246,10 @@ def read_slide_manifest(path: str | Path, *, slide_mpp: float | None = None,
     user-supplied ones (mpp_source user) ride on the entry; slides with their own metadata mpp
     are opened as they are; `slide_mpp` / `mpp_table` fill only slides that have none (mpp_source
     none). Rows with status error are kept (tried again: quarantined with their reason if still
-    bad); duplicates are left out and returned. Relative paths are taken from the manifest's folder."""
+    bad); rows with status duplicate, and any further file with a listed slide id (`duplicate_ids`:
+    the first in sorted path order is kept), are left out and returned in `duplicates` (pass them
+    on to run_archive/embed_archive, which report them). Relative paths are taken from the
+    manifest's folder."""
     mpath = Path(path)
     with open(mpath, newline="") as f:
         reader = csv.DictReader(f)
@@ -197,27 +258,33 @@ def read_slide_manifest(path: str | Path, *, slide_mpp: float | None = None,
             raise ValueError(f"{mpath} is not a slide manifest: lacks column(s) "
                              f"{sorted(SLIDE_MANIFEST_COLUMNS - cols)} (build one with `proalign-engine manifest`)")
         rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
-    table = mpp_table or {}
-    entries: list[SlideFileEntry] = []
-    dups: dict[str, str] = {}
-    seen: dict[str, str] = {}
+    table = {**(mpp_table or {}), **({"*": slide_mpp} if slide_mpp is not None else {})}
+    listed: list[tuple[int, str, Path]] = []  # (line, slide id, path) of the rows not marked duplicate
+    skipped: list[tuple[str, Path]] = []  # (slide id, path) not embedded
     for n, r in enumerate(rows, start=2):
-        where = f"{mpath} line {n}"
         sid, p = r["slide_id"], r["path"]
         if not sid or not p:
-            raise ValueError(f"{where}: empty slide_id or path")
-        if r["status"] == "duplicate":
-            dups[p] = r.get("error") or "duplicate slide id"
-            continue
-        if sid in seen:
-            raise ValueError(f"{where}: slide id {sid!r} appears twice ({seen[sid]} and {p})")
-        seen[sid] = p
+            raise ValueError(f"{mpath} line {n}: empty slide_id or path")
         full = Path(p) if Path(p).is_absolute() else mpath.parent / p
+        if r["status"] == "duplicate":
+            skipped.append((sid, full))
+        else:
+            listed.append((n, sid, full))
+    dup = duplicate_ids([(sid, full) for _, sid, full in listed])
+    entries: list[SlideFileEntry] = []
+    for k, (n, sid, full) in enumerate(listed):
+        if k in dup:
+            skipped.append((sid, full))
+            continue
+        r, where = rows[n - 2], f"{mpath} line {n}"
         size = _number(r["size_bytes"], "size_bytes", where, int) if r.get("size_bytes") else None
         mpp = None
         if r["mpp_source"] == "user":
             mpp = _number(r["mpp"], "mpp", where)
         elif r["mpp_source"] in ("", "none"):
-            mpp = table.get(full.name, table.get(full.stem, slide_mpp))
+            mpp = mpp_for(table, full)
         entries.append(SlideFileEntry(sid, full, size_bytes=size, mpp=mpp))
-    return SlideManifest(entries, rows, dups)
+    duplicates: dict[str, list[str]] = {}
+    for sid, full in skipped:
+        duplicates.setdefault(sid, []).append(str(full))
+    return SlideManifest(entries, rows, duplicates)
