@@ -3,16 +3,20 @@
 A record is a single LMDB value, so writing a slide is atomic: magic `PAE1`, a little-endian
 uint32 header length, a JSON header (dtype, shape, N, crc32 of the array bytes, provenance),
 then the raw embedding bytes. Writers take an exclusive lock file beside the data so a second
-writer gets a clear error instead of interleaving runs; readers never block.
+writer gets a clear error instead of interleaving runs; readers never block. Writers are refused
+on network file systems (LMDB's locks and shared memory map do not work across hosts).
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import json
+import math
 import os
+import re
 import struct
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +30,11 @@ MAGIC = b"PAE1"
 FORMAT_VERSION = 1
 INITIAL_MAP_SIZE = 64 << 20  # grows by doubling on MapFullError
 LOCK_NAME = "writer.lock"
+ALLOW_NETWORK_ENV = "PROALIGN_ALLOW_NETWORK_STORE"
+# file system types (as /proc/self/mountinfo names them) whose locks do not work across hosts
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.ceph-fuse",
+              "fuse.ceph"}
+HEADER_KEYS = ("dtype", "shape", "n_patches", "crc32", "meta")
 
 
 @dataclass
@@ -43,22 +52,83 @@ def encode_record(embedding: np.ndarray, n_patches: int, meta: dict) -> bytes:
     return MAGIC + struct.pack("<I", len(h)) + h + arr.tobytes()
 
 
-def decode_record(value: bytes, slide_id: str = "?", verify: bool = False) -> Record:
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def decode_record(value: bytes, slide_id: str = "?", verify: bool = False, store: str | os.PathLike = "") -> Record:
+    """Decode one stored value; any malformed record is a StoreError "<store>: record <id>: why"
+    (callers such as the scheduler's scan catch StoreError only)."""
+    where = f"{store}: record {slide_id!r}" if store else f"record {slide_id!r}"
+
+    def bad(why: str) -> StoreError:
+        return StoreError(f"{where}: {why}")
+
     if value[:4] != MAGIC:
-        raise StoreError(f"record {slide_id!r}: not a proalign record (bad magic {value[:4]!r})")
+        raise bad(f"not a proalign record (bad magic {value[:4]!r})")
+    if len(value) < 8:
+        raise bad(f"too short ({len(value)} bytes)")
     (hlen,) = struct.unpack("<I", value[4:8])
+    if 8 + hlen > len(value):
+        raise bad(f"header length {hlen} runs past the end of the {len(value)}-byte record")
     try:
         header = json.loads(value[8:8 + hlen])
     except ValueError as e:
-        raise StoreError(f"record {slide_id!r}: corrupt header ({e})") from e
+        raise bad(f"corrupt header ({e})") from e
+    if not isinstance(header, dict):
+        raise bad(f"header is not a JSON object ({type(header).__name__})")
+    missing = [k for k in HEADER_KEYS if k not in header]
+    if missing:
+        raise bad(f"header is missing {', '.join(missing)}")
+    try:
+        dtype = np.dtype(header["dtype"])
+    except (TypeError, ValueError) as e:
+        raise bad(f"bad dtype {header['dtype']!r} ({e})") from e
+    if dtype.kind not in "biufc":  # object or structured dtypes cannot come from raw bytes
+        raise bad(f"bad dtype {header['dtype']!r} (not a numeric type)")
+    shape = header["shape"]
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise bad(f"bad shape {shape!r}")
+    if not _is_int(header["n_patches"]) or not _is_int(header["crc32"]):
+        raise bad(f"bad n_patches {header['n_patches']!r} or crc32 {header['crc32']!r}")
+    if not isinstance(header["meta"], dict):
+        raise bad(f"bad meta {header['meta']!r} (not a JSON object)")
     body = value[8 + hlen:]
-    dtype, shape = np.dtype(header["dtype"]), tuple(header["shape"])
-    if len(body) != dtype.itemsize * int(np.prod(shape)):
-        raise StoreError(f"record {slide_id!r}: {len(body)} bytes of data, header says {shape} {dtype}")
+    if len(body) != dtype.itemsize * math.prod(shape):
+        raise bad(f"{len(body)} bytes of data, header says {tuple(shape)} {dtype}")
     if verify and zlib.crc32(body) != header["crc32"]:
-        raise StoreError(f"record {slide_id!r}: checksum mismatch (data corrupted)")
+        raise bad("checksum mismatch (data corrupted)")
     emb = np.frombuffer(body, dtype=dtype).reshape(shape)
     return Record(emb, header["n_patches"], header["meta"])
+
+
+def network_fs_type(path: str, mountinfo: str) -> str | None:
+    """The network file system type (NFS, SMB, Lustre, ...) holding absolute `path`, given the text
+    of /proc/self/mountinfo; None for a local one. The longest mount point containing `path` wins
+    (the later line on a tie: it is mounted over the earlier)."""
+    best, best_len = None, -1
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        # fields: id parent major:minor root MOUNT_POINT options [optional...] - FSTYPE source super-options
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # \040 = space
+        fstype = line.split(" - ", 1)[1].split()[0]
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= best_len:
+            best, best_len = fstype, len(mount)
+    return best if best in NETWORK_FS else None
+
+
+def network_filesystem(path: str | os.PathLike) -> str | None:
+    """The network file system type holding `path` (which need not exist yet), or None when local
+    or when the mount table cannot be read (not Linux)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+    except OSError:
+        return None
+    return network_fs_type(os.path.realpath(path), mountinfo)
 
 
 class EmbeddingStore:
@@ -70,6 +140,7 @@ class EmbeddingStore:
         self.write = write
         self._lock_fd: int | None = None
         if write:
+            self._refuse_network_fs()
             self.path.mkdir(parents=True, exist_ok=True)
             self._take_lock()
         elif not (self.path / "data.mdb").exists():
@@ -80,6 +151,16 @@ class EmbeddingStore:
         except lmdb.Error as e:
             self._release_lock()
             raise StoreError(f"cannot open store {self.path}: {e}") from e
+
+    def _refuse_network_fs(self) -> None:
+        fstype = network_filesystem(self.path)
+        if fstype and os.environ.get(ALLOW_NETWORK_ENV) != "1":
+            raise StoreError(
+                f"store {self.path} is on a network file system ({fstype}): LMDB's locks do not work across "
+                f"hosts, so a writer or reader on another node can corrupt it or read garbage. Write the store "
+                f"(or one shard per node) on local disk, join shards with `proalign-engine store merge OUT "
+                f"SHARD...` there, and copy the finished store. If only this host will ever open it, set "
+                f"{ALLOW_NETWORK_ENV}=1 to write it in place.")
 
     # -- writer lock -------------------------------------------------------------------------
     def _take_lock(self) -> None:
@@ -102,15 +183,38 @@ class EmbeddingStore:
             self._lock_fd = None
 
     # -- reading ------------------------------------------------------------------------------
+    @contextmanager
+    def read_txn(self) -> Iterator[lmdb.Transaction]:
+        """Every read goes through here. A writer in another process may have grown the map since
+        we opened it; LMDB then refuses with MapResizedError until we adopt the new size with
+        set_mapsize(0) (which invalidates our other open transactions on this store, if any: reads
+        here are short and none is open in normal use). Any other LMDB error becomes a StoreError
+        naming the store."""
+        try:
+            try:
+                txn = self.env.begin(buffers=False)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+                txn = self.env.begin(buffers=False)
+        except lmdb.Error as e:
+            raise StoreError(f"store {self.path}: cannot read ({type(e).__name__}: {e})") from e
+        try:
+            yield txn
+        except lmdb.Error as e:
+            raise StoreError(f"store {self.path}: read failed, the file may be damaged ({type(e).__name__}: {e}); "
+                             f"check it with `proalign-engine store verify {self.path}`") from e
+        finally:
+            txn.abort()
+
     def _get(self, slide_id: str) -> bytes | None:
-        with self.env.begin(buffers=False) as txn:
+        with self.read_txn() as txn:
             return txn.get(slide_id.encode())
 
     def record(self, slide_id: str, verify: bool = False) -> Record:
         value = self._get(slide_id)
         if value is None:
             raise KeyError(slide_id)
-        return decode_record(value, slide_id, verify)
+        return decode_record(value, slide_id, verify, store=self.path)
 
     def __getitem__(self, slide_id: str) -> np.ndarray:
         return self.record(slide_id).embedding
@@ -126,15 +230,15 @@ class EmbeddingStore:
         return self.env.stat()["entries"]
 
     def __iter__(self) -> Iterator[str]:
-        with self.env.begin() as txn:
+        with self.read_txn() as txn:
             keys = [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
         return iter(keys)
 
     def items(self, verify: bool = False) -> Iterator[tuple[str, Record]]:
-        with self.env.begin(buffers=False) as txn:
+        with self.read_txn() as txn:
             for k, v in txn.cursor():
                 sid = k.decode()
-                yield sid, decode_record(v, sid, verify)
+                yield sid, decode_record(v, sid, verify, store=self.path)
 
     # -- writing ------------------------------------------------------------------------------
     def put(self, slide_id: str, embedding: np.ndarray, n_patches: int, meta: dict) -> None:
@@ -148,7 +252,7 @@ class EmbeddingStore:
                     txn.put(slide_id.encode(), value)
                 return
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self._grow_map()
             except lmdb.Error as e:
                 full = isinstance(e, lmdb.DiskError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG)
                 why = "the disk is full or the file size limit was reached" if full else "write failed"
@@ -167,10 +271,19 @@ class EmbeddingStore:
                         txn.put(sid.encode(), value)
                 return
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self._grow_map()
             except lmdb.Error as e:
                 raise StoreWriteError(f"store {self.path}: write failed ({e}); "
                                       f"records already stored are intact") from e
+
+    def _grow_map(self) -> None:
+        size = self.env.info()["map_size"] * 2
+        try:
+            self.env.set_mapsize(size)
+        except lmdb.Error as e:
+            raise StoreWriteError(f"store {self.path}: cannot grow the map to {size} bytes ({type(e).__name__}: "
+                                  f"{e}); the disk may be full (or a memory / address-space limit was reached); "
+                                  f"records already stored are intact") from e
 
     def close(self) -> None:
         if getattr(self, "env", None) is not None:

@@ -1,6 +1,6 @@
 """`store merge OUT SHARD...`: join the stores of a sharded run (one per node) into one.
 
-Checks first, then writes, so a refused merge leaves OUT as it was:
+Checks first, then writes, so a refused merge leaves OUT as it was (a new OUT is not created):
 - every shard is read in full and every record's checksum verified (a damaged record stops it);
 - all records (and those already in OUT) must have been embedded with the same options and
   prototype set (their `options`: method, tau, over, dtype, prototype hash): otherwise an error
@@ -93,13 +93,13 @@ def _value_diff(a, b) -> str:
 def _scan(name: str, store, idx: int, sources: list, seen: dict, options: dict, dup: dict, conflicts: list) -> int:
     """Verify every record of one source; note its options and compare duplicates."""
     count = 0
-    with store.env.begin(buffers=False) as txn:
+    with store.read_txn() as txn:
         for k, v in txn.cursor():
             sid = k.decode("utf-8", "replace")
             try:
-                rec = decode_record(v, sid, verify=True)
+                rec = decode_record(v, sid, verify=True, store=name)  # the error names the shard
             except StoreError as e:
-                raise StoreMergeError(f"{name}: {e}; repair or re-embed that slide before merging") from e
+                raise StoreMergeError(f"{e}; repair or re-embed that slide before merging") from e
             o = rec.meta.get("options")
             options.setdefault(json.dumps(o, sort_keys=True), (o, idx, sid))
             count += 1
@@ -160,8 +160,10 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike],
             raise StoreMergeError(f"{p} is the output store itself; merge into a new or another store")
     report = MergeReport(str(out), [str(p) for p in paths])
     with ExitStack() as stack:
-        dest = stack.enter_context(open_store(out, write=True))  # the writer lock: nobody writes OUT meanwhile
-        sources: list[tuple[str, object]] = [(str(out), dest)] if len(dest) else []
+        # An existing OUT is opened (and its writer lock held, so nobody writes it meanwhile) and
+        # checked with the shards; a new OUT is created only once the checks have passed.
+        dest = stack.enter_context(open_store(out, write=True)) if (out / "data.mdb").exists() else None
+        sources: list[tuple[str, object]] = [(str(out), dest)] if dest is not None and len(dest) else []
         for p in paths:
             _hold_reader_lock(p, stack)
         sources += [(str(p), stack.enter_context(open_store(p))) for p in paths]
@@ -186,12 +188,16 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike],
             more = f" (and {len(conflicts) - 20} more)" if len(conflicts) > 20 else ""
             raise StoreMergeError("conflicting records for the same slide: " + "; ".join(conflicts[:20]) + more)
         report.options = next(iter(options.values()))[0] if options else None
+        if dest is None:
+            dest = stack.enter_context(open_store(out, write=True))
+            if len(dest):  # another process created OUT while we checked: its records were not compared
+                raise StoreMergeError(f"{out} was created by another process during the merge; run the merge again")
         # copy each slide from the first source that has it; what OUT holds stays
         for i, (name, store) in enumerate(sources):
             if store is dest:
                 continue
             batch, size = [], 0
-            with store.env.begin(buffers=False) as txn:
+            with store.read_txn() as txn:
                 for k, v in txn.cursor():
                     if seen[k.decode("utf-8", "replace")].source != i:
                         continue
