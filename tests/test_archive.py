@@ -6,6 +6,7 @@ count of a worker (see worker.set_threads).
 """
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,8 +19,9 @@ import pytest
 
 import proalign
 from proalign.features import list_slides
-from proalign.pipeline import embed_features, select_shard, shard_of
-from proalign.prototypes.io import save_prototypes
+from proalign.pipeline import WorkerSpec, embed_features, run_archive, select_shard, shard_of
+from proalign.pipeline.executors import ProcessExecutor, WorkerStartError
+from proalign.prototypes.io import read_prototype_file, save_prototypes
 from proalign.store import merge_stores, open_store
 from proalign.store.export import verify_store
 from proalign.errors import StoreLockedError
@@ -27,6 +29,8 @@ from proalign.store.merge import StoreMergeError
 from proalign.synthetic import write_cohort
 
 EXE = str(Path(sys.executable).parent / "proalign-engine")
+TESTS = str(Path(__file__).parent)  # _crash_probe.FaultySpec: worker processes and Ray actors import it
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_DISABLE_USAGE_STATS": "1"}
 N_SLIDES = 48
 
 
@@ -120,6 +124,21 @@ def _assert_equal_to_clean(store, ref, ids=None):
 
 def _report(stdout: str) -> dict:
     return json.loads(Path(stdout.split("report: ")[1].strip()).read_text())
+
+
+def _faulty(ppath, **faults):
+    """The features worker with faults (tests/_crash_probe.py: crash, load_s, broken, mislabel)."""
+    from _crash_probe import FaultySpec
+
+    return FaultySpec(WorkerSpec(read_prototype_file(ppath)[0], str(ppath)), **faults)
+
+
+def _events(executor, n: int, timeout: float = 60.0) -> list:
+    events, deadline = [], time.time() + timeout
+    while len(events) < n:
+        assert time.time() < deadline, f"{len(events)} of {n} events after {timeout} s"
+        events += executor.wait(0.2)
+    return events
 
 
 def test_sigkill_at_random_points_then_resume(tmp_path, cohort):
@@ -401,3 +420,148 @@ def test_gpus_flag_is_checked(tmp_path):
                 "--out", str(tmp_path / "s"), "--gpus", "x")
     assert r.returncode == 2 and "comma-separated" in r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_slide_timeout_runs_from_the_start_of_the_slide(tmp_path, cohort):
+    """--slide-timeout counts from when a worker starts the slide, not from the submit: workers
+    whose setup (4 s, a model being loaded) outlasts the timeout (3 s), at the start and after a
+    crash replaced one, time out no slide; the crashing slide alone is quarantined."""
+    feats, ppath, ref = cohort
+    entries = list_slides(features=feats)[:6]
+    crash = entries[0].slide_id
+    out = tmp_path / "s.lmdb"
+    rep = run_archive(entries, _faulty(ppath, load_s=4.0, crash=(crash,)), out, workers=2, slide_timeout=3.0,
+                      progress=False)
+    assert list(rep.failed) == [crash], rep.failed
+    assert rep.quarantine[crash]["tries"] == 2
+    assert all("worker process died (signal SIGKILL)" in r for r in rep.quarantine[crash]["reasons"])
+    assert sorted(rep.done) == sorted(e.slide_id for e in entries[1:]) and not rep.retried
+    assert rep.timing["worker_restarts"] == 2
+    _assert_equal_to_clean(out, ref, rep.done)
+
+
+def test_worker_start_error_delivers_the_results_already_read(tmp_path, cohort):
+    """A replacement worker whose setup fails: the wait() that reads its error still returns the
+    other worker's result read in the same call (stored, not embedded again); the next wait()
+    raises WorkerStartError with the setup error."""
+    feats, ppath, _ = cohort
+    e = list_slides(features=feats)[:3]
+    ex = ProcessExecutor(_faulty(ppath, crash=(e[0].slide_id,), broken=str(tmp_path / "broken")), 2)
+    try:
+        ex.submit(1, e[1])  # worker 1 is set up and warm
+        assert [ev.result.slide_id for ev in _events(ex, 1)] == [e[1].slide_id]
+        ex.submit(0, e[0])  # kills worker 0; its replacement cannot start
+        (died,) = _events(ex, 1)
+        assert died.slot == 0 and died.died and "signal SIGKILL" in died.error
+        deadline = time.time() + 60
+        while ex.procs[0].is_alive() and time.time() < deadline:  # the replacement's setup failed
+            time.sleep(0.05)
+        ex.submit(1, e[2])
+        while not ex.conns[1].poll() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # worker 1's result is in the pipe, next to worker 0's setup error
+        events = ex.wait(0)
+        assert [(ev.slot, ev.result.slide_id) for ev in events] == [(1, e[2].slide_id)]
+        with pytest.raises(WorkerStartError, match="a worker could not start: RuntimeError: model weights unreadable"):
+            ex.wait(0)
+    finally:
+        ex.close(drop=True)
+
+
+def test_a_record_naming_another_slide_is_not_stored(tmp_path, cohort):
+    feats, ppath, ref = cohort
+    entries = list_slides(features=feats)[:4]
+    bad = entries[1].slide_id
+    out = tmp_path / "s.lmdb"
+    rep = run_archive(entries, _faulty(ppath, mislabel=(bad,)), out, progress=False)
+    assert list(rep.failed) == [bad] and rep.quarantine[bad]["tries"] == 2
+    assert rep.failed[bad] == f"the worker returned a record for slide '{bad}-other' instead of '{bad}'; not stored"
+    _assert_equal_to_clean(out, ref, [e.slide_id for e in entries if e.slide_id != bad])
+
+
+def test_full_disk_stops_the_run_and_a_rerun_finishes(tmp_path, cohort):
+    """The writer may not grow the store (ulimit -f, as a full disk): after 3 slides in a row
+    could not be stored the run stops (exit 3) naming the store and the error, instead of
+    embedding and quarantining every remaining slide; what is stored stays; a rerun finishes."""
+    feats, ppath, ref = cohort
+    out = tmp_path / "s.lmdb"
+    embed_features(list_slides(features=feats)[:10], ppath, out, progress=False)
+    limit_kib = (out / "data.mdb").stat().st_size // 1024
+    cmd = shlex.join(_embed_cmd(feats, ppath, out, "--workers", 2))
+    p = subprocess.run(["bash", "-c", f"ulimit -f {limit_kib} && exec {cmd}"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    rep = _report(p.stdout)
+    why = rep["aborted"]
+    assert why.startswith(f"3 slides in a row could not be stored in {out} (the disk may be full): store {out}: "), why
+    assert why.endswith("; rerun the same command to finish"), why
+    assert why in p.stderr and why in p.stdout and rep["exit_code"] == 3 and not rep["ok"]
+    assert not rep["failed"] and len(rep["done"]) < N_SLIDES - 10 and len(rep["pending"]) >= 3
+    assert sorted(rep["done"] + rep["pending"]) == sorted(set(ref) - set(rep["skipped"]))
+    assert _count(out) == 10 + len(rep["done"])
+    with open_store(out) as s:
+        assert verify_store(s) == {}
+    p = subprocess.run(_embed_cmd(feats, ppath, out), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"{len(rep['pending'])} embedded, {10 + len(rep['done'])} already stored, 0 failed" in p.stdout
+    _assert_equal_to_clean(out, ref)
+
+
+RAY_FAULTS = """
+import json, sys
+from pathlib import Path
+
+import ray
+
+from _crash_probe import FaultySpec
+from proalign.features import list_slides
+from proalign.pipeline import WorkerSpec, run_archive
+from proalign.pipeline.executors import WorkerStartError
+from proalign.prototypes.io import read_prototype_file
+
+feats, ppath, tmp = map(Path, sys.argv[1:])
+base = WorkerSpec(read_prototype_file(ppath)[0], str(ppath))
+entries = sorted(list_slides(features=feats), key=lambda e: -Path(e.path).stat().st_size)[:4]  # queue order
+crash = entries[0].slide_id
+ray.init(include_dashboard=False, log_to_driver=False)
+kw = dict(scheduler="ray", workers=2, ray_cpus=0.5, progress=False)
+out = {"order": [e.slide_id for e in entries]}
+out["a"] = run_archive(entries, FaultySpec(base, crash=(crash,)), tmp / "a.lmdb", **kw).__dict__
+try:
+    run_archive(entries, FaultySpec(base, crash=(crash,), broken=str(tmp / "broken")), tmp / "b.lmdb",
+                report_path=tmp / "b.json", **kw)
+except WorkerStartError as e:
+    out["b_error"] = str(e)
+out["b"] = json.loads((tmp / "b.json").read_text())
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_ray_actor_death_costs_only_its_current_slide(tmp_path, cohort):
+    """2 Ray actors, 2 slides each in flight. The largest slide kills its actor: it loses a try
+    each time and is quarantined; the slide queued behind it on that actor never started, so it
+    is put back untried (requeued) and stored, no try lost. Then a replacement actor that cannot
+    set up: the run stops with WorkerStartError naming the setup error, and no healthy slide
+    used up a try on it."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'proalign-engine[ray]')")
+    feats, ppath, ref = cohort
+    env = {**os.environ, **RAY_ENV, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    try:
+        p = subprocess.run([sys.executable, "-c", RAY_FAULTS, str(feats), str(ppath), str(tmp_path)],
+                           capture_output=True, text=True, timeout=240, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the Ray runs did not finish in 240 s")
+    assert p.returncode == 0 and "RESULT " in p.stdout, p.stderr[-3000:]
+    out = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    q = out["order"]  # actor 0 gets q[0] then q[2]; actor 1 gets q[1] then q[3]
+    a = out["a"]
+    assert list(a["failed"]) == [q[0]] and a["quarantine"][q[0]]["tries"] == 2
+    assert all(r.startswith("Ray actor died while embedding this slide") for r in a["quarantine"][q[0]]["reasons"])
+    assert sorted(a["done"]) == sorted(q[1:]) and not a["retried"]
+    assert q[2] in a["requeued"] and q[0] not in a["requeued"]
+    _assert_equal_to_clean(tmp_path / "a.lmdb", ref, q[1:])
+    assert out.get("b_error", "").startswith("a Ray actor could not start: RuntimeError: model weights unreadable")
+    b = out["b"]
+    assert not b["failed"] and not b["retried"] and q[0] in b["pending"]
+    assert sorted(b["done"] + b["pending"]) == sorted(q)

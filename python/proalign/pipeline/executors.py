@@ -8,6 +8,10 @@ Local processes come from a forkserver (a fresh interpreter, not a fork of the w
 LMDB environment or writer lock is ever inherited by a worker. Workers ignore SIGINT/SIGTERM
 (the writer decides what happens to the slide in flight) and exit when the writer's end of
 their pipe closes, so a writer killed with SIGKILL leaves no workers behind.
+
+A slide's timeout runs from when its worker reports it has started the slide (not from the
+submit: a worker being (re)started loads its model first). A worker that cannot start raises
+WorkerStartError from the next `wait()`, after the results already read have been delivered.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class Event:
     result: SlideRecord | None = None
     error: str | None = None
     died: bool = False  # the worker process/actor is gone (its slide counts as one failed try)
+    requeued: bool = False  # the worker died before starting this slide: put it back, no try counted
 
 
 class WorkerStartError(ProAlignError):
@@ -94,6 +99,10 @@ def _worker_main(conn, spec, env: dict | None = None) -> None:
         if entry is None:
             return
         try:
+            conn.send(("started", None))  # the writer's slide timeout runs from here
+        except OSError:
+            return
+        try:
             msg = ("ok", worker(entry))
         except Exception as e:
             msg = ("error", describe(e))
@@ -114,9 +123,11 @@ class ProcessExecutor:
         self.ctx.set_forkserver_preload([__name__])  # workers fork from an interpreter that imported us
         self.procs: list = [None] * n
         self.conns: list = [None] * n
-        self.started_at: list[float | None] = [None] * n  # when the slot's slide was handed out
+        self.held = [False] * n  # the slot's worker was handed a slide
+        self.started_at: list[float | None] = [None] * n  # when the worker said it started that slide
         self.ready = [False] * n  # the worker said it is set up
         self.restarts = 0
+        self.start_error: WorkerStartError | None = None  # raised by the next wait()
         self.pids: list[int] = []
         for i in range(n):
             self._start(i)
@@ -127,14 +138,15 @@ class ProcessExecutor:
                              name=f"proalign-worker-{i}", daemon=True)
         p.start()
         child.close()
-        self.procs[i], self.conns[i], self.started_at[i], self.ready[i] = p, parent, None, False
+        self.procs[i], self.conns[i] = p, parent
+        self.held[i], self.started_at[i], self.ready[i] = False, None, False
         self.pids.append(p.pid)
 
     def _restart(self, i: int) -> None:
+        self._kill(i)
         self.restarts += 1
         if self.restarts > 4 * self.slots + 100:
             raise WorkerStartError(f"worker processes keep dying ({self.restarts} restarts); giving up")
-        self._kill(i)
         self._start(i)
 
     def _kill(self, i: int) -> None:
@@ -146,14 +158,19 @@ class ProcessExecutor:
         if c is not None:
             c.close()
 
+    def _fail(self, error: WorkerStartError) -> None:
+        self.start_error = self.start_error or error
+
     def submit(self, slot: int, entry) -> None:
-        self.started_at[slot] = time.monotonic()
+        self.held[slot] = True
         try:
             self.conns[slot].send(entry)
         except OSError:
             pass  # a dead worker: its sentinel reports it in wait()
 
     def wait(self, timeout: float) -> list[Event]:
+        if self.start_error is not None:  # found by the previous call, after delivering its results
+            raise self.start_error
         by_obj = {}
         for i in range(self.slots):
             by_obj[self.conns[i]] = ("conn", i)
@@ -173,36 +190,47 @@ class ProcessExecutor:
                     dead.add(i)
                     break
                 if msg[0] == "init_error":
-                    raise WorkerStartError(f"a worker could not start: {msg[1]}")
-                if msg[0] == "ready":
+                    self._fail(WorkerStartError(f"a worker could not start: {msg[1]}"))
+                elif msg[0] == "ready":
                     self.ready[i] = True
-                if msg[0] == "ok":
-                    events.append(Event(i, result=msg[1]))
-                    self.started_at[i] = None
-                elif msg[0] == "error":
-                    events.append(Event(i, error=msg[1]))
-                    self.started_at[i] = None
+                elif msg[0] == "started":
+                    self.started_at[i] = time.monotonic()
+                elif msg[0] in ("ok", "error"):
+                    events.append(Event(i, result=msg[1]) if msg[0] == "ok" else Event(i, error=msg[1]))
+                    self.held[i], self.started_at[i] = False, None
                 if not self.conns[i].poll():
                     break
         for i in sorted(dead):
             self.procs[i].join(1)
             code = self.procs[i].exitcode
-            if not self.ready[i] and code is not None and code >= 0:  # its setup failed (killed: restart it)
-                raise WorkerStartError(f"a worker process exited ({_signal_name(code)}) before it was set up; "
-                                       f"its error is above (the main module must be importable: run the "
-                                       f"proalign-engine command, python -m, or a script file)")
-            if self.started_at[i] is not None:  # it held a slide: that slide's try failed
+            if self.started_at[i] is not None:  # it was embedding a slide: that slide's try failed
                 events.append(Event(i, error=f"worker process died ({_signal_name(code)}) while embedding this slide",
                                     died=True))
-            self._restart(i)
+            elif self.held[i]:  # handed a slide it had not started: no try lost
+                events.append(Event(i, requeued=True))
+            if not self.ready[i] and code is not None and code >= 0:  # its setup failed (killed: restart it)
+                self._fail(WorkerStartError(
+                    f"a worker process exited ({_signal_name(code)}) before it was set up; its error is above "
+                    f"(the main module must be importable: run the proalign-engine command, python -m, or a "
+                    f"script file)"))
+                self.held[i] = False
+                continue
+            self._restart_or_fail(i)
         if self.slide_timeout:
             now = time.monotonic()
             for i, t in enumerate(self.started_at):
                 if t is not None and now - t > self.slide_timeout:
                     events.append(Event(i, error=f"timed out after {self.slide_timeout:g} s (worker killed)",
                                         died=True))
-                    self._restart(i)
+                    self._restart_or_fail(i)
         return events
+
+    def _restart_or_fail(self, i: int) -> None:
+        try:
+            self._restart(i)
+        except WorkerStartError as e:
+            self._fail(e)
+            self.held[i], self.started_at[i] = False, None
 
     def close(self, drop: bool = False) -> None:
         for i in range(self.slots):

@@ -5,14 +5,19 @@ results stream back to the driver, the single writer, which stores each one as i
 scheduler keeps the queue: an actor gets its next slide when it returns one (two in flight per
 actor, so the actor never waits for the round trip). A slide whose actor dies (node lost, OOM) or
 raises is retried once on another try, then quarantined, exactly like the local backend; a dead
-actor is replaced. Feature files must be readable at the same path on every node.
+actor is replaced. An actor runs its slides one at a time in the order handed to it, so when it
+dies only the first of its unfinished slides was being embedded: that one loses a try, the one
+queued behind it is put back without losing one (`requeued`). A replacement actor must finish
+its setup (`ready`) before it is handed a slide; when it cannot, the run stops with
+WorkerStartError (raised by the next `wait()`, after the results already read are delivered).
+Feature files must be readable at the same path on every node.
 
 `ray.init` runs here unless Ray is already initialised: `address=None` starts a local Ray
 (tests: fractional CPUs per actor), "auto" or "ray://..." joins a cluster.
 """
 from __future__ import annotations
 
-from .executors import Event
+from .executors import Event, WorkerStartError
 from .worker import describe
 
 DEPTH = 2  # slides in flight per actor
@@ -32,6 +37,17 @@ class _Actor:
             return ("error", describe(e))
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _setup_error(e: BaseException) -> str:
+    """The actor's own setup error from a RayActorError (the last line naming an exception)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
+    return named[-1] if named else _first_line(e)
+
+
 class RayExecutor:
     name = "ray"
 
@@ -48,28 +64,83 @@ class RayExecutor:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **(init_kwargs or {}))
         self.cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(_Actor)
         self.spec, self.n, self.slots = spec, n, n * DEPTH
-        self.actors = [self.cls.remote(spec) for _ in range(n)]
         self.refs: dict = {}  # object ref -> slot
+        self.queued: list[list] = [[] for _ in range(n)]  # each actor's unfinished refs, in the order handed out
         self.restarts = 0
-        ray.get([a.ready.remote() for a in self.actors])  # setup errors surface here, once
+        self.start_error: WorkerStartError | None = None  # raised by the next wait() or submit()
+        self.actors = [self.cls.remote(spec) for _ in range(n)]
+        try:
+            self._check_ready(self.actors)  # setup errors surface here, once
+        except WorkerStartError:
+            self.close(drop=True)
+            raise
+
+    def _check_ready(self, actors) -> None:
+        try:
+            self.ray.get([a.ready.remote() for a in actors])
+        except self.ray.exceptions.RayError as e:
+            raise WorkerStartError(f"a Ray actor could not start: {_setup_error(e)}") from e
 
     def submit(self, slot: int, entry) -> None:
-        ref = self.actors[slot % self.n].run.remote(entry)
+        if self.start_error is not None:
+            raise self.start_error
+        a = slot % self.n
+        ref = self.actors[a].run.remote(entry)
         self.refs[ref] = slot
+        self.queued[a].append(ref)
 
-    def _replace(self, a: int, dead_actor) -> None:
-        if self.actors[a] is not dead_actor:
-            return  # already replaced (its other slide reported first)
-        self.restarts += 1
-        if self.restarts > 4 * self.n + 100:
-            raise RuntimeError(f"Ray actors keep dying ({self.restarts} restarts); giving up")
+    def _replace(self, a: int) -> None:
+        """A fresh actor for a dead one, handed slides only once its setup has finished."""
         try:
-            self.ray.kill(dead_actor)
+            self.ray.kill(self.actors[a])
         except Exception:
             pass
+        self.restarts += 1
+        if self.restarts > 4 * self.n + 100:
+            self.start_error = WorkerStartError(f"Ray actors keep dying ({self.restarts} restarts); giving up")
+            return
         self.actors[a] = self.cls.remote(self.spec)
+        try:
+            self._check_ready([self.actors[a]])
+        except WorkerStartError as e:
+            self.start_error = e
+
+    def _event(self, slot: int, ref) -> Event:
+        """The event of a finished ref whose actor is alive (raises RayActorError when it died)."""
+        try:
+            status, value = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError:
+            raise
+        except self.ray.exceptions.RayError as e:
+            return Event(slot, error=f"Ray task failed: {_first_line(e)}")
+        return Event(slot, result=value) if status == "ok" else Event(slot, error=value)
+
+    def _actor_died(self, a: int, error: BaseException) -> list[Event]:
+        """Actor `a` is gone: the first of its unfinished slides was being embedded (one failed
+        try); the ones queued behind it never started (put back, no try counted)."""
+        events, charged = [], False
+        for ref in self.queued[a]:
+            slot = self.refs.pop(ref)
+            done, _ = self.ray.wait([ref], timeout=0)
+            if done:  # it may have finished before the actor died
+                try:
+                    events.append(self._event(slot, ref))
+                    continue
+                except self.ray.exceptions.RayActorError:
+                    pass
+            if not charged:
+                events.append(Event(slot, error=f"Ray actor died while embedding this slide: {_first_line(error)}",
+                                    died=True))
+                charged = True
+            else:
+                events.append(Event(slot, requeued=True))
+        self.queued[a] = []
+        self._replace(a)
+        return events
 
     def wait(self, timeout: float) -> list[Event]:
+        if self.start_error is not None:  # found by the previous call, after delivering its results
+            raise self.start_error
         if not self.refs:
             return []
         ray = self.ray
@@ -79,19 +150,18 @@ class RayExecutor:
             ready = list({r: None for r in [*ready, *more]})
         events = []
         for ref in ready:
-            slot = self.refs.pop(ref)
-            actor = self.actors[slot % self.n]
+            if ref not in self.refs:
+                continue  # reported with its actor's death
+            slot = self.refs[ref]
+            a = slot % self.n
             try:
-                status, value = ray.get(ref)
+                ev = self._event(slot, ref)
             except ray.exceptions.RayActorError as e:
-                events.append(Event(slot, error=f"Ray actor died while embedding this slide: {str(e).splitlines()[0]}",
-                                    died=True))
-                self._replace(slot % self.n, actor)
+                events.extend(self._actor_died(a, e))
                 continue
-            except ray.exceptions.RayError as e:
-                events.append(Event(slot, error=f"Ray task failed: {str(e).splitlines()[0]}"))
-                continue
-            events.append(Event(slot, result=value) if status == "ok" else Event(slot, error=value))
+            del self.refs[ref]
+            self.queued[a].remove(ref)
+            events.append(ev)
         return events
 
     def close(self, drop: bool = False) -> None:

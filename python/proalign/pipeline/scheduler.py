@@ -8,7 +8,11 @@
   so the n shards are disjoint and together complete whatever order the manifest lists.
 - Faults: a slide whose worker raised or died is put back at the end of the queue once (`retries`),
   then quarantined: the run report lists its path, tries and every reason. Rerunning retries the
-  quarantined slides and skips every stored one.
+  quarantined slides and skips every stored one. A slide handed to a worker that died before
+  starting it goes back to the head of the queue without losing a try (report: `requeued`). A
+  record naming another slide than the one handed out is a failed try, never stored.
+- Store failures: after MAX_STORE_FAILURES slides in a row could not be stored (a full disk), the
+  run stops (report: `aborted`, exit code 3), keeping every record stored; rerun to finish.
 - Signals: the first SIGINT/SIGTERM stops handing out slides and finishes the ones in flight
   (stored); a second drops them (their workers are killed; nothing half-written: a record is one
   LMDB transaction). The report is written and the exit code is 3 (`EXIT_INTERRUPTED`).
@@ -43,6 +47,7 @@ from .worker import EmbedOptions, WorkerSpec, describe
 log = logging.getLogger("proalign.embed")
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3
+MAX_STORE_FAILURES = 3  # slides in a row that could not be stored before the run stops (a full disk)
 
 
 # -- shards --------------------------------------------------------------------------------------
@@ -111,12 +116,14 @@ class RunReport:
     failed: dict[str, str] = field(default_factory=dict)  # quarantined: id -> last reason
     quarantine: dict[str, dict] = field(default_factory=dict)  # id -> {path, tries, reasons}
     retried: dict[str, list[str]] = field(default_factory=dict)  # stored after a failed try: id -> reasons
+    requeued: list[str] = field(default_factory=list)  # put back untried: their worker died before starting them
     timing: dict[str, float] = field(default_factory=_stage_times)
     patches: int = 0
     shard: str | None = None
     scheduler: str = "inline"
     workers: int = 1
     interrupted: str | None = None  # the signal that stopped the run
+    aborted: str | None = None  # why the run stopped itself (the store could not be written)
     pending: list[str] = field(default_factory=list)  # not done because the run was stopped
     in_flight_at_stop: list[str] = field(default_factory=list)  # being embedded at the first signal
     stored_after_stop: list[str] = field(default_factory=list)  # stored after the first signal
@@ -126,11 +133,11 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.interrupted
+        return not self.failed and not self.interrupted and not self.aborted
 
     @property
     def exit_code(self) -> int:
-        if self.interrupted:
+        if self.interrupted or self.aborted:
             return EXIT_INTERRUPTED
         return EXIT_FAILED if self.failed else EXIT_OK
 
@@ -147,6 +154,8 @@ class RunReport:
             s += f"; {len(self.cache['fallback'])} read from the original path (no cache copy: see the report)"
         if self.interrupted:
             s += f"; stopped by {self.interrupted}, {len(self.pending)} not done (rerun the same command to finish)"
+        if self.aborted:
+            s += f"; stopped: {self.aborted}; {len(self.pending)} not done"
         return s
 
     def write(self, path: Path) -> None:
@@ -418,6 +427,7 @@ def run_archive(
                  f" (shard {shard_text})" if shard_text else "")
 
         executor = bar = cache = None
+        store_failures = 0  # slides in a row that could not be stored
         inflight: dict[int, _Task] = {}
         sig.inflight = inflight
         try:
@@ -435,7 +445,7 @@ def run_archive(
             bar = Progress(len(queue), sum(t.size for t in queue), progress)  # rates from the first slide out
             idle = list(range(executor.slots))[::-1] if executor else []
             while queue or inflight:
-                if sig.count >= 2:
+                if sig.count >= 2 or report.aborted:
                     break
                 copying = False  # the next slide's local copy is still being made
                 while idle and queue and sig.count == 0:
@@ -466,6 +476,16 @@ def run_archive(
                     task = inflight.pop(ev.slot)
                     idle.append(ev.slot)
                     sid = task.entry.slide_id
+                    if ev.requeued:  # never started: back to the head of the queue, no try counted
+                        task.tries -= 1
+                        queue.appendleft(task)
+                        if sid not in report.requeued:
+                            report.requeued.append(sid)
+                        log.info("%s: put back untried (its worker died before starting it)", sid)
+                        continue
+                    if ev.result is not None and ev.result.slide_id != sid:
+                        ev = type(ev)(ev.slot, error=f"the worker returned a record for slide "
+                                                     f"{ev.result.slide_id!r} instead of {sid!r}; not stored")
                     if ev.result is not None:
                         try:
                             tw = time.perf_counter()
@@ -473,7 +493,14 @@ def run_archive(
                             report.timing["write_s"] += time.perf_counter() - tw
                         except StoreWriteError as err:
                             ev = type(ev)(ev.slot, error=describe(err))
+                            store_failures += 1
+                            if store_failures >= MAX_STORE_FAILURES:
+                                report.aborted = (f"{store_failures} slides in a row could not be stored in "
+                                                  f"{store_path} (the disk may be full): {err}; rerun the same "
+                                                  f"command to finish")
+                                log.error("stopping: %s", report.aborted)
                         else:
+                            store_failures = 0
                             r = ev.result
                             report.done.append(sid)
                             report.patches += r.n_patches
@@ -499,6 +526,8 @@ def run_archive(
                                                   "reasons": list(task.reasons)}
                         log.error("%s failed: %s", sid, ev.error)
                         bar.step(sid, "FAILED", 0, task.size)
+                    if report.aborted:
+                        break  # the rest of this batch stays in flight: pending
         except KeyboardInterrupt:  # signals not handled here (API default): drop what is in flight
             sig.name, sig.count = sig.name or "SIGINT", 2
             raise
