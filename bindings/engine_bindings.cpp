@@ -102,9 +102,10 @@ void register_engine(py::module_& mod) {
 #ifdef PROALIGN_WITH_LIBJPEG
   mod.def(
       "decode_jpeg",
-      [](const py::list& tiles, int scale_denom, int threads) {
+      [](const py::list& tiles, int scale_denom, int threads, unsigned width, unsigned height, bool shorter_ok) {
         if (scale_denom != 1 && scale_denom != 2 && scale_denom != 4 && scale_denom != 8)
           throw std::invalid_argument("scale_denom must be 1, 2, 4 or 8");
+        const proalign::JpegExpect expect{width, height, shorter_ok};
         std::vector<py::bytes> keep;  // the bytes objects stay alive (and immutable) while we decode
         std::vector<proalign::JpegInput> in;
         keep.reserve(tiles.size());
@@ -119,7 +120,7 @@ void register_engine(py::module_& mod) {
         std::vector<proalign::DecodedTile> out;
         {
           py::gil_scoped_release release;
-          out = proalign::decode_jpeg_batch(in, scale_denom, threads);
+          out = proalign::decode_jpeg_batch(in, expect, scale_denom, threads);
         }
         py::list arrays(out.size());
         py::list errors;
@@ -135,8 +136,11 @@ void register_engine(py::module_& mod) {
         }
         return py::make_tuple(arrays, errors);
       },
-      py::arg("tiles"), py::arg("scale_denom") = 1, py::arg("threads") = 4,
-      "Decode JPEG streams to RGB uint8 (h, w, 3) at 1/scale_denom size; returns (arrays, [(i, error)])");
+      py::arg("tiles"), py::arg("scale_denom") = 1, py::arg("threads") = 4, py::arg("width") = 0,
+      py::arg("height") = 0, py::arg("shorter_ok") = false,
+      "Decode JPEG streams to RGB uint8 (h, w, 3) at 1/scale_denom size; returns (arrays, [(i, error)]).\n"
+      "width/height (before scaling): the frame size each stream must declare (0: unchecked); shorter_ok: "
+      "the height may be less (strips)");
   mod.attr("HAS_LIBJPEG") = true;
 #else
   mod.attr("HAS_LIBJPEG") = false;

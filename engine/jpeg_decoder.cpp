@@ -4,6 +4,9 @@
 #include <atomic>
 #include <csetjmp>
 #include <cstdio>
+#include <exception>
+#include <new>
+#include <string>
 #include <thread>
 
 #include <jpeglib.h>
@@ -25,9 +28,12 @@ void on_error(j_common_ptr cinfo) {
 
 void on_warning(j_common_ptr, int) {}  // corrupt-data warnings would print to stderr per tile
 
+constexpr size_t kMaxTileBytes = size_t{1} << 28;  // MAX_TILE_RAW_BYTES of slides/slide.py
+
 // No C++ objects with destructors live between setjmp and longjmp here: only the C structs and the
-// output vector, which is sized before decoding starts.
-void decode_one(const JpegInput& in, int scale_denom, DecodedTile* out) {
+// output vector, which is sized before decoding starts. The frame header is checked against the
+// expected tile size before anything is allocated for the pixels.
+void decode_one(const JpegInput& in, const JpegExpect& expect, int scale_denom, DecodedTile* out) {
   jpeg_decompress_struct cinfo;
   ErrorManager err;
   cinfo.err = jpeg_std_error(&err.pub);
@@ -42,15 +48,39 @@ void decode_one(const JpegInput& in, int scale_denom, DecodedTile* out) {
   jpeg_create_decompress(&cinfo);
   jpeg_mem_src(&cinfo, in.data, static_cast<unsigned long>(in.size));
   jpeg_read_header(&cinfo, TRUE);
+  const unsigned w = cinfo.image_width, h = cinfo.image_height;
+  const bool size_ok = expect.width == 0 ||
+                       (w == expect.width && (h == expect.height || (expect.shorter_ok && h >= 1 && h < expect.height)));
+  if (!size_ok) {
+    std::snprintf(err.message, sizeof(err.message), "JPEG frame is %ux%u px but the %s is %ux%u px (corrupt tile)", w, h,
+                  expect.shorter_ok ? "strip" : "tile", expect.width, expect.height);
+    jpeg_destroy_decompress(&cinfo);
+    out->error = err.message;
+    return;
+  }
   cinfo.out_color_space = JCS_RGB;  // the engine marks RGB tiles (Adobe marker); YCbCr converts
   cinfo.scale_num = 1;
   cinfo.scale_denom = static_cast<unsigned int>(scale_denom);
   cinfo.dct_method = JDCT_ISLOW;  // libjpeg-turbo's default, as imagecodecs and OpenSlide use
+  jpeg_calc_output_dimensions(&cinfo);
+  const size_t stride = static_cast<size_t>(cinfo.output_width) * 3;
+  const size_t bytes = stride * cinfo.output_height;
+  if (bytes > kMaxTileBytes) {  // even unchecked, no tile may claim more than the readers ever allow
+    std::snprintf(err.message, sizeof(err.message), "JPEG frame of %ux%u px is too large for a tile", w, h);
+    jpeg_destroy_decompress(&cinfo);
+    out->error = err.message;
+    return;
+  }
+  try {
+    out->pixels.resize(bytes);
+  } catch (const std::bad_alloc&) {
+    jpeg_destroy_decompress(&cinfo);
+    out->error = "out of memory for a " + std::to_string(bytes) + "-byte tile";
+    return;
+  }
   jpeg_start_decompress(&cinfo);
   out->width = static_cast<int>(cinfo.output_width);
   out->height = static_cast<int>(cinfo.output_height);
-  const size_t stride = static_cast<size_t>(out->width) * 3;
-  out->pixels.resize(stride * out->height);
   while (cinfo.output_scanline < cinfo.output_height) {
     JSAMPROW row = out->pixels.data() + stride * cinfo.output_scanline;
     jpeg_read_scanlines(&cinfo, &row, 1);
@@ -61,7 +91,8 @@ void decode_one(const JpegInput& in, int scale_denom, DecodedTile* out) {
 
 }  // namespace
 
-std::vector<DecodedTile> decode_jpeg_batch(const std::vector<JpegInput>& tiles, int scale_denom, int threads) {
+std::vector<DecodedTile> decode_jpeg_batch(const std::vector<JpegInput>& tiles, const JpegExpect& expect,
+                                           int scale_denom, int threads) {
   std::vector<DecodedTile> out(tiles.size());
   std::atomic<size_t> next{0};
   auto work = [&] {
@@ -70,12 +101,24 @@ std::vector<DecodedTile> decode_jpeg_batch(const std::vector<JpegInput>& tiles, 
         out[i].error = "empty tile";
         continue;
       }
-      decode_one(tiles[i], scale_denom, &out[i]);
+      try {  // an exception must never leave a worker thread: std::terminate would abort the process
+        decode_one(tiles[i], expect, scale_denom, &out[i]);
+      } catch (const std::exception& e) {
+        out[i].pixels.clear();
+        out[i].error = std::string("the JPEG decoder failed: ") + e.what();
+      } catch (...) {
+        out[i].pixels.clear();
+        out[i].error = "the JPEG decoder failed";
+      }
     }
   };
   const int workers = static_cast<int>(std::min<size_t>(std::max(1, threads), tiles.size()));
   std::vector<std::thread> pool;
-  for (int w = 1; w < workers; ++w) pool.emplace_back(work);
+  try {
+    for (int w = 1; w < workers; ++w) pool.emplace_back(work);
+  } catch (const std::exception&) {
+    // no more threads (resource limits): the threads started and this one share the work
+  }
   work();
   for (auto& t : pool) t.join();
   return out;

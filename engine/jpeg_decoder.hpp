@@ -20,7 +20,17 @@ struct JpegInput {
   size_t size;
 };
 
-// Decodes every input to RGB at 1/scale_denom size (1, 2, 4 or 8) on `threads` threads.
-std::vector<DecodedTile> decode_jpeg_batch(const std::vector<JpegInput>& tiles, int scale_denom, int threads);
+// The frame size every input must declare (before scaling): width x height, or with `shorter_ok`
+// (strips: the last one of an image) width x 1..height. width 0: no check.
+struct JpegExpect {
+  unsigned width = 0;
+  unsigned height = 0;
+  bool shorter_ok = false;
+};
+
+// Decodes every input to RGB at 1/scale_denom size (1, 2, 4 or 8) on `threads` threads. A frame not
+// of the expected size, or one too large to be a tile, gives an error, not a decode.
+std::vector<DecodedTile> decode_jpeg_batch(const std::vector<JpegInput>& tiles, const JpegExpect& expect,
+                                           int scale_denom, int threads);
 
 }  // namespace proalign

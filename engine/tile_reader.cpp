@@ -8,9 +8,22 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <stdexcept>
 
 namespace proalign {
+namespace {
+
+// An exception must never leave a worker thread (std::terminate would abort the process): each one
+// becomes the tile's error message, which Python raises as a SlideError naming the file and tile.
+TileBytes failed_tile(const std::string& what) {
+  TileBytes out;
+  out.error = "the tile reader failed: " + what;
+  return out;
+}
+
+}  // namespace
 
 TileReader::TileReader(const std::string& path, std::string prefix, bool splice_jpeg, int threads)
     : path_(path), prefix_(std::move(prefix)), splice_jpeg_(splice_jpeg), threads_(std::max(1, threads)) {
@@ -76,17 +89,27 @@ TileBytes TileReader::read_one(const TileRef& t) const {
 std::vector<TileBytes> TileReader::read(const std::vector<TileRef>& tiles) const {
   std::vector<TileBytes> out(tiles.size());
   const int workers = static_cast<int>(std::min<size_t>(threads_, tiles.size()));
-  if (workers <= 1) {
-    for (size_t i = 0; i < tiles.size(); ++i) out[i] = read_one(tiles[i]);
-    return out;
-  }
   std::atomic<size_t> next{0};
   auto work = [&] {
-    for (size_t i; (i = next.fetch_add(1)) < tiles.size();) out[i] = read_one(tiles[i]);
+    for (size_t i; (i = next.fetch_add(1)) < tiles.size();) {
+      try {
+        out[i] = read_one(tiles[i]);
+      } catch (const std::bad_alloc&) {
+        out[i] = failed_tile("out of memory for " + std::to_string(tiles[i].size) + " bytes");
+      } catch (const std::exception& e) {
+        out[i] = failed_tile(e.what());
+      } catch (...) {
+        out[i] = failed_tile("unknown error");
+      }
+    }
   };
   std::vector<std::thread> pool;
-  pool.reserve(workers - 1);
-  for (int w = 1; w < workers; ++w) pool.emplace_back(work);
+  try {
+    pool.reserve(workers > 1 ? workers - 1 : 0);
+    for (int w = 1; w < workers; ++w) pool.emplace_back(work);
+  } catch (const std::exception&) {
+    // no more threads (resource limits): the threads started and this one share the work
+  }
   work();
   for (auto& th : pool) th.join();
   return out;
@@ -94,7 +117,18 @@ std::vector<TileBytes> TileReader::read(const std::vector<TileRef>& tiles) const
 
 TileStream::TileStream(const TileReader& reader, std::vector<std::vector<TileRef>> batches, int max_ahead)
     : reader_(reader), batches_(std::move(batches)), max_ahead_(static_cast<size_t>(std::max(1, max_ahead))) {
-  worker_ = std::thread([this] { run(); });
+  worker_ = std::thread([this] {
+    try {
+      run();
+    } catch (const std::exception& e) {  // never let it escape the thread; next() reports it per tile
+      std::lock_guard<std::mutex> lock(mu_);
+      broken_ = e.what();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      broken_ = "unknown error";
+    }
+    cv_.notify_all();
+  });
 }
 
 TileStream::~TileStream() {
@@ -113,7 +147,12 @@ void TileStream::run() {
       cv_.wait(lock, [&] { return stop_ || queue_.size() < max_ahead_; });
       if (stop_) return;
     }
-    auto tiles = reader_.read(batch);
+    std::vector<TileBytes> tiles;
+    try {
+      tiles = reader_.read(batch);
+    } catch (const std::exception& e) {  // e.g. no memory for the batch itself: an error on every tile
+      tiles.assign(batch.size(), failed_tile(e.what()));
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       queue_.push_back(std::move(tiles));
@@ -126,9 +165,13 @@ void TileStream::run() {
 bool TileStream::next(std::vector<TileBytes>* out) {
   std::unique_lock<std::mutex> lock(mu_);
   if (handed_out_ == batches_.size()) return false;
-  cv_.wait(lock, [&] { return !queue_.empty(); });
-  *out = std::move(queue_.front());
-  queue_.pop_front();
+  cv_.wait(lock, [&] { return !queue_.empty() || !broken_.empty(); });
+  if (queue_.empty()) {  // the reading thread died: this batch and the rest fail, nothing hangs
+    out->assign(batches_[handed_out_].size(), failed_tile(broken_));
+  } else {
+    *out = std::move(queue_.front());
+    queue_.pop_front();
+  }
   ++handed_out_;
   lock.unlock();
   cv_.notify_all();

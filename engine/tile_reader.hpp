@@ -72,6 +72,7 @@ class TileStream {
   size_t handed_out_ = 0;
   size_t max_queued_ = 0;
   bool stop_ = false;
+  std::string broken_;  // why the reading thread stopped early, empty while it is fine
   std::mutex mu_;
   std::condition_variable cv_;
   std::thread worker_;

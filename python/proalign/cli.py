@@ -207,8 +207,9 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
     --encoder/--weights, into the store at --out (resumable, idempotent).
 
     Exit code 0 when every slide is stored, 1 when any slide failed (quarantined: see the run
-    report), 2 on a usage or store error, 3 when stopped by SIGINT/SIGTERM (the slides in flight
-    are finished, or dropped on a second signal; rerun the same command to finish)."""
+    report), 2 on a usage or store error, 3 when stopped early: by SIGINT/SIGTERM (the slides in
+    flight are finished, or dropped on a second signal) or after 3 slides in a row failed to store
+    (disk full?); rerun the same command to finish."""
     from .pipeline import EmbedOptions, embed_features
     from .slides.manifest import is_slide_manifest
 
@@ -581,6 +582,10 @@ def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_
             failed += 1
             click.echo(f"FAILED: {e}", err=True)
             continue
+        except Exception as e:  # a reader that let something else through: still this slide's problem
+            failed += 1
+            click.echo(f"FAILED: {p}: unexpected {type(e).__name__}: {e}", err=True)
+            continue
         click.echo(f"{p.name}: {len(grid)} patches of {grid.patch_size_level0} px at level 0, read at level "
                    f"{grid.level} ({grid.read_size} px) -> {dest}")
     if failed:
@@ -663,7 +668,11 @@ def store_verify(path):
         problems = verify_store(s)
     for sid, why in problems.items():
         click.echo(f"BAD {sid}: {why}", err=True)
-    click.echo(f"{n - len(problems)} of {n} records OK")
+    data = str(Path(path) / "data.mdb")
+    if data in problems:  # the file itself is damaged: records were not all checkable
+        click.echo(f"the store file is damaged ({n} records listed); records were not checked one by one")
+    else:
+        click.echo(f"{n - len(problems)} of {n} records OK")
     sys.exit(1 if problems else 0)
 
 

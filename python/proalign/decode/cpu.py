@@ -2,10 +2,15 @@
 
 Every decoder returns tiles as uint8 (tile_h, tile_w, 3) RGB arrays, whole tiles including the
 padding of edge tiles; the canvas code crops to the image.
+
+A tile never decodes to more than its own size: a JPEG or JPEG 2000 frame whose header does not
+match the tile, or LZW/Deflate data that would inflate past the tile's raw bytes (a decompression
+bomb), raises TileDecodeError before anything large is allocated.
 """
 from __future__ import annotations
 
 import os
+import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,6 +18,8 @@ from typing import Callable
 
 import imagecodecs
 import numpy as np
+
+from ..errors import ProAlignError
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,7 @@ class TileFormat:
     tile_height: int
     samples_per_pixel: int = 3
     predictor: int = 1
+    tiled: bool = True  # False: strips, whose last one may hold fewer rows than tile_height
 
 
 def ycbcr_to_rgb(a: np.ndarray) -> np.ndarray:
@@ -46,6 +54,76 @@ def _to_rgb(a: np.ndarray, fmt: TileFormat) -> np.ndarray:
     return a
 
 
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) in the first frame header (SOF) of a JPEG stream, walking the marker segments
+    from SOI; None when there is none before the scan (not a JPEG, or a corrupt one)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if m in (0xD9, 0xDA):  # end of image or start of scan: no frame header came first
+            return None
+        if m in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            height, width = struct.unpack_from(">HH", data, i + 5)
+            return width, height
+        i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+    return None
+
+
+def jpeg2000_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the SIZ segment of a raw JPEG 2000 codestream (what TIFF tiles hold);
+    None for other data (a JP2 file is decoded unchecked)."""
+    if data[:4] != b"\xff\x4f\xff\x51" or len(data) < 24:
+        return None
+    x1, y1, x0, y0 = struct.unpack_from(">IIII", data, 8)
+    return x1 - x0, y1 - y0
+
+
+def _check_frame(size: tuple[int, int] | None, fmt: TileFormat, kind: str) -> None:
+    """The frame must be the tile's size (a strip may be shorter: the last one of an image)."""
+    tw, th = fmt.tile_width, fmt.tile_height
+    if size is None:
+        raise TileDecodeError(0, f"no {kind} frame header (corrupt tile)")
+    w, h = size
+    if w != tw or not (h == th or (not fmt.tiled and 1 <= h < th)):
+        what = "tile" if fmt.tiled else "strip"
+        raise TileDecodeError(0, f"{kind} frame is {w}x{h} px but the {what} is {tw}x{th} px (corrupt tile)")
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """Deflate data, refusing to produce more than `limit` bytes (a tile's raw size)."""
+    d = zlib.decompressobj()
+    raw = d.decompress(data, limit + 1)
+    if len(raw) > limit:
+        raise TileDecodeError(0, f"Deflate data inflate to more than the tile's {limit} bytes (corrupt tile)")
+    if not d.eof:
+        raise TileDecodeError(0, "Deflate stream is truncated (corrupt tile)")
+    return raw
+
+
+def _unlzw(data: bytes, limit: int) -> bytes:
+    """LZW data into a buffer of limit + 1 bytes: imagecodecs stops at the buffer's end, so a full
+    buffer means the data would expand past the tile (a decompression bomb)."""
+    raw = imagecodecs.lzw_decode(data, out=bytearray(limit + 1))
+    if len(raw) > limit:
+        raise TileDecodeError(0, f"LZW data expand to more than the tile's {limit} bytes (corrupt tile)")
+    return bytes(raw)
+
+
 def decode_tile(data: bytes, fmt: TileFormat) -> np.ndarray:
     """Decode one tile's bytes (JPEG tables already spliced in) to uint8 RGB (h, w, 3).
     Empty bytes (a tile the writer left out) decode to white."""
@@ -53,13 +131,23 @@ def decode_tile(data: bytes, fmt: TileFormat) -> np.ndarray:
     if not data:
         return np.full((th, tw, 3), 255, np.uint8)
     if fmt.codec == "jpeg":
+        _check_frame(jpeg_frame_size(data), fmt, "JPEG")
         a = imagecodecs.jpeg8_decode(data)
     elif fmt.codec == "jpeg2000":
+        size = jpeg2000_frame_size(data)
+        if size is not None:
+            _check_frame(size, fmt, "JPEG 2000")
         a = imagecodecs.jpeg2k_decode(data)
         if fmt.compression == 33003:
             a = ycbcr_to_rgb(a)
     else:
-        raw = {"none": lambda b: b, "lzw": imagecodecs.lzw_decode, "deflate": zlib.decompress}[fmt.codec](data)
+        limit = th * tw * spp
+        if fmt.codec == "lzw":
+            raw = _unlzw(data, limit)
+        elif fmt.codec == "deflate":
+            raw = _inflate(data, limit)
+        else:
+            raw = data[:limit]
         rows = len(raw) // (tw * spp)
         a = np.frombuffer(raw, np.uint8, count=rows * tw * spp).reshape(rows, tw, spp)
         if fmt.predictor == 2:  # horizontal differencing: running sum along x, modulo 256
@@ -87,6 +175,8 @@ class CpuDecoder:
         def one(i: int, data: bytes) -> np.ndarray:
             try:
                 return decode_tile(data, fmt)
+            except TileDecodeError as e:
+                raise TileDecodeError(i, e.problem) from e
             except Exception as e:  # imagecodecs raises its own error classes per codec
                 raise TileDecodeError(i, f"{type(e).__name__}: {e}") from e
         if self._pool is None or len(tiles) < 2:
@@ -128,7 +218,9 @@ class NativeJpegDecoder:
     def submit(self, tiles: list[bytes], fmt: TileFormat) -> Callable[[], list[np.ndarray]]:
         if fmt.codec != "jpeg":
             raise TileDecodeError(0, f"the engine decoder reads JPEG tiles only, not {fmt.codec}")
-        fut = self._pool.submit(self._decode, tiles, self.scale, self.threads)
+        # the engine checks each frame header against the tile size before it decodes
+        fut = self._pool.submit(self._decode, tiles, self.scale, self.threads, fmt.tile_width, fmt.tile_height,
+                                not fmt.tiled)
         white = (fmt.tile_height // self.scale, fmt.tile_width // self.scale, 3)
 
         def result() -> list[np.ndarray]:
@@ -147,8 +239,9 @@ class NativeJpegDecoder:
         self._pool.shutdown()
 
 
-class TileDecodeError(Exception):
-    """A tile of a batch failed to decode; `position` is its index in the batch."""
+class TileDecodeError(ProAlignError):
+    """A tile of a batch failed to decode; `position` is its index in the batch. The slide readers
+    turn it into a SlideError naming the file, the level and the tile."""
 
     def __init__(self, position: int, problem: str):
         self.position, self.problem = position, problem

@@ -43,6 +43,17 @@ class MissingResolutionError(ProAlignError, ValueError):
     """The slide's resolution (mpp or objective power) is unknown and none was given."""
 
 
+class GridError(ProAlignError, ValueError):
+    """The requested grid is absurd for the slide: patches smaller than MIN_PATCH_LEVEL0 or larger
+    than MAX_PATCH_LEVEL0 level-0 pixels, or more than MAX_GRID_PATCHES positions (a wrong mpp or
+    magnification in the metadata, usually)."""
+
+
+MIN_PATCH_LEVEL0 = 8  # level-0 pixels per patch side
+MAX_PATCH_LEVEL0 = 1 << 24  # 16x the largest slide side
+MAX_GRID_PATCHES = 10_000_000  # grid positions before tissue filtering (a 200,000 px slide: ~800,000)
+
+
 EDGE_MODES = ("inside", "pad")
 
 
@@ -176,12 +187,14 @@ def best_level(level_downsamples: Sequence[float], downsample: float, tolerance:
     return int(ok[np.argmax(ds[ok])])
 
 
-def _axis_starts(length: int, size0: int, stride: int, edge: str) -> np.ndarray:
+def _axis_count(length: int, size0: int, stride: int, edge: str) -> int:
     if edge == "inside":
-        n = (length - size0) // stride + 1 if length >= size0 else 0
-    else:  # top-left corner inside the slide
-        n = -(-length // stride) if length > 0 else 0
-    return np.arange(n, dtype=np.int64) * stride
+        return (length - size0) // stride + 1 if length >= size0 else 0
+    return -(-length // stride) if length > 0 else 0  # top-left corner inside the slide
+
+
+def _axis_starts(length: int, size0: int, stride: int, edge: str) -> np.ndarray:
+    return np.arange(_axis_count(length, size0, stride, edge), dtype=np.int64) * stride
 
 
 def _interp_cols(sat: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -244,9 +257,17 @@ def patch_grid(mask: np.ndarray | None, mask_scale_xy: tuple[float, float] | Non
     res = resolve_resolution(target_mpp=target_mpp, target_magnification=target_magnification,
                              slide_mpp=slide_mpp, slide_magnification=slide_magnification)
     size0 = max(1, round(patch_size * res.downsample))
+    if not MIN_PATCH_LEVEL0 <= size0 <= MAX_PATCH_LEVEL0:
+        raise GridError(f"a {patch_size} px patch at downsample {res.downsample:.4g} covers {size0} level-0 px "
+                        f"(allowed: {MIN_PATCH_LEVEL0}..{MAX_PATCH_LEVEL0}); check the slide's mpp/magnification "
+                        f"(level-0 mpp {res.level0_mpp:.4g}, magnification {res.level0_magnification:.4g})")
     stride = size0 - round(overlap * res.downsample)
     if stride < 1:
         raise ValueError(f"overlap {overlap} leaves no step between patches at downsample {res.downsample:.4g}")
+    n_grid = _axis_count(w0, size0, stride, edge) * _axis_count(h0, size0, stride, edge)
+    if n_grid > MAX_GRID_PATCHES:
+        raise GridError(f"{n_grid} patch positions of {size0} level-0 px over {w0}x{h0} px: more than "
+                        f"{MAX_GRID_PATCHES}; check the slide's mpp/magnification or the patch size")
     level = best_level(level_downsamples, res.downsample, level_tolerance)
     lds = float(level_downsamples[level])
     read_size = max(1, round(size0 / lds))

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from ..errors import SlideError
-from .grid import MissingResolutionError, PatchGrid, grid_for_slide
+from .grid import GridError, MissingResolutionError, PatchGrid, grid_for_slide
 from .slide import Slide, open_slide
 from .tissue import mask_from_slide
 
@@ -64,8 +64,11 @@ def slide_grid(slide: Slide, *, patch_size: int = 256, target_magnification: flo
         return grid_for_slide(slide, mask, scale, patch_size=patch_size, target_magnification=target_magnification,
                               target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue, edge=edge)
     except MissingResolutionError as e:
-        raise SlideError(slide.path, f"{e}. On the command line: --slide-mpp 0.25, or --mpp-csv FILE with "
-                                     "columns wsi,mpp") from None
+        note = getattr(slide.info, "resolution_note", "")
+        raise SlideError(slide.path, f"{e}{f' ({note})' if note else ''}. On the command line: --slide-mpp 0.25, "
+                                     "or --mpp-csv FILE with columns wsi,mpp") from None
+    except GridError as e:
+        raise SlideError(slide.path, str(e)) from None
 
 
 def patch_slide(path: str | Path, *, mpp: float | None = None, **grid_options) -> tuple[Slide, PatchGrid]:

@@ -22,6 +22,15 @@ from .tiff_index import CODECS, TiffPage, read_tiff_pages
 
 TIFF_SUFFIXES = {".svs", ".tif", ".tiff"}
 _OPENSLIDE_WHITE = 255
+# Plausible microscope resolutions: metadata outside these is treated as missing (a 72-dpi default,
+# a typo, a crafted file), so the usual "pass --slide-mpp" error applies instead of an absurd grid.
+MPP_RANGE = (0.01, 100.0)  # microns per level-0 pixel
+MAGNIFICATION_RANGE = (1.0, 200.0)  # objective power
+# The most uncompressed bytes one stored tile or strip may hold (256 MiB): one decoded tile is the
+# unit of memory of every reader, so larger ones (a whole big image in a single strip) are refused.
+MAX_TILE_RAW_BYTES = 1 << 28
+_THUMBNAIL_BAND_BYTES = 64 << 20  # most bytes of one band read by get_thumbnail
+_DECODE_CHUNK_BYTES = 64 << 20  # read_region decodes its tiles in chunks of about this many bytes
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,7 @@ class SlideInfo:
     codec: str | None  # level 0's codec, None if unknown (OpenSlide path)
     mpp_source: str = "metadata"  # "metadata" | "user" | "none"
     properties: dict[str, str] = field(default_factory=dict)
+    resolution_note: str = ""  # why a metadata mpp/magnification was ignored, for error messages
 
 
 class Slide:
@@ -104,7 +114,7 @@ class Slide:
         level = self.best_level_for_downsample(max(scale, 1.0))
         lw, lh = self.levels[level]
         tw, th = max(1, round(w0 / max(scale, 1.0))), max(1, round(h0 / max(scale, 1.0)))
-        band = 1024
+        band = max(1, min(1024, _THUMBNAIL_BAND_BYTES // (3 * lw)))  # wide levels without a pyramid
         out = np.empty((th, tw, 3), np.uint8)
         row = 0
         for ly in range(0, lh, band):
@@ -145,9 +155,33 @@ def _aperio_fields(description: str) -> dict[str, str]:
 def _float_or_none(v) -> float | None:
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return f if math.isfinite(f) and f > 0 else None
+
+
+def _in_range(v, bounds: tuple[float, float]) -> float | None:
+    f = _float_or_none(v)
+    return f if f is not None and bounds[0] <= f <= bounds[1] else None
+
+
+def _metadata_resolution(raw_mpp, raw_mag) -> tuple[float | None, float | None, str]:
+    """(mpp, objective power, note) from metadata strings: values outside MPP_RANGE /
+    MAGNIFICATION_RANGE count as missing, and the note says what was ignored."""
+    mpp, mag = _in_range(raw_mpp, MPP_RANGE), _in_range(raw_mag, MAGNIFICATION_RANGE)
+    notes = []
+    if raw_mpp is not None and mpp is None:
+        notes.append(f"metadata mpp {raw_mpp!r} ignored (plausible: {MPP_RANGE[0]}-{MPP_RANGE[1]} um/px)")
+    if raw_mag is not None and mag is None:
+        notes.append(f"metadata magnification {raw_mag!r} ignored (plausible: {MAGNIFICATION_RANGE[0]:g}-"
+                     f"{MAGNIFICATION_RANGE[1]:g}x)")
+    if mpp is not None and mag is not None and not 1 / 3 <= mag * mpp / 10.0 <= 3:
+        # The two disagree wildly (10 / mpp is the magnification an mpp stands for: 0.25 um/px ~ 40x).
+        # The mpp is measured by the scanner, the magnification typed in a profile: trust the mpp,
+        # so a --mag request goes through the slide's nominal magnification of its mpp instead.
+        notes.append(f"metadata magnification {mag:g}x ignored: it disagrees with the mpp {mpp:g} um/px")
+        mag = None
+    return mpp, mag, "; ".join(notes)
 
 
 class TiffSlide(Slide):
@@ -172,26 +206,36 @@ class TiffSlide(Slide):
         self.pages = levels
         props: dict[str, str] = {}
         mpp = objective = None
+        note = ""
         if aperio:
             props = {f"aperio.{k}": v for k, v in _aperio_fields(base.description).items()}
-            mpp = _float_or_none(props.get("aperio.MPP"))
-            objective = _float_or_none(props.get("aperio.AppMag"))
+            mpp, objective, note = _metadata_resolution(props.get("aperio.MPP"), props.get("aperio.AppMag"))
         elif base.x_resolution and base.resolution_unit in (2, 3):
             per_unit_um = 25400.0 if base.resolution_unit == 2 else 10000.0
-            candidate = per_unit_um / base.x_resolution
-            mpp = candidate if 0.01 <= candidate <= 100.0 else None  # 72 dpi defaults are not microscope mpp
+            mpp = _in_range(per_unit_um / base.x_resolution, MPP_RANGE)  # 72 dpi defaults are not microscope mpp
+        for i, p in enumerate(levels):
+            raw = p.tile_width * p.tile_height * p.samples_per_pixel
+            if raw > MAX_TILE_RAW_BYTES:
+                what = "tile" if p.tiled else "strip"
+                raise SlideError(path, f"level {i}: one {what} of {p.tile_width}x{p.tile_height} px holds {raw} "
+                                       f"bytes uncompressed (over {MAX_TILE_RAW_BYTES >> 20} MiB): this layout "
+                                       "is not supported")
         w0, h0 = base.width, base.height
         self.info = SlideInfo(
             path=str(path), format="aperio-svs" if aperio else "generic-tiff",
             levels=[(p.width, p.height) for p in levels],
             downsamples=[(w0 / p.width + h0 / p.height) / 2.0 for p in levels],
             mpp=mpp, objective_power=objective, tile_size=(base.tile_width, base.tile_height), codec=base.codec,
-            mpp_source="metadata" if mpp else "none", properties=props)
+            mpp_source="metadata" if mpp else "none", properties=props, resolution_note=note)
         self.formats = [TileFormat(p.codec, p.compression, p.photometric, p.tile_width, p.tile_height,
-                                   p.samples_per_pixel, p.predictor) for p in levels]
+                                   p.samples_per_pixel, p.predictor, p.tiled) for p in levels]
         self.readers = [open_reader(path, jpeg_prefix(p.jpeg_tables, p.photometric) if p.codec == "jpeg" else b"",
                                     p.codec == "jpeg", threads) for p in levels]
         self.decoder = CpuDecoder(threads=min(threads, 4))
+        # (level, {tile index: decoded tile}) of the last read's bottom tile row (at most one chunk of
+        # _read_level): the next band of a band-by-band read (get_thumbnail) often starts in that row,
+        # so a big strip is decoded once, not once per band.
+        self._last_row: tuple[int, dict[int, np.ndarray]] = (-1, {})
 
     def tiles_for_rect(self, level: int, lx: int, ly: int, w: int, h: int) -> list[tuple[int, int]]:
         """(column, row) of every stored tile of `level` that overlaps the rectangle."""
@@ -202,25 +246,44 @@ class TiffSlide(Slide):
         from ..decode.cpu import TileDecodeError
 
         p = self.pages[level]
-        idx = np.array([r * p.tiles_across + c for c, r in tiles], np.int64)
-        data, errors = self.readers[level].read(p.offsets[idx], p.bytecounts[idx])
+        idx = [r * p.tiles_across + c for c, r in tiles]
+        cached_level, cached = self._last_row
+        if cached_level != level:
+            cached = {}
+        todo = [k for k, t in enumerate(idx) if t not in cached]
+        want = np.array([idx[k] for k in todo], np.int64)
+        data, errors = self.readers[level].read(p.offsets[want], p.bytecounts[want])
         if errors:
-            i, msg = errors[0]
-            raise SlideError(self.path, f"level {level} tile (col {tiles[i][0]}, row {tiles[i][1]}): {msg}")
+            c, r = tiles[todo[errors[0][0]]]
+            raise SlideError(self.path, f"level {level} tile (col {c}, row {r}): {errors[0][1]}")
         try:
-            return self.decoder.decode(data, self.formats[level])
+            decoded = self.decoder.decode(data, self.formats[level])
         except TileDecodeError as e:
-            c, r = tiles[e.position]
+            c, r = tiles[todo[e.position]]
             raise SlideError(self.path, f"level {level} tile (col {c}, row {r}) does not decode: {e.problem}") from e
+        out = [cached.get(t) for t in idx]
+        for k, img in zip(todo, decoded):
+            out[k] = img
+        if tiles:
+            last = max(r for _, r in tiles)
+            self._last_row = (level, {t: img for t, (_, r), img in zip(idx, tiles, out) if r == last})
+        return out
 
     def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
-        tiles = self.tiles_for_rect(level, lx, ly, w, h)
+        p = self.pages[level]
+        # tiles the writer left empty are background, already white in `out`
+        tiles = [(c, r) for c, r in self.tiles_for_rect(level, lx, ly, w, h) if p.bytecounts[r * p.tiles_across + c]]
         out = np.full((h, w, 3), _OPENSLIDE_WHITE, np.uint8)
-        for (c, r), img in zip(tiles, self.read_tiles(level, tiles)):
-            paste_tile(out, img, lx, ly, c, r, self.pages[level])
+        # decoded a chunk at a time: memory holds `out` plus at most _DECODE_CHUNK_BYTES of tiles (or one)
+        step = max(1, _DECODE_CHUNK_BYTES // (p.tile_width * p.tile_height * 3))
+        for s in range(0, len(tiles), step):
+            chunk = tiles[s:s + step]
+            for (c, r), img in zip(chunk, self.read_tiles(level, chunk)):
+                paste_tile(out, img, lx, ly, c, r, p)
         return out
 
     def close(self) -> None:
+        self._last_row = (-1, {})
         self.decoder.close()
         for r in self.readers:
             if hasattr(r, "close"):
@@ -282,16 +345,16 @@ class OpenSlideSlide(Slide):
         except openslide.OpenSlideError as e:
             raise SlideError(path, f"OpenSlide cannot open it: {e}") from None
         props = dict(self._os.properties)
-        mpp = _float_or_none(props.get("openslide.mpp-x"))
+        mpp, objective, note = _metadata_resolution(props.get("openslide.mpp-x"),
+                                                    props.get("openslide.objective-power"))
         tw = _float_or_none(props.get("openslide.level[0].tile-width"))
         th = _float_or_none(props.get("openslide.level[0].tile-height"))
         self.info = SlideInfo(
             path=str(path), format=f"openslide:{props.get('openslide.vendor', 'unknown')}",
             levels=[tuple(map(int, d)) for d in self._os.level_dimensions],
             downsamples=[float(d) for d in self._os.level_downsamples], mpp=mpp,
-            objective_power=_float_or_none(props.get("openslide.objective-power")),
-            tile_size=(int(tw), int(th)) if tw and th else None, codec=None,
-            mpp_source="metadata" if mpp else "none", properties=props)
+            objective_power=objective, tile_size=(int(tw), int(th)) if tw and th else None, codec=None,
+            mpp_source="metadata" if mpp else "none", properties=props, resolution_note=note)
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         import openslide
@@ -347,8 +410,9 @@ def open_slide(path: str | Path, mpp: float | None = None, threads: int = 4) -> 
         except SlideError as e:
             raise fast_error or e from None
     if mpp is not None:
-        if not (_float_or_none(mpp) and 0.01 <= mpp <= 100):
-            raise SlideError(path, f"mpp must be a positive number of microns per pixel, got {mpp}")
+        if _in_range(mpp, MPP_RANGE) is None:
+            raise SlideError(path, f"mpp must be a number of microns per pixel in {MPP_RANGE[0]}-{MPP_RANGE[1]}, "
+                                   f"got {mpp}")
         info = slide.info
         slide.info = SlideInfo(**{**info.__dict__, "mpp": float(mpp), "mpp_source": "user"})
     return slide

@@ -53,6 +53,12 @@ class PyTileReader:
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     def _read_one(self, offset: int, size: int) -> tuple[bytes, str]:
+        try:
+            return self._read_one_unguarded(offset, size)
+        except (MemoryError, OSError) as e:  # like the C++ reader: the tile's error, not a crash
+            return b"", f"the tile reader failed: {type(e).__name__}: {e or 'out of memory'}"
+
+    def _read_one_unguarded(self, offset: int, size: int) -> tuple[bytes, str]:
         if size == 0:
             return b"", ""
         if offset > self.file_size or size > self.file_size - offset:
@@ -93,7 +99,9 @@ class PyTileReader:
 
 
 class PyTileStream:
-    """The Python twin of proalign._C.TileStream: a reader thread, at most `max_ahead` batches queued."""
+    """The Python twin of proalign._C.TileStream: a reader thread, at most `max_ahead` batches queued.
+    An exception in the reader thread is queued in place of its batch and raised by the consumer, so
+    the consumer never waits on a thread that died."""
 
     def __init__(self, reader: PyTileReader, batches: Sequence[tuple[np.ndarray, np.ndarray]], max_ahead: int = 2):
         self._q: queue.Queue = queue.Queue(maxsize=max(1, max_ahead))
@@ -103,14 +111,17 @@ class PyTileStream:
 
         def run() -> None:
             for offsets, sizes in batches:
-                item = reader.read(offsets, sizes)
+                try:
+                    item = reader.read(offsets, sizes)
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer, who raises it
+                    item = e
                 while not self._stop.is_set():
                     try:
                         self._q.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if self._stop.is_set():
+                if self._stop.is_set() or isinstance(item, BaseException):
                     return
                 self.max_queued = max(self.max_queued, self._q.qsize())
 
@@ -119,7 +130,10 @@ class PyTileStream:
 
     def __iter__(self) -> Iterator[TileBatch]:
         for _ in range(self._n):
-            yield self._q.get()
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def __del__(self):
         self._stop.set()
