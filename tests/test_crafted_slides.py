@@ -438,3 +438,19 @@ def test_patch_cli_survives_an_unexpected_error(tmp_path, monkeypatch):
     assert r.exit_code == 1, r.output
     assert "first.svs: unexpected RuntimeError: a reader bug" in r.output
     assert (tmp_path / "job" / "patches" / "good_patches.h5").is_file()
+
+
+def test_dali_refuses_a_jpeg_frame_of_the_wrong_size_before_decoding():
+    """The DALI decoder (its CPU backend here; the GPU one shares the check) applies the same rule."""
+    pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
+    from proalign.decode.dali_decode import DaliDecoder
+
+    tile = TileFormat("jpeg", 7, 6, 64, 16)
+    dec = DaliDecoder(device="cpu", max_batch=4)
+    try:
+        good = dec.decode([_jpeg(64, 16)], tile)
+        assert tuple(good[0].shape) == (16, 64, 3)
+        with pytest.raises(TileDecodeError, match=r"tile 1 of the batch: JPEG frame is 30000x30000 px"):
+            dec.decode([_jpeg(64, 16), _jpeg(64, 16, claim=(30000, 30000))], tile)
+    finally:
+        dec.close()

@@ -104,6 +104,17 @@ def _check_frame(size: tuple[int, int] | None, fmt: TileFormat, kind: str) -> No
         raise TileDecodeError(0, f"{kind} frame is {w}x{h} px but the {what} is {tw}x{th} px (corrupt tile)")
 
 
+def check_frame(data: bytes, fmt: TileFormat) -> None:
+    """Raise TileDecodeError unless a JPEG / JPEG 2000 tile's frame header gives the tile's size
+    (checked before any decoder, CPU or GPU, allocates the frame). Other codecs: nothing to check."""
+    if fmt.codec == "jpeg":
+        _check_frame(jpeg_frame_size(data), fmt, "JPEG")
+    elif fmt.codec == "jpeg2000":
+        size = jpeg2000_frame_size(data)
+        if size is not None:
+            _check_frame(size, fmt, "JPEG 2000")
+
+
 def _inflate(data: bytes, limit: int) -> bytes:
     """Deflate data, refusing to produce more than `limit` bytes (a tile's raw size)."""
     d = zlib.decompressobj()
@@ -130,13 +141,10 @@ def decode_tile(data: bytes, fmt: TileFormat) -> np.ndarray:
     th, tw, spp = fmt.tile_height, fmt.tile_width, fmt.samples_per_pixel
     if not data:
         return np.full((th, tw, 3), 255, np.uint8)
+    check_frame(data, fmt)
     if fmt.codec == "jpeg":
-        _check_frame(jpeg_frame_size(data), fmt, "JPEG")
         a = imagecodecs.jpeg8_decode(data)
     elif fmt.codec == "jpeg2000":
-        size = jpeg2000_frame_size(data)
-        if size is not None:
-            _check_frame(size, fmt, "JPEG 2000")
         a = imagecodecs.jpeg2k_decode(data)
         if fmt.compression == 33003:
             a = ycbcr_to_rgb(a)

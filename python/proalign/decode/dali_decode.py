@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu import TileDecodeError, TileFormat, decode_tile
+from .cpu import TileDecodeError, TileFormat, check_frame, decode_tile
 
 SUPPORTED_CODECS = ("jpeg", "jpeg2000")
 
@@ -56,6 +56,11 @@ class DaliDecoder:
             raise TileDecodeError(0, f"DALI does not decode {fmt.codec} tiles")
         out: list = [None] * len(tiles)
         todo = [i for i, t in enumerate(tiles) if t]
+        for i in todo:  # a frame of another size than the tile is refused before DALI allocates it
+            try:
+                check_frame(tiles[i], fmt)
+            except TileDecodeError as e:
+                raise TileDecodeError(i, e.problem) from None
         for i in range(len(tiles)):
             if not tiles[i]:  # a tile the writer left out: white, on the decoder's device
                 out[i] = self._white(fmt)
