@@ -181,7 +181,8 @@ def test_sigkill_at_random_points_then_resume(tmp_path, cohort):
 
 
 def test_sigkill_workers_loses_only_their_slides(tmp_path, cohort):
-    """SIGKILL both workers mid-run: their slides are retried, nothing else is lost or redone."""
+    """SIGKILL both workers mid-run: their slides are retried (or requeued untried), nothing else is
+    lost or redone."""
     feats, ppath, ref = cohort
     out = tmp_path / "s.lmdb"
     proc = subprocess.Popen(_embed_cmd(feats, ppath, out, "--workers", 2), stdout=subprocess.PIPE,
@@ -199,7 +200,9 @@ def test_sigkill_workers_loses_only_their_slides(tmp_path, cohort):
     assert proc.returncode == 0, stderr
     rep = _report(stdout)
     assert rep["timing"]["worker_restarts"] >= 2 and not rep["failed"]
-    assert 1 <= len(rep["retried"]) <= 2, rep["retried"]  # a worker is idle for well under 1% of the time
+    # a worker is idle for well under 1% of the time; a slide whose worker died before starting it
+    # (a loaded machine) is requeued untried instead of retried
+    assert 1 <= len(rep["retried"]) + len(rep["requeued"]) <= 2, (rep["retried"], rep["requeued"])
     for reasons in rep["retried"].values():
         assert "worker process died (signal SIGKILL)" in reasons[0]
     assert sorted(rep["done"]) == sorted(ref)
