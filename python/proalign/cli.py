@@ -133,10 +133,10 @@ def _sample_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, pa
 
 def _mpp_lookup(slide_mpp, mpp_csv):
     """path -> the user's mpp for that slide (--mpp-csv by name or stem, else --slide-mpp) or None."""
-    from .slides.manifest import mpp_for
+    from .slides.manifest import mpp_for, user_mpp_table
     from .slides.patching import read_mpp_csv
 
-    table = {**(read_mpp_csv(mpp_csv) if mpp_csv else {}), **({"*": slide_mpp} if slide_mpp else {})}
+    table = user_mpp_table(read_mpp_csv(mpp_csv) if mpp_csv else None, slide_mpp or None)
     return lambda p: mpp_for(table, p)
 
 
@@ -232,6 +232,7 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
         if archive or slide_manifest:
             from .pipeline.embed_slides import SlideOptions
             from .pipeline.slide_worker import embed_archive
+            from .slides.manifest import user_mpp_table
             from .slides.patching import read_mpp_csv
 
             if features or (archive and manifest):
@@ -239,7 +240,7 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
             if not (encoder and weights):
                 raise click.UsageError("slide files need --encoder and --weights")
             table = read_mpp_csv(mpp_csv) if mpp_csv else {}
-            mpp = {**table, **({"*": slide_mpp} if slide_mpp else {})}
+            mpp = user_mpp_table(table, slide_mpp or None)
             if slide_manifest:  # the recorded mpp and sizes; --slide-mpp/--mpp-csv fill slides without an mpp
                 from .slides.manifest import read_slide_manifest
 

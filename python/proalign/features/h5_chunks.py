@@ -4,10 +4,10 @@ TRIDENT and CLAM grow their `features`/`coords` datasets one batch at a time wit
 row, so a 5,000-patch slide is 5,000 chunks, and HDF5 reads them one by one (about 10 µs each:
 most of the features path's time). When a dataset is stored plainly (no filters, every chunk
 written, chunks spanning whole rows, default file driver), its chunks are raw bytes at known
-file offsets: list them once with H5Dchunk_iter, read the byte span that holds them with one
-`pread` per run of
-neighbouring chunks, and copy each chunk's rows into place. Anything else returns None and the caller uses
-h5py's own reader, which stays the reference (tests compare the two on every layout).
+file offsets: list them once with H5Dchunk_iter, read each run of neighbouring chunks with one
+`pread`, and copy the chunks' rows into place (back-to-back chunks as one block). Anything else
+returns None and the caller uses h5py's own reader, which stays the reference (tests compare the
+two on every layout).
 """
 from __future__ import annotations
 

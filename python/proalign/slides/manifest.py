@@ -67,6 +67,12 @@ def duplicate_ids(items: Sequence[tuple[str, str | Path]]) -> dict[int, str]:
     return out
 
 
+def user_mpp_table(mpp_table: Mapping[str, float] | None, slide_mpp: float | None) -> dict[str, float]:
+    """The user's mpp values as `mpp_for` reads them: per file (name or stem, from --mpp-csv) and
+    the default for every other slide under "*" (--slide-mpp, when given)."""
+    return {**(mpp_table or {}), **({"*": slide_mpp} if slide_mpp is not None else {})}
+
+
 def mpp_for(table: Mapping[str, float], path: str | Path) -> float | None:
     """The user mpp of a slide file: by file name, then stem (as --mpp-csv lists them), then the
     default under "*" (--slide-mpp); None: the slide's own metadata."""
@@ -191,7 +197,7 @@ def build_manifest(archive: str | Path | None = None, out: str | Path | None = N
         if archive is None:
             raise ValueError("give an archive folder or a list of slide paths")
         paths = list_slide_files(archive)
-    table = {**(mpp_table or {}), **({"*": slide_mpp} if slide_mpp is not None else {})}
+    table = user_mpp_table(mpp_table, slide_mpp)
     files = [Path(p).absolute() for p in paths]
     dup = duplicate_ids([(p.stem, p) for p in files])
     jobs = [(p.stem, str(p), mpp_for(table, p)) for n, p in enumerate(files) if n not in dup]
@@ -258,7 +264,7 @@ def read_slide_manifest(path: str | Path, *, slide_mpp: float | None = None,
             raise ValueError(f"{mpath} is not a slide manifest: lacks column(s) "
                              f"{sorted(SLIDE_MANIFEST_COLUMNS - cols)} (build one with `proalign-engine manifest`)")
         rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
-    table = {**(mpp_table or {}), **({"*": slide_mpp} if slide_mpp is not None else {})}
+    table = user_mpp_table(mpp_table, slide_mpp)
     listed: list[tuple[int, str, Path]] = []  # (line, slide id, path) of the rows not marked duplicate
     skipped: list[tuple[str, Path]] = []  # (slide id, path) not embedded
     for n, r in enumerate(rows, start=2):
