@@ -19,7 +19,9 @@ from proalign.eval import (EvalError, HeadOptions, default_patient_id, evaluate,
                            group_kfold, load_dataset, read_labels, read_splits)
 from proalign.eval import metrics as M
 from proalign.eval import plots
-from proalign.eval.heads import cox_partial_nll, one_thread
+from proalign.eval.data import Dataset
+from proalign.eval.heads import (C_GRID, _Logistic, choose_alpha, cox_log_partial_likelihood, cox_partial_nll,
+                                 one_thread)
 from proalign.eval.planted import planted_cohort
 from proalign.features import list_slides
 from proalign.pipeline import EmbedOptions, embed_features
@@ -47,6 +49,37 @@ def datasets(planted):
     cls = load_dataset(planted["store"], read_labels(planted["labels"], "classify"), "classify")
     surv = load_dataset(planted["store"], read_labels(planted["labels"], "survival"), "survival")
     return cls, surv
+
+
+def _cohort(seed: int, extra: float = 0.2, null: bool = False, n_patients: int = 48, d: int = 512,
+            g: int = 16) -> Dataset:
+    """80 slides of 48 patients (the first 32 have two slides) as proalign embeddings (K=16, d=512:
+    8,208 long) of patch features drawn from g tissue types. Patients of class 1 carry type 5 in a
+    share `extra` of their patches; class 0 never does. `null`: the labels are coin flips drawn
+    independently of the classes that shaped the features."""
+    from proalign.synthetic import tissue_centres
+
+    rng = np.random.default_rng([seed, 3])
+    centres = tissue_centres(g, d, seed)
+    label = rng.permutation(np.arange(n_patients) % 2)  # balanced, independent of the features
+    xs, ys, pats = [], [], []
+    with one_thread():
+        for p in range(n_patients):
+            cls = p % 2
+            for _ in range(2 if p < 32 else 1):
+                mix = rng.dirichlet(np.ones(g))
+                mix[5] = 0
+                mix *= (1 - extra * cls) / mix.sum()
+                mix[5] = extra * cls
+                n = int(rng.integers(150, 260))
+                types = rng.choice(g, size=n, p=mix)
+                x = centres[types] + 2.4 * rng.standard_normal((n, d)) / np.sqrt(d)
+                xs.append(np.ravel(proalign.aggregate(x.astype(np.float32), centres.astype(np.float32),
+                                                      backend="torch")))
+                ys.append(label[p] if null else cls)
+                pats.append(f"case-{p:02d}")
+    return Dataset([f"slide-{i:03d}" for i in range(len(xs))], np.array(pats), np.stack(xs), y=np.array(ys),
+                   classes=["a", "b"], patient_source="column case_id")
 
 
 def _png(path, size=None):
@@ -224,6 +257,7 @@ def test_labels_and_patient_ids(tmp_path):
     lab = read_labels(p, "classify")
     assert lab.slide_ids == ["TCGA-AB-0001-01Z", "s2"] and lab.patients == ["TCGA-AB-0001", "P9"]
     assert lab.dropped == {"s3": "no label"}
+    assert lab.patient_source == "column patient_id (1 rows without one: TCGA barcode, else slide id)"
     surv = read_labels(p, "survival")
     assert surv.event.tolist() == [0.0, 1.0, 1.0] and surv.time.tolist() == [5, 3, 2]
     p.write_text("slide_id,label\na,1\na,2\n")
@@ -234,6 +268,29 @@ def test_labels_and_patient_ids(tmp_path):
     p.write_text("id,label\na,1\n")
     with pytest.raises(EvalError, match="slide_id"):
         read_labels(p, "classify")
+
+
+def test_patient_column_detection(tmp_path):
+    """case_id (CLAM's and PANTHER's name), then patient_id, then patient; else the TCGA barcode,
+    else the slide id; a --patient-col that is not in the file is an error naming file and columns."""
+    p = tmp_path / "l.csv"
+    p.write_text("slide_id,label,patient,patient_id,case_id\ns1,x,A,P1,C1\ns2,y,A,P2,C1\ns3,x,B,P3,C2\n")
+    lab = read_labels(p, "classify")
+    assert lab.patients == ["C1", "C1", "C2"] and lab.patient_source == "column case_id"
+    assert read_labels(p, "classify", patient_col="patient").patients == ["A", "A", "B"]
+    p.write_text("slide_id,label,patient\ns1,x,A\ns2,y,A\n")
+    lab = read_labels(p, "classify")
+    assert lab.patients == ["A", "A"] and lab.patient_source == "column patient"
+    with pytest.raises(EvalError, match=r"l\.csv: no patient column 'case' .*columns: slide_id, label, patient"):
+        read_labels(p, "classify", patient_col="case")
+    p.write_text("slide_id,label\nTCGA-AB-0001-01Z-00-DX1,x\nTCGA-AB-0001-01Z-00-DX2,y\n")
+    lab = read_labels(p, "classify")
+    assert lab.patients == ["TCGA-AB-0001"] * 2 and lab.patient_source == "TCGA barcode"
+    p.write_text("slide_id,label\nTCGA-AB-0001-01Z-00-DX1,x\nother,y\n")
+    assert read_labels(p, "classify").patient_source == "TCGA barcode (1 of 2 slides: slide id)"
+    p.write_text("slide_id,label\ns1,x\ns2,y\n")
+    lab = read_labels(p, "classify")
+    assert lab.patients == ["s1", "s2"] and lab.patient_source == "slide id"
 
 
 def test_group_kfold_never_splits_a_patient(rng):
@@ -277,7 +334,7 @@ def test_given_splits(tmp_path):
 def test_planted_classification(datasets):
     cls, _ = datasets
     assert cls.classes == ["LUAD", "LUSC"] and len(cls.slide_ids) == 64 and len(set(cls.patients)) == 48
-    for head in ("linear", "logistic"):
+    for head in (None, "panther-linear"):  # None: the default, logistic with C by inner CV
         r = evaluate(cls, "classify", HeadOptions(head=head, seed=0))
         s = r.summary()
         assert s["balanced_accuracy"]["mean"] > 0.9, (head, r.table())
@@ -294,9 +351,14 @@ def test_planted_classification(datasets):
 
 def test_planted_survival(datasets):
     _, surv = datasets
-    for head in ("linear", "cox"):
+    for head in (None, "panther-linear"):  # None: the default, ridge Cox with alpha by inner CV
         r = evaluate(surv, "survival", HeadOptions(head=head, seed=0))
         assert r.summary()["c_index"]["mean"] > 0.8, (head, r.table())
+        if head is None:
+            assert r.info["head"] == "cox" and len(r.info["chosen_alpha"]) == 5
+            assert all(a in r.info["search"]["grid"] for a in r.info["chosen_alpha"])
+            assert r.info["search"]["metric"] == "cross-validated partial-likelihood deviance"
+    assert r.info["head"] == "panther-linear"
     rng = np.random.default_rng(5)
     perms = [rng.permutation(len(surv.time)) for _ in range(3)]
     shuffled = [evaluate(dataclasses.replace(surv, time=surv.time[q], event=surv.event[q]), "survival", HeadOptions())
@@ -313,6 +375,158 @@ def test_planted_retrieval(datasets):
     assert sh["mv_accuracy@5"]["mean"] < 0.75
 
 
+# --- the default heads: inner search, null cohorts, PANTHER's head ---------------------------------
+
+def test_default_head_finds_the_planted_label():
+    """80 slides of 48 patients, class 1 carries an extra tissue type in 20% of its patches: the
+    default head (logistic, C by inner patient-grouped CV) finds it; PANTHER's head is run too,
+    for the record, and warns that 50 optimiser steps leave it undertrained."""
+    ds = _cohort(0)
+    assert len(ds.slide_ids) == 80 and len(set(ds.patients)) == 48 and ds.x.shape[1] == 16 + 16 * 512
+    r = evaluate(ds, "classify")
+    ba = r.summary()["balanced_accuracy"]
+    print(f"default head: balanced accuracy {ba['mean']:.3f} ± {ba['std']:.3f}, C {r.info['chosen_C']}, "
+          f"{r.info['seconds']} s")
+    assert ba["mean"] > 0.9, r.table()
+    assert r.info["head"] == "logistic" and r.info["options"]["head"] == "logistic" and r.info["options"]["C"] is None
+    assert len(r.info["chosen_C"]) == 5 and all(c in C_GRID for c in r.info["chosen_C"])
+    assert r.info["search"]["inner_folds"] == [3] * 5 and r.info["warnings"] == []
+    assert all(len(sc) == len(C_GRID) for sc in r.info["search"]["scores"])
+    p = evaluate(ds, "classify", HeadOptions(head="panther-linear"))
+    print(f"panther-linear: balanced accuracy {p.summary()['balanced_accuracy']['mean']:.3f}")
+    assert p.info["optimiser_steps"] == [50] * 5 and "likely undertrained" in p.info["warnings"][0]
+
+
+def test_default_head_stays_at_chance_on_null_cohorts():
+    """Labels drawn independently of the features: five cohorts, the mean balanced accuracy within
+    0.5 ± 0.1 (one cohort's spread is about ±0.06, so the mean of five is ±0.03: a search that
+    peeked at the test folds, or folds that split patients, would push it up) and every run below
+    0.7. The search should settle on strong regularisation (the grid's strong half)."""
+    bas, chosen = [], []
+    for seed in range(5):
+        r = evaluate(_cohort(seed, null=True), "classify")
+        bas.append(r.summary()["balanced_accuracy"]["mean"])
+        chosen += r.info["chosen_C"]
+    print(f"null cohorts: balanced accuracy {np.round(bas, 3).tolist()}, mean {np.mean(bas):.3f}")
+    assert abs(np.mean(bas) - 0.5) < 0.1 and max(bas) < 0.7, bas
+    assert np.median(chosen) <= 1e-3, chosen
+
+
+def test_inner_search_never_sees_the_test_fold(datasets):
+    """Replace the outer test fold's embeddings by garbage: the search of that fold scores every
+    C (alpha) exactly as before, so it chose the same. Garbage in one of its training slides does
+    change the scores (the check can fail)."""
+    ds = _cohort(1, null=True)  # null: the scores are not all at one end of the grid
+    sp = group_kfold(ds.patients, ds.y, 5, seed=0)
+    te0, tr0 = sp[0][1], sp[0][0]
+    garbage = np.random.default_rng(0).normal(0, 50, (len(te0), ds.x.shape[1])).astype(np.float32)
+
+    def run(rows):
+        x = ds.x.copy()
+        x[rows] = garbage[:len(rows)]
+        return evaluate(dataclasses.replace(ds, x=x), "classify", splits=sp).info
+
+    base, test_garbage, train_garbage = evaluate(ds, "classify", splits=sp).info, run(te0), run(tr0[:3])
+    assert test_garbage["search"]["scores"][0] == base["search"]["scores"][0]
+    assert test_garbage["chosen_C"][0] == base["chosen_C"][0]
+    assert train_garbage["search"]["scores"][0] != base["search"]["scores"][0]
+    _, surv = datasets  # survival: alpha, likewise
+    sp = group_kfold(surv.patients, surv.event.astype(int), 5, seed=0)
+    x = surv.x.copy()
+    x[sp[0][1]] = np.random.default_rng(1).normal(0, 50, (len(sp[0][1]), x.shape[1]))
+    a = evaluate(surv, "survival", splits=sp).info
+    b = evaluate(dataclasses.replace(surv, x=x), "survival", splits=sp).info
+    assert a["search"]["scores"][0] == b["search"]["scores"][0] and a["chosen_alpha"][0] == b["chosen_alpha"][0]
+
+
+def test_search_fits_match_the_cold_fit(rng):
+    """The search's shortcuts (one decomposition per inner training set, warm starts along the
+    grid, held-out log-loss from the row-space projection; Cox's numpy partial likelihood) give the
+    numbers the plain fits give."""
+    x = rng.standard_normal((60, 200))
+    y = (x[:, 0] + rng.standard_normal(60) > 0).astype(int)
+    tr, va = np.arange(40), np.arange(40, 60)
+    prob = _Logistic(x[tr], y[tr], 2)
+    theta = None
+    for c in (1e-3, 1e-1, 10.0):
+        theta = prob.solve(c, theta)
+        p = fit_logistic(x[tr], y[tr], 2, C=c)(x[va])
+        assert prob.log_loss(prob.project(x[va]), y[va], theta) == pytest.approx(-np.log(p[np.arange(20), y[va]]).sum(),
+                                                                                  rel=1e-6)
+    import torch
+
+    t = rng.integers(1, 8, 30).astype(float)
+    e = (rng.uniform(size=30) < 0.7).astype(float)
+    eta = rng.standard_normal(30)
+    want = -cox_partial_nll(torch.from_numpy(eta), torch.from_numpy(t), torch.from_numpy(e)).item()
+    assert cox_log_partial_likelihood(eta, t, e) == pytest.approx(want, rel=1e-10)
+
+
+def test_inner_folds_fall_back_then_fail(datasets):
+    """Training folds with 2 patients of a class: 2 inner folds; with 1: a clear error that says
+    how to go on (a fixed C works)."""
+    cls, _ = datasets
+    pats = sorted(set(cls.patients.tolist()))
+    cls_of = {p: int(cls.y[cls.patients == p][0]) for p in pats}
+    keep6 = [p for c in (0, 1) for p in [q for q in pats if cls_of[q] == c][:3]]  # 3 patients per class
+    idx = np.flatnonzero(np.isin(cls.patients, keep6))
+    small = dataclasses.replace(cls, slide_ids=[cls.slide_ids[i] for i in idx], patients=cls.patients[idx],
+                                x=cls.x[idx], y=cls.y[idx])
+    r = evaluate(small, "classify", folds=3)
+    assert r.info["search"]["inner_folds"] == [2, 2, 2]
+    keep4 = [p for c in (0, 1) for p in [q for q in pats if cls_of[q] == c][:2]]
+    idx = np.flatnonzero(np.isin(cls.patients, keep4))
+    tiny = dataclasses.replace(cls, slide_ids=[cls.slide_ids[i] for i in idx], patients=cls.patients[idx],
+                               x=cls.x[idx], y=cls.y[idx])
+    with pytest.raises(EvalError, match=r"fold 0: cannot choose C by inner cross-validation: .*only 1 patient.*"
+                                        r"give a fixed --C"):
+        evaluate(tiny, "classify", folds=2)
+    r = evaluate(tiny, "classify", HeadOptions(C=0.5), folds=2)
+    assert r.info["chosen_C"] == [0.5, 0.5] and r.info["search"] is None
+    # survival: only patients with an event count (censored ones may be few)
+    x = np.random.default_rng(0).standard_normal((12, 5))
+    time, pats = np.arange(1.0, 13.0), np.array([f"p{i}" for i in range(12)])
+    alpha, s = choose_alpha(x, time, np.array([1, 1] + [0] * 10, float), pats)
+    assert s["inner_folds"] == 2
+    alpha, s = choose_alpha(x, time, np.array([0] + [1] * 11, float), pats)
+    assert s["inner_folds"] == 3
+    with pytest.raises(EvalError, match=r"cannot choose alpha .* only 1 patient\(s\) with an event"):
+        choose_alpha(x, time, np.array([1] + [0] * 11, float), pats)
+
+
+def test_default_heads_are_fast():
+    """100 slides of 8,208-long embeddings: the inner search of every outer fold included, an
+    evaluation takes well under a second on one core (a few seconds at most under load)."""
+    ds = _cohort(2, n_patients=68)
+    assert ds.x.shape == (100, 8208)
+    rng = np.random.default_rng(0)
+    surv = dataclasses.replace(ds, y=None, classes=None, time=rng.exponential(1, 100) * np.exp(-ds.y),
+                               event=(rng.uniform(size=100) < 0.8).astype(float))
+    for task, d in (("classify", ds), ("survival", surv)):
+        r = evaluate(d, task)
+        print(f"{task}: {r.info['seconds']} s for 100 slides of 8,208")
+        assert r.info["seconds"] < 10, r.info["seconds"]
+
+
+def test_panther_head_warns(planted, datasets, caplog):
+    """PANTHER's head on 64 slides: 50 optimiser steps per fold, a warning (log, info, the CLI's
+    printed line) that says so; `linear` still works as a deprecated alias. Enough steps: silence."""
+    cls, _ = datasets
+    r = evaluate(cls, "classify", HeadOptions(head="panther-linear"))
+    assert r.info["optimiser_steps"] == [50] * 5
+    (w,) = r.info["warnings"]
+    assert "took only 50 optimiser steps" in w and "thousands of slides" in w and "likely undertrained" in w
+    assert "took only 50 optimiser steps" in caplog.text
+    r = evaluate(cls, "classify", HeadOptions(head="panther-linear", epochs=80, batch_size=16))
+    assert min(r.info["optimiser_steps"]) >= 300 and r.info["warnings"] == []
+    out = _invoke("eval", "--store", planted["store"], "--labels", planted["labels"], "--task", "classify",
+                  "--head", "linear")
+    assert out.exit_code == 0, out.output
+    assert "warning: --head linear is a deprecated alias of --head panther-linear" in out.stdout
+    assert "warning: head panther-linear took only 50 optimiser steps" in out.stdout
+    assert "head panther-linear (PANTHER's probe" in out.stdout
+
+
 def _invoke(*args):
     """The CLI in this process (no interpreter start-up); the error line goes to result.stderr."""
     from click.testing import CliRunner
@@ -327,6 +541,8 @@ def test_eval_cli_json_and_errors(planted, cli, tmp_path, caplog):
     r = cli("eval", "--store", planted["store"], "--labels", planted["labels"], "--task", "classify", "--folds", 4,
             "--json", out, check=0)
     assert "balanced_accuracy" in r.stdout and "±" in r.stdout
+    assert "patients: column patient_id (48 patients for 64 slides)" in r.stdout
+    assert re.search(r"head logistic, C chosen by inner 3-fold patient-grouped CV .*: (\S+ ){3}\S+$", r.stdout, re.M)
     j = json.loads(out.read_text())
     assert set(j) == {"balanced_accuracy", "macro_auc", "weighted_f1", "quadratic_kappa"}
     for v in j.values():
@@ -357,6 +573,51 @@ def test_eval_cli_json_and_errors(planted, cli, tmp_path, caplog):
     r = _invoke("eval", "--store", planted["store"], "--labels", planted["labels"], "--task", "classify",
                 "--head", "cox")
     assert r.exit_code == 2 and "does not fit" in r.output
+    r = _invoke("eval", "--store", planted["store"], "--labels", planted["labels"], "--task", "survival", "--C", 1)
+    assert r.exit_code == 2 and "--C sets logistic regression, not --head cox" in r.output
+    # a fixed --C / --alpha: no search
+    r = _invoke("eval", "--store", planted["store"], "--labels", planted["labels"], "--task", "classify", "--C", 0.5,
+                "--json", out)
+    assert r.exit_code == 0 and "head logistic, C = 0.5 (fixed)" in r.stdout, r.output
+    info = json.loads(out.with_name("e.run.json").read_text())["info"]
+    assert info["chosen_C"] == [0.5] * 5 and info["search"] is None and info["options"]["C"] == 0.5
+    r = _invoke("eval", "--store", planted["store"], "--labels", planted["labels"], "--task", "survival")
+    assert r.exit_code == 0 and "head cox, alpha chosen by inner 3-fold patient-grouped CV" in r.stdout, r.output
+    r = _invoke("eval", "--store", planted["store"], "--labels", planted["labels"], "--task", "survival", "--alpha", 10)
+    assert r.exit_code == 0 and "head cox, alpha = 10 (fixed)" in r.stdout, r.output
+
+
+def test_eval_cli_groups_by_case_id(planted, tmp_path):
+    """A CLAM/PANTHER labels CSV: `case_id` groups the slides (here 3 planted patients of one class
+    per case, 16 cases for 64 slides); no case spans folds, and eval prints where patients came from."""
+    rows = planted["labels"].read_text().splitlines()
+    lab = tmp_path / "cases.csv"
+    body = []
+    for r in rows[1:]:
+        sid, pid, label = r.split(",")[:3]
+        p = int(pid[-4:])
+        body.append(f"{sid},case-{p % 2}-{p // 6},{label}")
+    lab.write_text("slide_id,case_id,label\n" + "\n".join(body) + "\n")
+    out = tmp_path / "e.json"
+    r = _invoke("eval", "--store", planted["store"], "--labels", lab, "--task", "classify", "--json", out)
+    assert r.exit_code == 0, r.output
+    assert "patients: column case_id (16 patients for 64 slides)" in r.stdout
+    run = json.loads(out.with_name("e.run.json").read_text())
+    assert run["info"]["patient_source"] == "column case_id" and run["info"]["n_patients"] == 16
+    fold_of = {}
+    for sid, case, f in zip(run["predictions"]["slide_id"], run["predictions"]["patient_id"],
+                            run["predictions"]["fold"]):
+        assert case == next(b.split(",")[1] for b in body if b.startswith(sid + ","))
+        assert fold_of.setdefault(case, f) == f, f"{case} spans folds"
+    assert len(fold_of) == 16 and len(set(fold_of.values())) == 5
+    # without case_id: the TCGA barcode (48 patients); a named column must exist
+    r = _invoke("eval", "--store", planted["store"], "--labels", planted["labels"], "--task", "classify",
+                "--patient-col", "case_id")
+    assert r.exit_code == 2 and "labels.csv: no patient column 'case_id'" in r.stderr
+    assert "columns: slide_id, patient_id, label, time, event, grade" in r.stderr
+    lab.write_text("slide_id,label\n" + "\n".join(f"{b.split(',')[0]},{b.split(',')[2]}" for b in body) + "\n")
+    r = _invoke("eval", "--store", planted["store"], "--labels", lab, "--task", "classify")
+    assert r.exit_code == 0 and "patients: TCGA barcode (48 patients for 64 slides)" in r.stdout, r.output
 
 
 def test_eval_compare(planted, cli, tmp_path):
@@ -367,9 +628,12 @@ def test_eval_compare(planted, cli, tmp_path):
     with one_thread():  # small tensors: one thread beats two that contend with other jobs
         r = _invoke("eval", "compare", "--manifest", manifest, "--prototypes", planted["prototypes"],
                     "--labels", planted["labels"], "--task", "classify", "--methods", "proalign,panther,h2t,mean",
-                    "--head", "logistic", "--folds", 4, "--backend", "torch", "--out", out)
+                    "--folds", 4, "--backend", "torch", "--out", out)
     assert r.exit_code == 0, r.output
     table = r.stdout
+    assert "patients: column patient_id (30 patients for 40 slides)" in table, table
+    for m in ("proalign", "panther", "h2t", "mean"):  # the default head for every method, C chosen per method
+        assert re.search(rf"^{m}: head logistic, C chosen by inner 3-fold patient-grouped CV", table, re.M), table
     for m in ("proalign", "panther", "h2t", "mean"):
         assert re.search(rf"^{m}\s+\d\.\d{{3}} ± ", table, re.M), table
     j = json.loads((out / "compare.json").read_text())

@@ -16,27 +16,35 @@ def _with(options):
 
 
 eval_opts = [
-    click.option("--labels", type=click.Path(dir_okay=False), help="CSV: slide_id, label | time,event [, patient_id]."),
+    click.option("--labels", type=click.Path(dir_okay=False),
+                 help="CSV: slide_id, label | time,event [, case_id | patient_id | patient]."),
     click.option("--task", type=click.Choice(["classify", "survival", "retrieve"])),
     click.option("--folds", default=5, show_default=True, type=click.IntRange(2),
                  help="Seeded patient-grouped k-fold."),
     click.option("--seed", default=0, show_default=True, type=int),
     click.option("--splits", type=click.Path(dir_okay=False), help="CSV slide_id,fold[,split] instead of k-fold."),
-    click.option("--head", default=None, type=click.Choice(["linear", "logistic", "cox"]),
-                 help="linear: PANTHER probe (default); logistic (classify) or cox (survival) regression."),
+    click.option("--head", default=None, type=click.Choice(["logistic", "cox", "panther-linear", "linear"]),
+                 help="logistic (classify default) or cox (survival default): L2 regression, its strength chosen by "
+                      "inner patient-grouped CV; panther-linear: PANTHER's probe (AdamW, 50 epochs; undertrained "
+                      "on small cohorts); linear: deprecated alias of panther-linear."),
     click.option("--label-col", default="label", show_default=True),
     click.option("--time-col", default="time", show_default=True),
     click.option("--event-col", default="event", show_default=True, help="1 = event; or a 'censorship' column."),
-    click.option("--patient-col", default="patient_id", show_default=True,
-                 help="Absent: TCGA barcode's first 12 characters, else the slide id."),
+    click.option("--patient-col", default=None,
+                 help="Patient column [default: the first of case_id, patient_id, patient; else the TCGA "
+                      "barcode's first 12 characters, else the slide id]."),
     click.option("--k", "ks", multiple=True, type=click.IntRange(1), help="retrieve: neighbours (repeat). [1 3 5]"),
-    click.option("--epochs", default=50, show_default=True, type=click.IntRange(1)),
-    click.option("--lr", default=1e-4, show_default=True, type=float),
-    click.option("--weight-decay", default=1e-5, show_default=True, type=float),
-    click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1)),
-    click.option("--warmup-epochs", default=1, show_default=True, type=click.IntRange(0)),
-    click.option("--C", "C", default=1.0, show_default=True, type=float, help="logistic: inverse L2 strength."),
-    click.option("--alpha", default=1.0, show_default=True, type=float, help="cox: L2 strength."),
+    click.option("--C", "C", default=None, type=float,
+                 help="logistic: inverse L2 strength [default: auto, chosen per fold by inner CV over 1e-7..1e2]."),
+    click.option("--alpha", default=None, type=float,
+                 help="cox: L2 strength [default: auto, chosen per fold by inner CV over 1e-2..1e7]."),
+    click.option("--inner-folds", default=3, show_default=True, type=click.IntRange(2),
+                 help="Patient-grouped inner folds of the C/alpha search (fewer when a class has too few patients)."),
+    click.option("--epochs", default=50, show_default=True, type=click.IntRange(1), help="panther-linear."),
+    click.option("--lr", default=1e-4, show_default=True, type=float, help="panther-linear."),
+    click.option("--weight-decay", default=1e-5, show_default=True, type=float, help="panther-linear."),
+    click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="panther-linear."),
+    click.option("--warmup-epochs", default=1, show_default=True, type=click.IntRange(0), help="panther-linear."),
     click.option("--standardize/--no-standardize", default=True, show_default=True,
                  help="z-score features with the training fold's statistics."),
 ]
@@ -59,15 +67,30 @@ slide_opts = [
 ]
 
 
-def _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, standardize, seed):
-    from .heads import HeadOptions
+def _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, inner_folds, standardize,
+               seed):
+    from .heads import DEFAULT_HEAD, HEAD_ALIASES, HeadOptions
 
-    head = head or "linear"
-    if task == "classify" and head == "cox" or task == "survival" and head == "logistic":
+    name = HEAD_ALIASES.get(head, head) or DEFAULT_HEAD.get(task)
+    if task == "classify" and name == "cox" or task == "survival" and name == "logistic":
         raise click.UsageError(f"--head {head} does not fit --task {task}")
+    if C is not None and (C <= 0 or name not in ("logistic", None)):
+        raise click.UsageError("--C must be > 0" if C <= 0 else f"--C sets logistic regression, not --head {name}")
+    if alpha is not None and (alpha <= 0 or name not in ("cox", None)):
+        raise click.UsageError("--alpha must be > 0" if alpha <= 0
+                               else f"--alpha sets Cox regression, not --head {name}")
     return HeadOptions(head=head, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                       warmup_epochs=warmup_epochs, C=C,
-                       alpha=alpha, standardize=standardize, seed=seed)
+                       warmup_epochs=warmup_epochs, C=C, alpha=alpha, inner_folds=inner_folds,
+                       standardize=standardize, seed=seed)
+
+
+def _echo_fit(info):
+    """The head line (with the C/alpha per fold) and any warning, after an evaluation."""
+    from .evaluate import describe_head
+
+    click.echo(describe_head(info))
+    for w in info.get("warnings", []):
+        click.echo(f"warning: {w}")
 
 
 def _read_labels(labels, task, label_col, time_col, event_col, patient_col):
@@ -88,7 +111,8 @@ def register(main: click.Group) -> None:
                   help="Metrics JSON {metric: {mean, std, folds}}; predictions go to <stem>.run.json beside it.")
     @click.pass_context
     def eval_cmd(ctx, store, labels, task, folds, seed, splits, head, label_col, time_col, event_col, patient_col,
-                 ks, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, standardize, row, strict, json_out):
+                 ks, C, alpha, inner_folds, epochs, lr, weight_decay, batch_size, warmup_epochs, standardize, row,
+                 strict, json_out):
         """Evaluate frozen slide embeddings: classify, survival or retrieve (see also `eval compare`).
 
         Prints mean ± std over folds for each metric."""
@@ -100,15 +124,18 @@ def register(main: click.Group) -> None:
         from .evaluate import evaluate
         from .splits import read_splits
 
-        opts = _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, standardize, seed)
+        opts = _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, inner_folds,
+                          standardize, seed)
         lab = _read_labels(labels, task, label_col, time_col, event_col, patient_col)
         ds = load_dataset(store, lab, task, strict=strict, row=row)
         click.echo(f"{ds.summary()}; {len(ds.missing_in_store)} labelled slides not in the store, "
                    f"{ds.unlabelled_in_store} stored slides without a label")
+        click.echo(ds.patients_line())
         sp = read_splits(splits, ds.slide_ids) if splits else None
         res = evaluate(ds, task, opts, folds=folds, splits=sp, ks=ks or (1, 3, 5))
         res.info.update(store=str(Path(store).resolve()), labels=str(Path(labels).resolve()))
-        click.echo(f"{task}, head {res.info['head']}, {res.info['n_folds']} folds (seed {seed})")
+        click.echo(f"{task}, {res.info['n_folds']} folds (seed {seed})")
+        _echo_fit(res.info)
         click.echo(res.table())
         if json_out:
             m, side = res.write_json(json_out)
@@ -124,8 +151,8 @@ def register(main: click.Group) -> None:
     @_with(eval_opts)
     @click.option("--backend", default=None, help="Aggregation backend for the embedding step.")
     def eval_compare(features, manifest, prototypes, methods, out, labels, task, folds, seed, splits, head,
-                     label_col, time_col, event_col, patient_col, ks, epochs, lr, weight_decay, batch_size,
-                     warmup_epochs, C, alpha, standardize, backend):
+                     label_col, time_col, event_col, patient_col, ks, C, alpha, inner_folds, epochs, lr, weight_decay,
+                     batch_size, warmup_epochs, standardize, backend):
         """Embed the same features with several methods and evaluate them side by side (same folds)."""
         from ..aggregate import METHODS
         from ..features import list_slides
@@ -142,7 +169,8 @@ def register(main: click.Group) -> None:
         entries = list_slides(features=features, manifest=manifest)
         if not entries:
             raise click.UsageError(f"no .h5 or .pt feature files found in {features or manifest}")
-        opts = _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, standardize, seed)
+        opts = _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, inner_folds,
+                          standardize, seed)
         lab = _read_labels(labels, task, label_col, time_col, event_col, patient_col)
         cmp = compare_methods(entries, prototypes, lab, out, task, meths, opts, folds=folds, splits_csv=splits,
                               ks=ks or (1, 3, 5), backend=backend)
@@ -150,6 +178,11 @@ def register(main: click.Group) -> None:
             click.echo(f"{m}: {len(fails)} slides failed to embed (see {out}/stores/{m}/reports)", err=True)
         first = next(iter(cmp.results.values()))
         click.echo(f"{task}, {first.info['n_slides']} slides, {first.info['n_folds']} folds (seed {seed})")
+        click.echo(f"patients: {first.info['patient_source']} ({first.info['n_patients']} patients for "
+                   f"{first.info['n_slides']} slides)")
+        for m, r in cmp.results.items():
+            click.echo(f"{m}: ", nl=False)
+            _echo_fit(r.info)
         click.echo(cmp.table())
         click.echo(f"wrote {Path(out) / 'compare.json'}")
 

@@ -46,7 +46,10 @@ def compare_methods(entries: Sequence, prototypes: str | Path, labels: Labels, o
                     backend: str | None = None, progress: bool | None = False) -> Comparison:
     """Embed `entries` (feature files) with each method into OUT/stores/<method>, evaluate each, and
     write OUT/compare.json ({method: {metric: {mean, std, folds}}}), OUT/compare.txt and per-method
-    OUT/eval-<method>.json (+ .run.json)."""
+    OUT/eval-<method>.json (+ .run.json). `opts` is `evaluate`'s: by default logistic (classify) or
+    Cox (survival) regression with C / alpha chosen per outer fold by an inner search on that
+    method's own training slides, so each method is judged with its best-regularised probe; the
+    chosen values are in each eval-<method>.run.json."""
     from ..pipeline import EmbedOptions, embed_features
 
     out = Path(out)

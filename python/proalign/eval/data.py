@@ -1,8 +1,10 @@
 """Labels CSV + embedding store -> the arrays an evaluation needs, with clear errors.
 
 Labels CSV: `slide_id` and, per task, `label` (classify, retrieve) or `time` + `event`
-(survival; `censorship` = 1 - event is read too); `patient_id` is optional and defaults to the
-TCGA convention (the first 12 characters of a TCGA barcode, `TCGA-XX-XXXX`), else the slide id.
+(survival; `censorship` = 1 - event is read too). Patients come from the first present of the
+columns `case_id` (CLAM's and PANTHER's CSVs), `patient_id`, `patient` (or the column named by
+`patient_col`, which must then exist), else the TCGA convention (the first 12 characters of a
+TCGA barcode, `TCGA-XX-XXXX`), else the slide id; `Labels.patient_source` says which.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ def default_patient_id(slide_id: str) -> str:
     return slide_id[:12] if slide_id.upper().startswith("TCGA-") and len(slide_id) >= 12 else slide_id
 
 
+PATIENT_COLUMNS = ("case_id", "patient_id", "patient")  # looked for in this order
+
+
 @dataclass
 class Labels:
     """One row per slide, in CSV order."""
@@ -38,6 +43,23 @@ class Labels:
     time: np.ndarray | None = None  # survival
     event: np.ndarray | None = None
     dropped: dict[str, str] = field(default_factory=dict)  # slide -> why it was left out
+    patient_source: str = ""  # "column case_id" | "TCGA barcode" | "slide id" (| mixtures, with counts)
+
+
+def _patient_source(column: str | None, kinds: list[str]) -> str:
+    """Where the patients came from: `column X`, `TCGA barcode` or `slide id`, with the rows that
+    fell back (an empty cell; a slide id that is not a TCGA barcode) counted."""
+    fallback = [k for k in kinds if k != "col"]
+    if column:
+        if not fallback:
+            return f"column {column}"
+        return f"column {column} ({len(fallback)} rows without one: TCGA barcode, else slide id)"
+    n_tcga = fallback.count("tcga")
+    if n_tcga == len(fallback) and fallback:
+        return "TCGA barcode"
+    if n_tcga == 0:
+        return "slide id"
+    return f"TCGA barcode ({len(fallback) - n_tcga} of {len(fallback)} slides: slide id)"
 
 
 def _sort_classes(values: set[str]) -> list[str]:
@@ -49,7 +71,9 @@ def _sort_classes(values: set[str]) -> list[str]:
 
 
 def read_labels(path: str | os.PathLike, task: str, label_col: str = "label", time_col: str = "time",
-                event_col: str = "event", patient_col: str = "patient_id") -> Labels:
+                event_col: str = "event", patient_col: str | None = None) -> Labels:
+    """Read a labels CSV for `task`. `patient_col` None: the first of PATIENT_COLUMNS the file has,
+    else TCGA barcodes / slide ids; a named `patient_col` must exist."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"labels file not found: {path}")
@@ -68,6 +92,12 @@ def read_labels(path: str | os.PathLike, task: str, label_col: str = "label", ti
                             f"column (columns: {', '.join(cols)})")
     elif label_col not in cols:
         raise EvalError(f"{path}: no {label_col!r} column for task {task} (columns: {', '.join(cols)})")
+    if patient_col is not None and patient_col not in cols:
+        raise EvalError(f"{path}: no patient column {patient_col!r} (--patient-col; columns: {', '.join(cols)}); "
+                        f"leave it out to use the first of {', '.join(PATIENT_COLUMNS)} or the TCGA barcode")
+    if patient_col is None:
+        patient_col = next((c for c in PATIENT_COLUMNS if c in cols), None)
+    kinds: list[str] = []
     out = Labels([], [], [] if not survival else None)
     times, events, seen = [], [], set()
     for i, r in enumerate(rows, start=2):
@@ -96,11 +126,17 @@ def read_labels(path: str | os.PathLike, task: str, label_col: str = "label", ti
                 out.dropped[sid] = "no label"
                 continue
             out.label.append(lab)
-        pid = (r.get(patient_col) or "").strip() if patient_col in cols else ""
+        pid = (r.get(patient_col) or "").strip() if patient_col else ""
+        if not pid:
+            pid = default_patient_id(sid)
+            kinds.append("slide" if pid == sid else "tcga")
+        else:
+            kinds.append("col")
         out.slide_ids.append(sid)
-        out.patients.append(pid or default_patient_id(sid))
+        out.patients.append(pid)
     if survival:
         out.time, out.event = np.array(times, float), np.array(events, float)
+    out.patient_source = _patient_source(patient_col, kinds)
     if out.dropped:
         log.warning("%s: %d rows without a usable label were left out (e.g. %s)", path, len(out.dropped),
                     ", ".join(list(out.dropped)[:3]))
@@ -120,6 +156,7 @@ class Dataset:
     missing_in_store: list[str] = field(default_factory=list)
     unlabelled_in_store: int = 0
     store_meta: dict = field(default_factory=dict)
+    patient_source: str = ""  # Labels.patient_source
 
     def summary(self) -> str:
         s = f"{len(self.slide_ids)} slides of {len(set(self.patients))} patients, embedding length {self.x.shape[1]}"
@@ -129,6 +166,11 @@ class Dataset:
         if self.time is not None:
             s += f"; {int(self.event.sum())} events"
         return s
+
+    def patients_line(self) -> str:
+        """`patients: column case_id (48 patients for 80 slides)`."""
+        return (f"patients: {self.patient_source or 'given'} ({len(set(self.patients.tolist()))} patients for "
+                f"{len(self.slide_ids)} slides)")
 
 
 def load_dataset(store_path: str | os.PathLike, labels: Labels, task: str, strict: bool = False,
@@ -175,7 +217,7 @@ def load_dataset(store_path: str | os.PathLike, labels: Labels, task: str, stric
         bad = [labels.slide_ids[keep[i]] for i in np.flatnonzero(~np.isfinite(x).all(axis=1))]
         raise EvalError(f"{len(bad)} stored embeddings contain NaN or inf (e.g. {', '.join(bad[:5])})")
     ds = Dataset([labels.slide_ids[i] for i in keep], np.array([labels.patients[i] for i in keep]), x,
-                 missing_in_store=missing, unlabelled_in_store=unlabelled,
+                 missing_in_store=missing, unlabelled_in_store=unlabelled, patient_source=labels.patient_source,
                  store_meta=next(iter(metas.values())) if len(metas) == 1 else {"methods": sorted(map(str, metas))})
     if labels.label is not None:
         lab = [labels.label[i] for i in keep]

@@ -8,9 +8,10 @@ report need: the run's options and the out-of-fold predictions of every slide.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time as _time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -18,8 +19,11 @@ import numpy as np
 
 from . import metrics as M
 from .data import Dataset, EvalError
-from .heads import HeadOptions, fit_cox, fit_linear, fit_logistic, one_thread
+from .heads import (PANTHER_MIN_STEPS, HeadOptions, choose_alpha, choose_C, fit_cox, fit_linear, fit_logistic,
+                    one_thread, resolve_head)
 from .splits import Split, check_patient_leakage, group_kfold
+
+log = logging.getLogger("proalign.eval")
 
 TASKS = ("classify", "survival", "retrieve")
 CLASSIFY_METRICS = ("balanced_accuracy", "macro_auc", "weighted_f1", "quadratic_kappa")
@@ -120,25 +124,28 @@ def _classify_fold_metrics(y: np.ndarray, proba: np.ndarray, n_classes: int) -> 
 
 def evaluate(ds: Dataset, task: str, opts: HeadOptions = HeadOptions(), folds: int = 5,
              splits: Sequence[Split] | None = None, ks: Sequence[int] = (1, 3, 5)) -> EvalResult:
-    """Evaluate frozen embeddings `ds` on `task`; seeded patient-grouped k-fold unless `splits`."""
+    """Evaluate frozen embeddings `ds` on `task`; seeded patient-grouped k-fold unless `splits`.
+    The head is `opts.head` or the task's default (logistic | cox, regularisation chosen per outer
+    fold by an inner patient-grouped search on its training slides; see heads.py). Warnings (a
+    deprecated head name, an undertrained PANTHER head) are logged and kept in info["warnings"]."""
     if task not in TASKS:
         raise EvalError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     n = len(ds.slide_ids)
-    if task == "survival":
-        if opts.head not in ("linear", "cox"):
-            raise EvalError(f"survival takes --head linear or cox, not {opts.head}")
-    else:
+    head, warnings = resolve_head(task, opts.head)
+    if task != "survival":
         # stratified folds need `folds` patients per class; retrieval only needs a second patient
         check_classes(ds, folds if splits is None and task == "classify" else None)
-        if task == "classify" and opts.head not in ("linear", "logistic"):
-            raise EvalError(f"classification takes --head linear or logistic, not {opts.head}")
     sp = make_splits(ds, task, folds, opts.seed, splits)
     t0 = _time.perf_counter()
     with one_thread():
-        fm, preds = _run_folds(ds, task, opts, sp, ks)
-    info = {"task": task, "head": opts.head if task != "retrieve" else "cosine-knn", "options": asdict(opts),
-            "n_slides": n, "n_patients": len(set(ds.patients.tolist())), "n_folds": len(sp),
-            "fold_sizes": [int(len(te)) for _, te in sp], "classes": ds.classes,
+        fm, preds, fit = _run_folds(ds, task, head, opts, sp, ks)
+    warnings += fit.pop("warnings", [])
+    for w in warnings:
+        log.warning("%s", w)
+    info = {"task": task, "head": head, "options": asdict(replace(opts, head=head)),
+            "n_slides": n, "n_patients": len(set(ds.patients.tolist())), "patient_source": ds.patient_source,
+            "n_folds": len(sp), "fold_sizes": [int(len(te)) for _, te in sp], "classes": ds.classes,
+            **fit, "warnings": warnings,
             "missing_in_store": len(ds.missing_in_store), "unlabelled_in_store": ds.unlabelled_in_store,
             "store_meta": ds.store_meta, "embedding_length": int(ds.x.shape[1]),
             "seconds": round(_time.perf_counter() - t0, 3)}
@@ -147,23 +154,64 @@ def evaluate(ds: Dataset, task: str, opts: HeadOptions = HeadOptions(), folds: i
     return EvalResult(task, fm, info, preds)
 
 
-def _run_folds(ds: Dataset, task: str, opts: HeadOptions, sp: list[Split], ks: Sequence[int]) -> tuple[dict, dict]:
+def _g(v: float) -> str:
+    return f"{v:g}"
+
+
+def describe_head(info: dict) -> str:
+    """One line: the head and, per outer fold, the regularisation it ran with (or its steps)."""
+    head = info.get("head")
+    if head in ("logistic", "cox"):
+        param = "C" if head == "logistic" else "alpha"
+        search = info.get("search")
+        chosen = info.get(f"chosen_{param}") or [info.get("options", {}).get(param)]  # older run files: options
+        if search is None:
+            return f"head {head}, {param} = {chosen[0] if chosen[0] is None else _g(chosen[0])} (fixed)"
+        grid = search["grid"]
+        inner = sorted(set(search["inner_folds"]))
+        return (f"head {head}, {param} chosen by inner {'/'.join(map(str, inner))}-fold patient-grouped CV "
+                f"on each training fold ({search['metric']}, grid {_g(min(grid))}..{_g(max(grid))}): "
+                + " ".join(_g(v) for v in chosen))
+    if head == "panther-linear":
+        steps = info.get("optimiser_steps", [])
+        o = info.get("options", {})
+        return (f"head panther-linear (PANTHER's probe: AdamW lr {_g(o.get('lr', 0))}, {o.get('epochs')} epochs, "
+                f"batch {o.get('batch_size')}): optimiser steps per fold {' '.join(map(str, steps))}")
+    return f"head {head}"
+
+
+def _run_folds(ds: Dataset, task: str, head: str, opts: HeadOptions, sp: list[Split],
+               ks: Sequence[int]) -> tuple[dict, dict, dict]:
+    """Metrics per fold, out-of-fold predictions, and what the fits chose (chosen C / alpha and
+    the search's scores, or PANTHER's optimiser steps, and warnings)."""
     n = len(ds.slide_ids)
     fold_of = np.full(n, -1)
     for f, (_, te) in enumerate(sp):
         fold_of[te] = f
     fm: dict[str, list[float]] = {}
+    fit: dict = {}
     preds: dict = {"slide_id": list(ds.slide_ids), "patient_id": ds.patients.tolist(), "fold": fold_of.tolist()}
+    chosen, searches, steps = [], [], []
     if task == "classify":
         C = len(ds.classes)
         proba = np.full((n, C), np.nan)
         for f, (tr, te) in enumerate(sp):
             if len(set(ds.y[tr].tolist())) < 2:
                 raise EvalError(f"fold {f}: the training slides hold a single class")
-            if opts.head == "logistic":
-                model = fit_logistic(ds.x[tr], ds.y[tr], C, C=opts.C, standardize=opts.standardize)
+            if head == "logistic":
+                c = opts.C
+                if c is None:
+                    try:
+                        c, s = choose_C(ds.x[tr], ds.y[tr], C, ds.patients[tr], opts.C_grid, opts.inner_folds,
+                                        opts.seed, opts.standardize)
+                    except EvalError as e:
+                        raise EvalError(f"fold {f}: {e}") from None
+                    searches.append(s)
+                chosen.append(c)
+                model = fit_logistic(ds.x[tr], ds.y[tr], C, C=c, standardize=opts.standardize)
             else:
                 model = fit_linear(ds.x[tr], "classify", opts, y=ds.y[tr], n_classes=C)
+                steps.append(model.steps)
             proba[te] = model(ds.x[te])
             for k, v in _classify_fold_metrics(ds.y[te], proba[te], C).items():
                 fm.setdefault(k, []).append(v)
@@ -173,10 +221,20 @@ def _run_folds(ds: Dataset, task: str, opts: HeadOptions, sp: list[Split], ks: S
         for f, (tr, te) in enumerate(sp):
             if ds.event[tr].sum() == 0:
                 raise EvalError(f"fold {f}: no events among the training slides")
-            if opts.head == "cox":
-                model = fit_cox(ds.x[tr], ds.time[tr], ds.event[tr], alpha=opts.alpha, standardize=opts.standardize)
+            if head == "cox":
+                a = opts.alpha
+                if a is None:
+                    try:
+                        a, s = choose_alpha(ds.x[tr], ds.time[tr], ds.event[tr], ds.patients[tr], opts.alpha_grid,
+                                            opts.inner_folds, opts.seed, opts.standardize)
+                    except EvalError as e:
+                        raise EvalError(f"fold {f}: {e}") from None
+                    searches.append(s)
+                chosen.append(a)
+                model = fit_cox(ds.x[tr], ds.time[tr], ds.event[tr], alpha=a, standardize=opts.standardize)
             else:
                 model = fit_linear(ds.x[tr], "survival", opts, time=ds.time[tr], event=ds.event[tr])
+                steps.append(model.steps)
             risk[te] = model(ds.x[te])
             fm.setdefault("c_index", []).append(M.c_index(ds.time[te], ds.event[te], risk[te]))
         preds.update(time=ds.time.tolist(), event=ds.event.tolist(), risk=np.round(risk, 6).tolist())
@@ -195,4 +253,26 @@ def _run_folds(ds: Dataset, task: str, opts: HeadOptions, sp: list[Split], ks: S
                 fm.setdefault(f"mv_accuracy@{k}", []).append(float(mv[k][te].mean()))
                 fm.setdefault(f"accuracy@{k}", []).append(float(hit[te].mean()))
         preds.update(label=[ds.classes[i] for i in ds.y], y=ds.y.tolist(), neighbours=nn.tolist())
-    return fm, preds
+        return fm, preds, fit
+    if head in ("logistic", "cox"):
+        param = "C" if head == "logistic" else "alpha"
+        fit[f"chosen_{param}"] = [float(v) for v in chosen]
+        fit["search"] = None if not searches else {
+            "param": param, "grid": searches[0]["grid"], "inner_folds": [s["inner_folds"] for s in searches],
+            "metric": "mean inner log-loss" if head == "logistic" else "cross-validated partial-likelihood deviance",
+            "scores": [s["log_loss" if head == "logistic" else "cv_deviance"] for s in searches]}
+    else:
+        fit["optimiser_steps"] = steps
+        if min(steps) < PANTHER_MIN_STEPS:
+            per = f"{steps[0]} optimiser steps per fold" if len(set(steps)) == 1 else \
+                f"{min(steps)} optimiser steps on a fold (per fold: {' '.join(map(str, steps))})"
+            fit["warnings"] = [
+                f"head panther-linear took only {per} (lr {opts.lr:g}, {opts.epochs} epochs of batches of "
+                f"{opts.batch_size}): it is likely undertrained. It is PANTHER's protocol, made for cohorts of "
+                f"thousands of slides; the default head ({DEFAULT_NOTE[task]}) is solved to its optimum at any "
+                "cohort size"]
+    return fm, preds, fit
+
+
+DEFAULT_NOTE = {"classify": "logistic regression, C chosen by inner cross-validation",
+                "survival": "ridge Cox regression, alpha chosen by inner cross-validation"}

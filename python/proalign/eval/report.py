@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import __version__
 from . import plots
+from .evaluate import describe_head
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
@@ -124,8 +125,9 @@ def _eval_section(path: Path, figdir: Path) -> str:
         info = run.get("info", {})
         if method is None:
             opts = info.get("options", {})
-            parts.append(f'<p class="note">task {_e(info.get("task"))}, head {_e(info.get("head"))}, '
-                         f'{_e(info.get("n_slides"))} slides of {_e(info.get("n_patients"))} patients, '
+            parts.append(f'<p class="note">task {_e(info.get("task"))}, {_e(describe_head(info))}, '
+                         f'{_e(info.get("n_slides"))} slides of {_e(info.get("n_patients"))} patients '
+                         f'(from {_e(info.get("patient_source") or "the labels")}), '
                          f'{_e(info.get("n_folds"))} folds (sizes {_e(info.get("fold_sizes"))}), seed '
                          f'{_e(opts.get("seed"))}; {_e(info.get("missing_in_store"))} labelled slides missing from '
                          f'the store</p>')
