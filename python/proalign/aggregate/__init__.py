@@ -15,11 +15,13 @@ from . import cuda_cpp, gpu, moments, numba_cpu, partials, reference
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
 FUSED_METHODS = ("proalign", "panther")  # the methods with fused kernels (one pass over X)
+# The default ProAlign reading, chosen on the planted-signal suite (README "Choosing the variant").
+DEFAULT_PROALIGN = {"tau": 0.1, "over": "patches", "moments": 1, "prior": 0.0}
 
 
-def embedding_length(method: str, k: int, d: int) -> int:
+def embedding_length(method: str, k: int, d: int, moments: int = 1) -> int:
     """Length of one slide embedding (per tau for proalign)."""
-    return {"proalign": k + k * d, "panther": k + 2 * k * d, "h2t": k * d, "protocount": k, "mean": d}[method]
+    return {"proalign": k + moments * k * d, "panther": k + 2 * k * d, "h2t": k * d, "protocount": k, "mean": d}[method]
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,12 @@ class Backend:
     device: str | None = None  # "cpu" / "cuda": the inputs it takes; None: any
     ragged: bool = False  # takes a whole batch of slides in one launch (lengths=...)
     auto: bool = True  # picked by backend=None (False: only when named, e.g. the Triton interpreter)
-    fused: bool = False  # fused kernels take the default options only (over=patches, space=visual)
+    fused: bool = False  # fused kernels take every option but space=joint (keys/queries)
 
     def supports(self, method: str, x: torch.Tensor, options: dict) -> bool:
         if method not in self.methods or (self.device and x.device.type != self.device):
             return False
-        return not self.fused or (options.get("over", "patches") == "patches"
-                                  and options.get("keys") is None and options.get("queries") is None)
+        return not self.fused or (options.get("keys") is None and options.get("queries") is None)
 
 
 def _torch_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], **opts) -> torch.Tensor:
@@ -74,7 +75,7 @@ def _numba_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[flo
     lengths = torch.tensor([x.shape[0]]) if one else lengths.to(torch.int64)
     x = x.float().contiguous()
     if method == "proalign":
-        out = torch.from_numpy(numba_cpu.proalign_ragged(x.numpy(), lengths.numpy(), c.float().numpy(), taus))
+        out = torch.from_numpy(numba_cpu.proalign_ragged(x.numpy(), lengths.numpy(), c.double().numpy(), taus, **opts))
     else:
         out = moments.panther_ragged(_numba_moments, x, lengths, c, **opts)
     return out[0] if one else out
@@ -89,9 +90,11 @@ def _ragged_runner(kind: str):
         elif kind == "triton":
             from ..kernels import proalign_attention as kern
 
-            out = partials.proalign_ragged(kern.proalign_partials, kern.ROWS_PER_PROGRAM, 0, x, lengths, c, taus)
+            out = partials.proalign_ragged(kern.proalign_partials, kern.ROWS_PER_PROGRAM, 0, x, lengths, c, taus,
+                                           **opts)
         else:
-            out = partials.proalign_ragged(cuda_cpp.launch, cuda_cpp.rows_per_program(), 8, x, lengths, c, taus)
+            out = partials.proalign_ragged(cuda_cpp.launch, cuda_cpp.rows_per_program(), 8, x, lengths, c, taus,
+                                           **opts)
         return out[0] if one else out
     return run
 
@@ -127,11 +130,21 @@ def resolve_backend(method: str, backend: str | None, x: torch.Tensor | None = N
     b = BACKENDS[backend]
     if not b.supports(method, x, options):
         raise ValueError(f"backend {backend!r} does not support method {method!r} with these options on "
-                         f"{x.device.type} inputs (fused backends: over=patches, space=visual)")
+                         f"{x.device.type} inputs (fused backends: space=visual only)")
     why_not = b.available()
     if why_not:
         raise RuntimeError(f"backend {backend!r} is not available: {why_not}")
     return b
+
+
+def _with_defaults(method: str, tau, options: dict):
+    """ProAlign: DEFAULT_PROALIGN for every option not given, checked. Other methods: unchanged."""
+    if method != "proalign":
+        return (0.1 if tau is None else tau), options
+    full = {k: v for k, v in DEFAULT_PROALIGN.items() if k != "tau"}
+    full.update(options)
+    reference.check_options(**{k: full[k] for k in ("over", "moments", "prior")})
+    return (DEFAULT_PROALIGN["tau"] if tau is None else tau), full
 
 
 def _as_tensor(a) -> torch.Tensor:
@@ -142,15 +155,16 @@ def aggregate(
     x,
     prototypes,
     method: str = "proalign",
-    tau: float | Sequence[float] = 0.1,
+    tau: float | Sequence[float] | None = None,
     backend: str | None = None,
     **options,
 ):
     """Slide embedding of patch features `x` (N, d) with `prototypes` (K, d).
 
-    proalign returns [pi (K), h_1 (d), ..., h_K (d)]; with a sequence of taus, one such row per
-    tau (T, K + K*d) computed in one pass. Options for proalign: over="patches"|"prototypes",
-    keys/queries (space=joint: projected patches and text prototypes). panther: eps,
+    proalign returns [pi (K), h_1 (d), ..., h_K (d)] (+ [v_1, ..., v_K] with moments=2); with a
+    sequence of taus, one such row per tau (T, K + moments*K*d) computed in one pass. Options for
+    proalign (reference.proalign): over="patches"|"prototypes", moments=1|2, prior (pseudo-patches
+    per prototype, over=prototypes), keys/queries (space=joint: projected patches and text prototypes). panther: eps,
     prior_strength, em_steps. Returns numpy (float32) for numpy input, else a float32 tensor on
     x's device.
     """
@@ -164,6 +178,7 @@ def aggregate(
         raise ValueError(f"feature dim {xt.shape[1]} does not match prototype dim {ct.shape[1]}")
     if not xt.is_floating_point() or not ct.is_floating_point():
         raise TypeError("x and prototypes must be floating point")
+    tau, options = _with_defaults(method, tau, options)
     several = not isinstance(tau, (int, float))
     taus = [float(t) for t in (tau if several else [tau])]
     if method == "proalign" and (not taus or min(taus) <= 0):
@@ -175,7 +190,7 @@ def aggregate(
     return out.cpu().numpy() if is_numpy else out
 
 
-def aggregate_batch(xs: Sequence, prototypes, method: str = "proalign", tau: float | Sequence[float] = 0.1,
+def aggregate_batch(xs: Sequence, prototypes, method: str = "proalign", tau: float | Sequence[float] | None = None,
                     backend: str | None = None, **options) -> list:
     """`aggregate` for a batch of slides of different N. The fused backends (numba, Triton, CUDA
     C++) embed the whole batch in one call (one launch per pass); the torch reference goes slide
@@ -183,6 +198,7 @@ def aggregate_batch(xs: Sequence, prototypes, method: str = "proalign", tau: flo
     if not xs:
         return []
     xt = [_as_tensor(x) for x in xs]
+    tau, options = _with_defaults(method, tau, options)
     b = resolve_backend(method, backend, xt[0], options)
     if not b.ragged:
         return [aggregate(x, prototypes, method, tau, b.name, **options) for x in xs]

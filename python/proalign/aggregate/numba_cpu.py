@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 try:
     import numba
@@ -34,15 +35,18 @@ def unavailable() -> str | None:
 if numba is not None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _partials(x, cn, inv_taus, item_start, item_end):
+    def _partials(x, cn, inv_taus, item_start, item_end, over_prototypes, shift, second):
         d = x.shape[1]
         k = cn.shape[0]
         nt = inv_taus.shape[0]
         nblocks = item_start.shape[0]
-        m_out = np.full((nblocks, nt, k), -np.inf)
+        # over=prototypes: weights are each row's softmax over prototypes; no running max (m = 0)
+        m_out = np.zeros((nblocks, nt, k)) if over_prototypes else np.full((nblocks, nt, k), -np.inf)
         l_out = np.zeros((nblocks, nt, k))
         pi_out = np.zeros((nblocks, nt, k))
         acc_out = np.zeros((nblocks, nt, k, d), dtype=np.float32)
+        n2 = nblocks if second else 0
+        acc2_out = np.zeros((n2, nt, k, d), dtype=np.float32)  # sum_r w_rk (x_r - shift)^2
         for b in prange(nblocks):
             start = item_start[b]
             end = item_end[b]
@@ -50,11 +54,18 @@ if numba is not None:
             w = np.empty((TILE, k), dtype=np.float32)
             e = np.empty((TILE, k))
             row_scale = np.empty(TILE)
+            xsq = np.empty((TILE, d if second else 0), dtype=np.float32)
             m = m_out[b]
             l = l_out[b]
             acc = acc_out[b]
+            acc2 = acc2_out[b if second else 0:b + 1 if second else 0]
             for r0 in range(start, end, TILE):
                 rows = min(TILE, end - r0)
+                if second:
+                    for r in range(rows):
+                        for j in range(d):
+                            v = x[r0 + r, j] - shift[j]
+                            xsq[r, j] = v * v
                 # cosine similarity of each row of the tile to each prototype (cn is unit-norm)
                 for r in range(rows):
                     nrm = np.float32(0.0)
@@ -101,28 +112,36 @@ if numba is not None:
                             tot += e[r, kk]
                         for kk in range(k):
                             pi_out[b, t, kk] += e[r, kk] / tot
+                            if over_prototypes:
+                                wt = e[r, kk] / tot
+                                w[r, kk] = wt
+                                l[t, kk] += wt
                         row_scale[r] = math.exp(mx)
                     # online softmax over patches, per prototype. exp(s/tau - m_k) is e[r, k] *
                     # exp(max_r) * exp(-m_k): rows + K exps per tile instead of rows * K; safe in
                     # float64 while 1/tau <= EXP_REUSE_MAX, else computed directly.
-                    for kk in range(k):
-                        mt = -np.inf
-                        for r in range(rows):
-                            mt = max(mt, s[r, kk] * it)
-                        if mt > m[t, kk]:
-                            scale = math.exp(m[t, kk] - mt)  # 0 on the first tile (m = -inf)
-                            l[t, kk] *= scale
-                            for j in range(d):
-                                acc[t, kk, j] *= np.float32(scale)
-                            m[t, kk] = mt
-                        col_scale = math.exp(-m[t, kk])
-                        for r in range(rows):
-                            if it <= EXP_REUSE_MAX:
-                                wt = e[r, kk] * row_scale[r] * col_scale
-                            else:
-                                wt = math.exp(s[r, kk] * it - m[t, kk])
-                            w[r, kk] = wt
-                            l[t, kk] += wt
+                    if not over_prototypes:
+                        for kk in range(k):
+                            mt = -np.inf
+                            for r in range(rows):
+                                mt = max(mt, s[r, kk] * it)
+                            if mt > m[t, kk]:
+                                scale = math.exp(m[t, kk] - mt)  # 0 on the first tile (m = -inf)
+                                l[t, kk] *= scale
+                                for j in range(d):
+                                    acc[t, kk, j] *= np.float32(scale)
+                                if second:
+                                    for j in range(d):
+                                        acc2[0, t, kk, j] *= np.float32(scale)
+                                m[t, kk] = mt
+                            col_scale = math.exp(-m[t, kk])
+                            for r in range(rows):
+                                if it <= EXP_REUSE_MAX:
+                                    wt = e[r, kk] * row_scale[r] * col_scale
+                                else:
+                                    wt = math.exp(s[r, kk] * it - m[t, kk])
+                                w[r, kk] = wt
+                                l[t, kk] += wt
                     # acc_k += sum_r w_rk x_r, eight rows at a time
                     if rows == TILE:
                         for kk in range(k):
@@ -138,7 +157,13 @@ if numba is not None:
                                 wr = w[r, kk]
                                 for j in range(d):
                                     acc[t, kk, j] += wr * x[r0 + r, j]
-        return m_out, l_out, pi_out, acc_out
+                    if second:
+                        for kk in range(k):
+                            for r in range(rows):
+                                wr = w[r, kk]
+                                for j in range(d):
+                                    acc2[0, t, kk, j] += wr * xsq[r, j]
+        return m_out, l_out, pi_out, acc_out, acc2_out
 
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -245,27 +270,30 @@ def _check(x: np.ndarray, lengths) -> np.ndarray:
     return lengths
 
 
-def proalign_ragged(x: np.ndarray, lengths, prototypes: np.ndarray, taus) -> np.ndarray:
-    """(S, T, K + K*d) float64 ProAlign embeddings of S slides stacked in x (sum N, d), per tau."""
+def proalign_ragged(x: np.ndarray, lengths, prototypes: np.ndarray, taus, over: str = "patches",
+                    moments: int = 1, prior: float = 0.0) -> np.ndarray:
+    """(S, T, K + moments*K*d) float64 ProAlign embeddings of S slides stacked in x (sum N, d), per
+    tau (reference.proalign's options); the items' partials are merged by aggregate.partials."""
+    from .partials import combine, finish, second_moment_shift
+
     x = np.ascontiguousarray(x, dtype=np.float32)
     lengths = _check(x, lengths)
-    c = np.asarray(prototypes, dtype=np.float64)
-    cn = np.ascontiguousarray(c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+    c = torch.from_numpy(np.asarray(prototypes, dtype=np.float64))
+    cn = np.ascontiguousarray(torch.nn.functional.normalize(c, dim=1).numpy(), dtype=np.float32)
     inv_taus = 1.0 / np.asarray(taus, dtype=np.float64)
-    item_start, item_end, item_slide, first = plan(lengths)
-    m, l, pi, acc = _partials(x, cn, inv_taus, item_start, item_end)
-    # merge the items of each slide: rescale to the slide's max, then segment sums
-    big_m = np.maximum.reduceat(m, first, axis=0)
-    scale = np.where(np.isfinite(m), np.exp(m - big_m[item_slide]), 0.0)  # empty items weigh 0
-    denom = np.add.reduceat(l * scale, first, axis=0)
-    h = np.add.reduceat(acc * scale[..., None], first, axis=0) / denom[..., None]
-    p = np.add.reduceat(pi, first, axis=0) / lengths[:, None, None]
-    return np.concatenate([p, h.reshape(h.shape[0], h.shape[1], -1)], axis=2)
+    item_start, item_end, item_slide, _ = plan(lengths)
+    shift = second_moment_shift(c)
+    m, l, pi, acc, acc2 = _partials(x, cn, inv_taus, item_start, item_end, over == "prototypes", shift.numpy(),
+                                    moments == 2)
+    parts = [torch.from_numpy(v) for v in (m, l, pi, acc)] + [torch.from_numpy(acc2) if moments == 2 else None]
+    sums = combine(torch.from_numpy(item_slide), *parts, len(lengths))
+    return finish(*sums, torch.from_numpy(lengths), c, shift, over, prior).numpy()
 
 
-def proalign(x: np.ndarray, prototypes: np.ndarray, taus) -> np.ndarray:
-    """(T, K + K*d) float64 ProAlign embeddings of one slide x (N, d) for each tau."""
-    return proalign_ragged(x, [x.shape[0]], prototypes, taus)[0]
+def proalign(x: np.ndarray, prototypes: np.ndarray, taus, over: str = "patches", moments: int = 1,
+             prior: float = 0.0) -> np.ndarray:
+    """(T, K + moments*K*d) float64 ProAlign embeddings of one slide x (N, d) for each tau."""
+    return proalign_ragged(x, [x.shape[0]], prototypes, taus, over, moments, prior)[0]
 
 
 def moments(x: np.ndarray, lengths, shift: np.ndarray, a: np.ndarray, b: np.ndarray, cst: np.ndarray):

@@ -18,6 +18,16 @@ PANTHER_TAU = 1.0  # prior strength of the MAP M-step
 PANTHER_EM_STEPS = 1
 
 
+def check_options(over: str = "patches", moments: int = 1, prior: float = 0.0) -> None:
+    """Raise ValueError for a ProAlign option set that is not defined."""
+    if over not in ("patches", "prototypes"):
+        raise ValueError(f"over must be 'patches' or 'prototypes', got {over!r}")
+    if moments not in (1, 2):
+        raise ValueError(f"moments must be 1 or 2, got {moments!r}")
+    if not prior >= 0 or (prior and over != "prototypes"):
+        raise ValueError(f"prior must be >= 0 and is an option of over=prototypes (got {prior} with over={over})")
+
+
 def proalign(
     x: torch.Tensor,
     prototypes: torch.Tensor,
@@ -25,15 +35,22 @@ def proalign(
     over: str = "patches",
     keys: torch.Tensor | None = None,
     queries: torch.Tensor | None = None,
+    moments: int = 1,
+    prior: float = 0.0,
 ) -> torch.Tensor:
-    """Parameter-free prototype attention: returns (T, K + K*d), one row per tau.
+    """Parameter-free prototype attention: returns (T, K + moments*K*d), one row per tau.
 
     s_ik = cos(key_i, query_k) / tau. Keys/queries default to the patches and visual prototypes
     (space=visual); for space=joint the caller passes projected patches and text prototypes.
-    over=patches: h_k = sum_i softmax_i(s_ik) x_i.  over=prototypes: h_k is the mean of x
-    weighted by the per-patch softmax over prototypes, softmax_k(s_ik).
+    over=patches: h_k = sum_i softmax_i(s_ik) x_i.  over=prototypes: with q_ik = softmax_k(s_ik)
+    (each patch's soft assignment) and n_k = sum_i q_ik, h_k = (sum_i q_ik x_i + prior c_k) /
+    (n_k + prior): the prototype counts as `prior` pseudo-patches, so a prototype no patch of the
+    slide resembles falls back to itself instead of a mean of a few stray patches.
     pi_k = (1/N) sum_i softmax_k(s_ik) in both cases.
+    moments=2 appends v_k, the variance of x under the same weights (with the prior's pseudo-patches
+    at c_k): E = [pi, h_1..h_K, v_1..v_K].
     """
+    check_options(over, moments, prior)
     keys = x if keys is None else keys
     queries = prototypes if queries is None else queries
     cos = F.normalize(keys, dim=1) @ F.normalize(queries, dim=1).T  # (N, K)
@@ -43,13 +60,16 @@ def proalign(
         per_patch = torch.softmax(s, dim=1)  # softmax over prototypes
         pi = per_patch.mean(dim=0)
         if over == "patches":
-            weights = torch.softmax(s, dim=0)  # softmax over patches
-        elif over == "prototypes":
-            weights = per_patch / per_patch.sum(dim=0, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+            weights, mass, pseudo = torch.softmax(s, dim=0), 1.0, 0.0  # softmax over patches
         else:
-            raise ValueError(f"over must be 'patches' or 'prototypes', got {over!r}")
-        h = weights.T @ x  # (K, d)
-        rows.append(torch.cat([pi, h.reshape(-1)]))
+            mass = (per_patch.sum(dim=0)[:, None] + prior).clamp_min(torch.finfo(x.dtype).tiny)
+            weights, pseudo = per_patch, prior
+        h = (weights.T @ x + pseudo * prototypes) / mass  # (K, d)
+        parts = [pi, h.reshape(-1)]
+        if moments == 2:
+            m2 = (weights.T @ (x * x) + pseudo * prototypes * prototypes) / mass
+            parts.append((m2 - h * h).reshape(-1))
+        rows.append(torch.cat(parts))
     return torch.stack(rows)
 
 
