@@ -22,7 +22,8 @@ int device_count() {
 
 void proalign_partials(uintptr_t x, int dtype, int64_t stride_x, uintptr_t cn, uintptr_t inv_tau, int n_tau,
                        uintptr_t prog_slide, uintptr_t prog_start, uintptr_t seg_end, int n_prog, int d, int k,
-                       int k_pad, int tiles, uintptr_t m, uintptr_t l, uintptr_t pi, uintptr_t acc, uintptr_t stream) {
+                       int k_pad, int tiles, uintptr_t m, uintptr_t l, uintptr_t pi, uintptr_t acc, int over_prototypes,
+                       int second, uintptr_t shift, uintptr_t acc2, uintptr_t stream) {
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype must be 0 (fp32), 1 (fp16) or 2 (bf16)");
   if (k_pad > proalign::kMaxK || k_pad % 8 != 0 || k < 1 || k > k_pad)
     throw std::invalid_argument("need 1 <= k <= k_pad <= 64 and k_pad a multiple of 8");
@@ -32,7 +33,9 @@ void proalign_partials(uintptr_t x, int dtype, int64_t stride_x, uintptr_t cn, u
                            reinterpret_cast<const int32_t*>(prog_slide), reinterpret_cast<const int64_t*>(prog_start),
                            reinterpret_cast<const int64_t*>(seg_end), n_prog, d, k, k_pad, tiles,
                            reinterpret_cast<float*>(m), reinterpret_cast<float*>(l), reinterpret_cast<float*>(pi),
-                           reinterpret_cast<float*>(acc)};
+                           reinterpret_cast<float*>(acc), over_prototypes != 0, second != 0,
+                           reinterpret_cast<const float*>(shift), reinterpret_cast<float*>(acc2)};
+  if (second && (!shift || !acc2)) throw std::invalid_argument("second moments need shift and acc2");
   py::gil_scoped_release release;
   check(proalign::launch_partials(a, reinterpret_cast<cudaStream_t>(stream)), "proalign_partials launch");
 }

@@ -3,7 +3,9 @@
 // 8 prototypes per pass, shuffle reduction); phase B, per tau, the per-row softmax over
 // prototypes (pi) and the online softmax over rows (running max m, sum l); phase C, threads
 // stride over d and fold p^T X of the tile into the block's accumulator slot, rescaled by
-// exp(m_old - m_new). Partials are merged per slide on the host side (torch segment ops).
+// exp(m_old - m_new); with over_prototypes the weights are the per-row softmax itself (nothing to
+// rescale), and with `second` a second accumulator sums weight * (x - shift)^2. Partials are
+// merged per slide on the host side (torch segment ops).
 #include <math_constants.h>
 
 #include "device_utils.cuh"
@@ -30,7 +32,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(PartialsArgs a) {
   const int d = a.d, k = a.k, kp = a.k_pad;
 
   for (int i = tid; i < a.n_tau * kMaxK; i += kThreads) {
-    m_s[i / kMaxK][i % kMaxK] = -CUDART_INF_F;
+    m_s[i / kMaxK][i % kMaxK] = a.over_prototypes ? 0.f : -CUDART_INF_F;
     l_s[i / kMaxK][i % kMaxK] = 0.f;
     pi_s[i / kMaxK][i % kMaxK] = 0.f;
   }
@@ -81,7 +83,17 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(PartialsArgs a) {
       // Phase B2: one thread per prototype: pi, running max, weights, running sum.
       if (tid < kp) {
         float* acc_scale = &alpha_s[tid];
-        if (tid < k) {
+        if (tid < k && a.over_prototypes) {
+          float l_add = 0.f;
+          for (int r = 0; r < kRows; ++r) {
+            const float w = r < rows ? expf(s[r][tid] * it - row_max[r]) / row_sum[r] : 0.f;
+            p[r][tid] = w;
+            l_add += w;
+          }
+          pi_s[t][tid] += l_add;
+          l_s[t][tid] += l_add;
+          *acc_scale = 1.f;
+        } else if (tid < k) {
           float pi_add = 0.f, mt = -CUDART_INF_F;
           for (int r = 0; r < rows; ++r) {
             const float z = s[r][tid] * it;
@@ -108,19 +120,30 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(PartialsArgs a) {
       __syncthreads();
       // Phase C: acc[k][j] = alpha_k acc[k][j] + sum_r p[r][k] x[r][j], threads over j.
       float* acc = a.acc + (int64_t(pid) * a.n_tau + t) * kp * d;
+      float* acc2 = a.second ? a.acc2 + (int64_t(pid) * a.n_tau + t) * kp * d : nullptr;
       for (int j = tid; j < d; j += kThreads) {
+        const float sh = a.second ? a.shift[j] : 0.f;
         for (int kc = 0; kc < kp; kc += kKChunk) {
-          float v[kKChunk];
+          float v[kKChunk], v2[kKChunk];
 #pragma unroll
-          for (int q = 0; q < kKChunk; ++q)
+          for (int q = 0; q < kKChunk; ++q) {
             v[q] = tile == 0 ? 0.f : acc[int64_t(kc + q) * d + j] * alpha_s[kc + q];
+            v2[q] = tile == 0 || !acc2 ? 0.f : acc2[int64_t(kc + q) * d + j] * alpha_s[kc + q];
+          }
           for (int r = 0; r < rows; ++r) {
             const float xv = to_float(x[(r0 + r) * a.stride_x + j]);
+            const float xs = (xv - sh) * (xv - sh);
 #pragma unroll
-            for (int q = 0; q < kKChunk; ++q) v[q] += p[r][kc + q] * xv;
+            for (int q = 0; q < kKChunk; ++q) {
+              v[q] += p[r][kc + q] * xv;
+              if (acc2) v2[q] += p[r][kc + q] * xs;
+            }
           }
 #pragma unroll
-          for (int q = 0; q < kKChunk; ++q) acc[int64_t(kc + q) * d + j] = v[q];
+          for (int q = 0; q < kKChunk; ++q) {
+            acc[int64_t(kc + q) * d + j] = v[q];
+            if (acc2) acc2[int64_t(kc + q) * d + j] = v2[q];
+          }
         }
       }
       __syncthreads();

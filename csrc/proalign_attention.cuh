@@ -23,6 +23,12 @@ struct PartialsArgs {
   const int64_t* seg_end;     // (n_slides,) one past each slide's last row
   int n_prog, d, k, k_pad, tiles;
   float *m, *l, *pi, *acc;
+  // over=prototypes: the weights are each row's softmax over prototypes (no running max; m = 0).
+  int over_prototypes;
+  // moments=2: acc2 (as acc) sums weight * (x - shift)^2; shift (d,) is a fixed centre.
+  int second;
+  const float* shift;
+  float* acc2;
 };
 
 constexpr int kMaxK = 64;

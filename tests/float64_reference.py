@@ -15,16 +15,30 @@ def _softmax(a, axis):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def proalign(x, c, tau, over="patches", keys=None, queries=None):
+def proalign(x, c, tau, over="patches", keys=None, queries=None, moments=1, prior=0.0):
     x = np.asarray(x, np.float64)
+    c = np.asarray(c, np.float64)
     kx = x if keys is None else np.asarray(keys, np.float64)
     qc = np.asarray(c if queries is None else queries, np.float64)
     s = _unit(kx) @ _unit(qc).T / tau  # (N, K)
     per_patch = _softmax(s, axis=1)
     pi = per_patch.mean(axis=0)
-    w = _softmax(s, axis=0) if over == "patches" else per_patch / per_patch.sum(axis=0)
-    h = np.einsum("nk,nd->kd", w, x)
-    return np.concatenate([pi, h.ravel()])
+    out = [pi]
+    hs, vs = [], []
+    for k in range(c.shape[0]):
+        if over == "patches":
+            w, pseudo = _softmax(s[:, k], axis=0), 0.0  # attention of prototype k over the patches
+        else:
+            w, pseudo = per_patch[:, k], prior  # soft assignments to k, plus `prior` patches at c_k
+        total = w.sum() + pseudo
+        h = (np.einsum("n,nd->d", w, x) + pseudo * c[k]) / total
+        v = (np.einsum("n,nd->d", w, (x - h) ** 2) + pseudo * (c[k] - h) ** 2) / total
+        hs.append(h)
+        vs.append(v)
+    out += hs
+    if moments == 2:
+        out += vs
+    return np.concatenate(out)
 
 
 def panther(x, c, eps=1.0, tau=1.0):

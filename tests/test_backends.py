@@ -54,12 +54,42 @@ def test_dispatch_prefers_fused_and_falls_back():
     x = torch.zeros(3, 4)
     best = resolve_backend("proalign", None, x, {}).name
     assert best == (CPU_FUSED[0] if CPU_FUSED else "torch")
-    assert resolve_backend("proalign", None, x, {"over": "prototypes"}).name == "torch"
+    assert resolve_backend("proalign", None, x, {"over": "prototypes", "moments": 2, "prior": 1.0}).name == best
+    assert resolve_backend("proalign", None, x, {"keys": x, "queries": x}).name == "torch"  # space=joint
     assert resolve_backend("panther", None, x, {}).name == best  # the fused PANTHER moments
     assert resolve_backend("h2t", None, x, {}).name == "torch"
     if CPU_FUSED:
         with pytest.raises(ValueError, match="does not support"):
-            resolve_backend("proalign", CPU_FUSED[0], x, {"over": "prototypes"})
+            resolve_backend("proalign", CPU_FUSED[0], x, {"keys": x, "queries": x})
+
+
+# Every ProAlign reading other than over=patches/moments=1 (covered above), on every backend.
+VARIANTS = [dict(over="prototypes"), dict(over="patches", moments=2), dict(over="prototypes", moments=2),
+            dict(over="prototypes", moments=2, prior=1.0), dict(over="prototypes", prior=0.5)]
+
+
+def _tol(opts):  # variances are differences of second moments: a little more float32 rounding
+    return dict(rtol=1e-4, atol=1e-4 if opts.get("moments") == 2 else 2e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("n,d,k", [(1, 64, 1), (7, 512, 16), (1000, 768, 32), (9001, 96, 11)])
+def test_fused_cpu_variants_match_float64(rng, backend, opts, n, d, k):
+    x, c = _data(rng, n, d, k)
+    taus = [0.02, 0.1, 1.0]
+    got = proalign.aggregate(x, c, tau=taus, backend=backend, **opts)
+    assert got.shape == (3, k + opts.get("moments", 1) * k * d)
+    for row, t in zip(got, taus):
+        np.testing.assert_allclose(row, ref.proalign(x, c, t, **opts), **_tol(opts))
+
+
+def test_variant_options_are_checked():
+    x, c = np.ones((3, 4), np.float32), np.ones((2, 4), np.float32)
+    for bad, match in ((dict(over="both"), "over must"), (dict(moments=3), "moments must"),
+                       (dict(over="patches", prior=1.0), "prior"), (dict(over="prototypes", prior=-1.0), "prior")):
+        with pytest.raises(ValueError, match=match):
+            proalign.aggregate(x, c, **bad)
 
 
 TRITON = [b for b in ("triton", "cuda") if BACKENDS[b].available() is None]  # the GPU kernels
@@ -103,6 +133,19 @@ def test_gpu_kernels_dtypes_and_extreme_tau(rng, poisoned, backend, dtype):
         assert np.isfinite(got).all()
         want = ref.proalign(xt.double().numpy(), c, tau)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_kernels_variants_match_float64(rng, poisoned, backend, opts, dtype):
+    xs = [_data(rng, n, d, 11)[0][:, :96] for n, d in ((1, 96), (300, 96), (1300, 96))]
+    c = _data(rng, 1, 96, 11)[1]
+    xts = [torch.from_numpy(x).to(dtype) for x in xs]
+    got = proalign.aggregate_batch([x.to(_device()) for x in xts], c, tau=[0.05, 1.0], backend=backend, **opts)
+    for x, e in zip(xts, got):
+        for row, t in zip(e.cpu().numpy(), [0.05, 1.0]):
+            np.testing.assert_allclose(row, ref.proalign(x.double().numpy(), c, t, **opts), **_tol(opts))
 
 
 @pytest.mark.parametrize("backend", TRITON)

@@ -69,11 +69,46 @@ def test_rerun_skips_and_overwrite_redoes(tmp_path, cli, cohort):
     t0 = proalign.open_store(out).meta("SYN-" + sorted(os.listdir(feats))[0][4:-3])["time"]
     r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, check=0)
     assert "0 embedded, 5 already stored" in r.stdout
-    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--tau", 0.2, check=0)
-    assert "5 embedded, 0 already stored" in r.stdout  # other options: not the same record
+    # other options into the same store: refused (one store, one option set), nothing touched
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--tau", 0.2, check=2)
+    assert "5 records of" in r.stderr and "other options" in r.stderr and '"taus": [0.2]' in r.stderr
+    assert proalign.open_store(out).meta("SYN-" + sorted(os.listdir(feats))[0][4:-3])["time"] == t0
     r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--tau", 0.2, "--overwrite", check=0)
     assert "5 embedded" in r.stdout
-    assert t0  # provenance carries the time
+    with proalign.open_store(out) as s:
+        assert {json.dumps(s.meta(sid)["options"]["taus"]) for sid in s} == {"[0.2]"}
+
+
+def test_records_name_their_variant_and_old_records_stay_resumable(tmp_path, cli, cohort):
+    """Stored records carry every ProAlign option; records of versions that did not record
+    moments/prior count as moments=1, prior=0 (and are refused by a run of another variant)."""
+    from proalign.defaults import DEFAULT_PROALIGN
+
+    feats, ppath, _ = cohort
+    out = tmp_path / "s.lmdb"
+    cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--over", "prototypes", "--moments", 2,
+        "--prior", 1, "--tau", 0.05, check=0)
+    with proalign.open_store(out) as s:
+        opts = {json.dumps(s.meta(sid)["options"], sort_keys=True) for sid in s}
+        assert len(opts) == 1
+        o = json.loads(opts.pop())
+        assert (o["over"], o["moments"], o["prior"], o["taus"]) == ("prototypes", 2, 1.0, [0.05])
+        assert s[next(iter(s))].shape == (4 + 2 * 4 * 32,)
+    # a store written before moments/prior were recorded: the same records without those keys
+    old = tmp_path / "old.lmdb"
+    cli("embed", "--features", feats, "--prototypes", ppath, "--out", old, "--over", "patches", "--tau", 0.1,
+        check=0)
+    with proalign.open_store(old, write=True) as s:
+        for sid in list(s):
+            rec = s.record(sid)
+            meta = dict(rec.meta, options={k: v for k, v in rec.meta["options"].items() if k not in ("moments", "prior")})
+            s.put(sid, rec.embedding, rec.n_patches, meta)
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", old, "--over", "patches", "--tau", 0.1,
+            check=0)
+    assert "0 embedded, 5 already stored" in r.stdout
+    if DEFAULT_PROALIGN != {"tau": 0.1, "over": "patches", "moments": 1, "prior": 0.0}:
+        r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", old, check=2)
+        assert "other options" in r.stderr and '"over": "patches"' in r.stderr
 
 
 def test_manifest_input(tmp_path, cli, cohort):

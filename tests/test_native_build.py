@@ -18,11 +18,14 @@ AOT = textwrap.dedent("""
     ragged = {"prog_slide_ptr": "*i32", "prog_start_ptr": "*i64", "seg_end_ptr": "*i64"}
     if name == "proalign":
         kernel = proalign_partials_kernel
-        sig = {"x_ptr": "*" + xdtype, "cn_ptr": "*fp32", "inv_tau_ptr": "*fp32", **ragged, "m_ptr": "*fp32",
-               "l_ptr": "*fp32", "pi_ptr": "*fp32", "acc_ptr": "*fp32", "d": "i32", "k": "i32", "stride_x": "i64",
-               "T": "constexpr", "K_PAD": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-               "TILES": "constexpr"}
-        consts = {"T": 2, "K_PAD": 32, "BLOCK_N": 64, "BLOCK_D": 64, "TILES": 4}
+        sig = {"x_ptr": "*" + xdtype, "cn_ptr": "*fp32", "inv_tau_ptr": "*fp32", **ragged, "shift_ptr": "*fp32",
+               "m_ptr": "*fp32", "l_ptr": "*fp32", "pi_ptr": "*fp32", "acc_ptr": "*fp32", "acc2_ptr": "*fp32",
+               "d": "i32", "k": "i32", "stride_x": "i64", "T": "constexpr", "K_PAD": "constexpr",
+               "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "TILES": "constexpr", "OVER_PROTOTYPES": "constexpr",
+               "SECOND": "constexpr"}
+        over, second = (int(v) for v in sys.argv[4].split(","))  # the variant: over=prototypes, moments=2
+        consts = {"T": 2, "K_PAD": 32, "BLOCK_N": 64, "BLOCK_D": 64, "TILES": 4, "OVER_PROTOTYPES": over,
+                  "SECOND": second}
     else:
         kernel = panther_moments_kernel
         sig = {"x_ptr": "*" + xdtype, "shift_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "cst_ptr": "*fp32",
@@ -36,14 +39,15 @@ AOT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kernel", ["proalign", "panther"])
+@pytest.mark.parametrize("kernel,variant", [("proalign", "0,0"), ("proalign", "1,1"), ("proalign", "0,1"),
+                                            ("panther", "-")])
 @pytest.mark.parametrize("cc", [80, 90])
 @pytest.mark.parametrize("xdtype", ["fp32", "fp16", "bf16"])
-def test_triton_kernel_compiles_ahead_of_time(kernel, cc, xdtype):
+def test_triton_kernel_compiles_ahead_of_time(kernel, variant, cc, xdtype):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", AOT, kernel, str(cc), xdtype], capture_output=True, text=True, env=env,
-                       timeout=300)
+    p = subprocess.run([sys.executable, "-c", AOT, kernel, str(cc), xdtype, variant], capture_output=True, text=True,
+                       env=env, timeout=300)
     assert p.returncode == 0 and f"compiled {kernel} {cc}" in p.stdout, p.stderr[-3000:]
 
 
@@ -63,9 +67,9 @@ def test_native_launch_rejects_bad_arguments():
     from proalign import _C
 
     with pytest.raises(ValueError, match="k_pad"):
-        _C.proalign_partials(0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 8, 3, 12, 1, 0, 0, 0, 0, 0)
+        _C.proalign_partials(0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 8, 3, 12, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="taus"):
-        _C.proalign_partials(0, 0, 1, 0, 0, 9, 0, 0, 0, 1, 8, 3, 8, 1, 0, 0, 0, 0, 0)
+        _C.proalign_partials(0, 0, 1, 0, 0, 9, 0, 0, 0, 1, 8, 3, 8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: proalign._C is not built")

@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from . import __version__
+from .defaults import DEFAULT_PROALIGN
 from .errors import ProAlignError
 
 
@@ -162,8 +163,14 @@ def _with(options):
 @click.option("--out", required=True, type=click.Path(), help="The LMDB store (a folder); created if missing.")
 @click.option("--method", default="proalign", show_default=True,
               type=click.Choice(["proalign", "panther", "h2t", "protocount", "mean"]))
-@click.option("--tau", multiple=True, type=float, help="Attention temperature(s); several give one row each. [0.1]")
-@click.option("--over", default="patches", show_default=True, type=click.Choice(["patches", "prototypes"]))
+@click.option("--tau", multiple=True, type=click.FloatRange(0, min_open=True),
+              help=f"proalign: temperature(s); several give one row each. [{DEFAULT_PROALIGN['tau']}]")
+@click.option("--over", default=DEFAULT_PROALIGN["over"], show_default=True, type=click.Choice(["patches", "prototypes"]),
+              help="proalign: softmax over patches (attention per prototype) or over prototypes (soft assignment).")
+@click.option("--moments", default=DEFAULT_PROALIGN["moments"], show_default=True, type=click.IntRange(1, 2),
+              help="proalign: 2 also stores each prototype's weighted variance (length K + 2Kd).")
+@click.option("--prior", default=DEFAULT_PROALIGN["prior"], show_default=True, type=click.FloatRange(0),
+              help="proalign --over prototypes: pseudo-patches at each prototype (shrinks rarely used ones).")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored embedding dtype.")
 @click.option("--backend", default=None,
@@ -199,7 +206,7 @@ def _with(options):
 @click.option("--keep-cache", is_flag=True, help="--cache-dir: keep the copies (a rerun reuses them).")
 def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_tissue, encoder, weights, encoder_args,
           device, coords_dir, save_features, decoder, shrink_on_load, batch_size, prototypes, out, method, tau, over,
-          dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, report, progress, shard, workers, gpus,
+          moments, prior, dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, report, progress, shard, workers, gpus,
           scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus, cache_dir,
           cache_ahead, keep_cache):
     """Embed every slide's patch features (--features/--manifest), or every slide file of --archive
@@ -220,7 +227,13 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
         raise click.UsageError("--cache-ahead/--keep-cache go with --cache-dir")
     if backend == "ray":
         scheduler, backend = "ray", None
-    opts = EmbedOptions(method=method, taus=tuple(tau) or (0.1,), over=over, dtype=dtype, backend=backend,
+    if method != "proalign" and (tau or over != DEFAULT_PROALIGN["over"] or moments != DEFAULT_PROALIGN["moments"]
+                                 or prior != DEFAULT_PROALIGN["prior"]):
+        raise click.UsageError(f"--tau/--over/--moments/--prior are proalign options, not {method}'s")
+    if prior and over != "prototypes":
+        raise click.UsageError("--prior goes with --over prototypes")
+    opts = EmbedOptions(method=method, taus=tuple(tau) or (DEFAULT_PROALIGN["tau"],), over=over, moments=moments,
+                        prior=prior, dtype=dtype, backend=backend,
                         encoder_id=encoder_id, panther_eps=panther_eps, panther_prior=panther_prior)
     scheduling = dict(report_path=report, progress=progress, shard=shard, workers=workers, scheduler=scheduler,
                       gpus=_parse_gpus(gpus, scheduler, device),

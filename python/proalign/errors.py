@@ -27,6 +27,11 @@ class StoreLockedError(StoreError):
     """Another process holds the store's writer lock."""
 
 
+class StoreOptionsError(StoreError):
+    """A run would add records made with other options (method variant, tau, prototypes, ...) to a
+    store: one store holds one option set, so a comparison never mixes variants unknowingly."""
+
+
 class StoreWriteError(StoreError):
     """One record could not be written (disk full, file size limit); earlier records are intact."""
 

@@ -11,12 +11,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..defaults import DEFAULT_PROALIGN
 from . import cuda_cpp, gpu, moments, numba_cpu, partials, reference
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
 FUSED_METHODS = ("proalign", "panther")  # the methods with fused kernels (one pass over X)
-# The default ProAlign reading, chosen on the planted-signal suite (README "Choosing the variant").
-DEFAULT_PROALIGN = {"tau": 0.1, "over": "patches", "moments": 1, "prior": 0.0}
 
 
 def embedding_length(method: str, k: int, d: int, moments: int = 1) -> int:

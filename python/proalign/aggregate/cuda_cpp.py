@@ -19,7 +19,9 @@ def unavailable() -> str | None:
     return None
 
 
-def launch(x, cn, inv_taus, prog_slide, prog_start, seg_end, k: int, k_pad: int):
+def launch(x, cn, inv_taus, prog_slide, prog_start, seg_end, k: int, k_pad: int, over_prototypes: bool = False,
+           shift=None, second: bool = False):
+    """ProAlign partials m, l, pi, acc, acc2 (None unless `second`); see aggregate.partials."""
     from .. import _C
 
     if x.dtype not in _DTYPES:
@@ -27,13 +29,16 @@ def launch(x, cn, inv_taus, prog_slide, prog_start, seg_end, k: int, k_pad: int)
     n_prog, n_t, d = len(prog_slide), len(inv_taus), x.shape[1]
     m, l, pi = (_alloc((n_prog, n_t, k_pad), dtype=torch.float32, device=x.device) for _ in range(3))
     acc = _alloc((n_prog, n_t, k_pad, d), dtype=torch.float32, device=x.device)
+    acc2 = _alloc((n_prog, n_t, k_pad, d), dtype=torch.float32, device=x.device) if second else None
+    shift = shift.to(x.device, torch.float32).contiguous() if second else None
     assert x.is_contiguous() and cn.is_contiguous() and prog_slide.dtype == torch.int32
     with torch.cuda.device(x.device):  # launch on x's GPU, not the current one
         _C.proalign_partials(x.data_ptr(), _DTYPES[x.dtype], x.stride(0), cn.data_ptr(), inv_taus.data_ptr(), n_t,
                              prog_slide.data_ptr(), prog_start.data_ptr(), seg_end.data_ptr(), n_prog, d, k,
                              k_pad, TILES, m.data_ptr(), l.data_ptr(), pi.data_ptr(), acc.data_ptr(),
-                             torch.cuda.current_stream(x.device).cuda_stream)
-    return m, l, pi, acc
+                             int(bool(over_prototypes)), int(second), shift.data_ptr() if second else 0,
+                             acc2.data_ptr() if second else 0, torch.cuda.current_stream(x.device).cuda_stream)
+    return m, l, pi, acc, acc2
 
 
 def launch_moments(x, shift, a, b, cst, prog_slide, prog_start, seg_end, k: int, k_pad: int):

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import ProAlignError, StoreError, StoreWriteError
+from ..errors import ProAlignError, StoreError, StoreOptionsError, StoreWriteError
 from ..features.io import SlideEntry, check_slide_id
 from .executors import InlineExecutor, ProcessExecutor, SlideDropped
 from .worker import EmbedOptions, WorkerSpec, describe
@@ -290,6 +290,34 @@ def _entry_size(entry) -> int:
     return int(size) if size is not None else _size(Path(entry.path))
 
 
+def _stored_options(store, key: dict, overwrite: bool, run_ids: set[str]) -> dict[str, dict | None]:
+    """Each stored slide's options (legacy ones completed; None for a damaged record, which is
+    redone). A store holds one option set: records of other options are refused (StoreOptionsError)
+    unless `overwrite` redoes them; other-option records outside this run are reported."""
+    from ..store import normalise_options
+
+    out: dict[str, dict | None] = {}
+    other: dict[str, list] = {}
+    for sid in store:
+        try:
+            out[sid] = normalise_options(store.record(sid).meta.get("options"))
+        except StoreError as err:  # a damaged record counts as missing: redo it
+            log.warning("%s: stored record is damaged (%s); embedding it again", sid, err)
+            out[sid] = None
+            continue
+        if out[sid] != key and (not overwrite or sid not in run_ids):
+            other.setdefault(json.dumps(out[sid], sort_keys=True), []).append(sid)
+    if other:
+        opts, ids = next(iter(other.items()))
+        what = (f"{sum(map(len, other.values()))} records of {store.path} were made with other options, e.g. "
+                f"{ids[0]!r}: {opts}; this run makes {json.dumps(key, sort_keys=True)}")
+        if not overwrite:
+            raise StoreOptionsError(f"{what}. One store holds one option set: write to another --out, repeat the "
+                                    "store's options, or --overwrite to redo this run's slides")
+        log.warning("%s; those not in this run stay as they are", what)
+    return out
+
+
 def _make_executor(kind: str, spec, workers: int, ray_options: dict, slide_timeout: float | None,
                    gpus: Sequence | None = None):
     if kind == "ray":
@@ -404,6 +432,7 @@ def run_archive(
     with open_store(store_path, write=True) as store, _Signals(handle_signals) as sig:
         # which slides are still to do
         t0 = time.perf_counter()
+        stored = _stored_options(store, key, overwrite, {e.slide_id for e in entries})
         queue: deque[_Task] = deque()
         for e in entries:
             try:
@@ -412,13 +441,9 @@ def run_archive(
                 report.failed[e.slide_id] = str(err)
                 report.quarantine[e.slide_id] = {"path": str(e.path), "tries": 0, "reasons": [str(err)]}
                 continue
-            if not overwrite and e.slide_id in store:
-                try:
-                    if store.record(e.slide_id).meta.get("options") == key:
-                        report.skipped.append(e.slide_id)
-                        continue
-                except StoreError as err:  # a damaged record counts as missing: redo it
-                    log.warning("%s: stored record is damaged (%s); embedding it again", e.slide_id, err)
+            if not overwrite and stored.get(e.slide_id) == key:
+                report.skipped.append(e.slide_id)
+                continue
             queue.append(_Task(e, _entry_size(e)))
         # largest first: with a pull-based queue the big slides do not end up last on one worker
         queue = deque(sorted(queue, key=lambda t: -t.size))

@@ -25,14 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..defaults import DEFAULT_PROALIGN
 from ..errors import FeatureFileError, ProAlignError
 
 
 @dataclass(frozen=True)
 class EmbedOptions:
     method: str = "proalign"
-    taus: tuple[float, ...] = (0.1,)
-    over: str = "patches"
+    taus: tuple[float, ...] = (DEFAULT_PROALIGN["tau"],)
+    over: str = DEFAULT_PROALIGN["over"]
+    moments: int = DEFAULT_PROALIGN["moments"]  # 2: also each prototype's weighted variance
+    prior: float = DEFAULT_PROALIGN["prior"]  # over=prototypes: pseudo-patches at each prototype
     dtype: str = "float16"  # how embeddings are stored
     backend: str | None = None  # None: fastest live backend
     encoder_id: str | None = None  # default: the feature file's `encoder` attribute
@@ -43,14 +46,15 @@ class EmbedOptions:
         """What a stored record must match to count as done (the backend does not change it)."""
         k = {"method": self.method, "dtype": self.dtype, "prototypes": prototypes_hash}
         if self.method == "proalign":
-            k.update(taus=list(self.taus), over=self.over)
+            k.update(taus=list(self.taus), over=self.over, moments=self.moments, prior=self.prior)
         if self.method == "panther":
             k.update(eps=self.panther_eps, prior_strength=self.panther_prior)
         return k
 
     def aggregate_kwargs(self) -> dict:
         if self.method == "proalign":
-            return {"tau": list(self.taus) if len(self.taus) > 1 else self.taus[0], "over": self.over}
+            return {"tau": list(self.taus) if len(self.taus) > 1 else self.taus[0], "over": self.over,
+                    "moments": self.moments, "prior": self.prior}
         if self.method == "panther":
             return {"eps": self.panther_eps, "prior_strength": self.panther_prior}
         return {}

@@ -44,6 +44,18 @@ class Record:
     meta: dict
 
 
+# Options a ProAlign record made before they existed was made with: old stores stay readable and
+# resumable, their records counting as made with these.
+LEGACY_PROALIGN = {"moments": 1, "prior": 0.0}
+
+
+def normalise_options(options: dict | None) -> dict | None:
+    """A stored record's `options`, with the ProAlign options older versions did not record."""
+    if not options or options.get("method") != "proalign":
+        return options
+    return {**LEGACY_PROALIGN, **options}
+
+
 def encode_record(embedding: np.ndarray, n_patches: int, meta: dict) -> bytes:
     arr = np.ascontiguousarray(embedding)
     header = {"dtype": arr.dtype.str, "shape": list(arr.shape), "n_patches": int(n_patches),

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import StoreError
-from .lmdb_store import LOCK_NAME, decode_record, open_store
+from .lmdb_store import LOCK_NAME, decode_record, normalise_options, open_store
 
 BATCH_BYTES = 256 << 20
 BATCH_RECORDS = 4096
@@ -100,7 +100,7 @@ def _scan(name: str, store, idx: int, sources: list, seen: dict, options: dict, 
                 rec = decode_record(v, sid, verify=True, store=name)  # the error names the shard
             except StoreError as e:
                 raise StoreMergeError(f"{e}; repair or re-embed that slide before merging") from e
-            o = rec.meta.get("options")
+            o = normalise_options(rec.meta.get("options"))
             options.setdefault(json.dumps(o, sort_keys=True), (o, idx, sid))
             count += 1
             body = rec.embedding.tobytes()
