@@ -17,6 +17,9 @@ def _batches(x, rng):
 @pytest.mark.parametrize("method, opts", [
     ("proalign", {"tau": 0.1}), ("proalign", {"tau": [0.02, 0.5]}), ("proalign", {"tau": 0.1, "over": "prototypes"}),
     ("proalign", {"tau": 0.005}),  # large 1/tau: the running max must keep exp() finite
+    ("proalign", {"tau": [0.1, 0.03], "over": "patches", "moments": 2}),
+    ("proalign", {"tau": [0.2, 0.05], "over": "prototypes", "moments": 2, "prior": 1.0}),
+    ("proalign", {}),  # the default reading
     ("panther", {}), ("panther", {"eps": 0.1, "prior_strength": 0.001}), ("panther", {"em_steps": 2}),
     ("h2t", {}), ("protocount", {}), ("mean", {}),
 ])
@@ -24,7 +27,7 @@ def test_streaming_equals_whole_slide(method, opts, rng):
     n, d, k = int(rng.integers(50, 700)), 64, 8
     x = rng.normal(size=(n, d)).astype(np.float32) + rng.normal(size=(1, d)).astype(np.float32)
     c = rng.normal(size=(k, d)).astype(np.float32)
-    tau = opts.pop("tau", 0.1)
+    tau = opts.pop("tau", None)
     ref = aggregate(x, c, method, tau=tau, backend="torch", **opts)
     agg = StreamingAggregator(c, method, tau=tau, **opts)
     for b in _batches(x, rng):

@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .defaults import DEFAULT_PROALIGN
+from .defaults import DEFAULT_PROALIGN, default_taus
 from .errors import ProAlignError
 
 
@@ -164,13 +164,14 @@ def _with(options):
 @click.option("--method", default="proalign", show_default=True,
               type=click.Choice(["proalign", "panther", "h2t", "protocount", "mean"]))
 @click.option("--tau", multiple=True, type=click.FloatRange(0, min_open=True),
-              help=f"proalign: temperature(s); several give one row each. [{DEFAULT_PROALIGN['tau']}]")
+              help=f"proalign: temperature(s); several give one row each. [{', '.join(map(str, default_taus()))}]")
 @click.option("--over", default=DEFAULT_PROALIGN["over"], show_default=True, type=click.Choice(["patches", "prototypes"]),
               help="proalign: softmax over patches (attention per prototype) or over prototypes (soft assignment).")
 @click.option("--moments", default=DEFAULT_PROALIGN["moments"], show_default=True, type=click.IntRange(1, 2),
               help="proalign: 2 also stores each prototype's weighted variance (length K + 2Kd).")
-@click.option("--prior", default=DEFAULT_PROALIGN["prior"], show_default=True, type=click.FloatRange(0),
-              help="proalign --over prototypes: pseudo-patches at each prototype (shrinks rarely used ones).")
+@click.option("--prior", default=None, type=click.FloatRange(0),
+              help="proalign --over prototypes: pseudo-patches at each prototype (shrinks rarely used ones) "
+                   f"[{DEFAULT_PROALIGN['prior']} with --over prototypes, else 0].")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored embedding dtype.")
 @click.option("--backend", default=None,
@@ -228,11 +229,11 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
     if backend == "ray":
         scheduler, backend = "ray", None
     if method != "proalign" and (tau or over != DEFAULT_PROALIGN["over"] or moments != DEFAULT_PROALIGN["moments"]
-                                 or prior != DEFAULT_PROALIGN["prior"]):
+                                 or prior is not None):
         raise click.UsageError(f"--tau/--over/--moments/--prior are proalign options, not {method}'s")
     if prior and over != "prototypes":
         raise click.UsageError("--prior goes with --over prototypes")
-    opts = EmbedOptions(method=method, taus=tuple(tau) or (DEFAULT_PROALIGN["tau"],), over=over, moments=moments,
+    opts = EmbedOptions(method=method, taus=tuple(tau) or default_taus(), over=over, moments=moments,
                         prior=prior, dtype=dtype, backend=backend,
                         encoder_id=encoder_id, panther_eps=panther_eps, panther_prior=panther_prior)
     scheduling = dict(report_path=report, progress=progress, shard=shard, workers=workers, scheduler=scheduler,

@@ -4,3 +4,15 @@ Chosen by measurement on the planted-signal suite (`python -m proalign.bench.qua
 section "Which ProAlign reading to use" gives the numbers behind it.
 """
 DEFAULT_PROALIGN = {"tau": 0.1, "over": "patches", "moments": 1, "prior": 0.0}
+
+
+def default_taus() -> tuple[float, ...]:
+    """The default temperature(s) as a tuple (several give one embedding row each)."""
+    t = DEFAULT_PROALIGN["tau"]
+    return tuple(float(v) for v in t) if isinstance(t, (list, tuple)) else (float(t),)
+
+
+def default_prior(over: str) -> float:
+    """The prior an unset --prior means: the default reading's with over=prototypes, else 0 (the
+    prior is an option of over=prototypes only)."""
+    return float(DEFAULT_PROALIGN["prior"]) if over == "prototypes" else 0.0

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prototypes: {proto_path} (K=16, spherical k-means on a {ps.meta['pool_size']}-patch pool, hash {h})")
     print("usage: " + " ".join(f"{u:.2f}" for u in ps.usage))
     store_path = out / "embeddings.lmdb"
-    rep = embed_features(entries, proto_path, store_path, EmbedOptions(method="proalign", taus=(0.1,)), progress=False)
+    rep = embed_features(entries, proto_path, store_path, EmbedOptions(method="proalign"), progress=False)
     print(f"store: {store_path.resolve()}")
     print(rep.summary())
     with open_store(store_path) as s:

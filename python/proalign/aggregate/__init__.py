@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..defaults import DEFAULT_PROALIGN
+from ..defaults import DEFAULT_PROALIGN, default_prior
 from . import cuda_cpp, gpu, moments, numba_cpu, partials, reference
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
@@ -136,12 +136,14 @@ def resolve_backend(method: str, backend: str | None, x: torch.Tensor | None = N
     return b
 
 
-def _with_defaults(method: str, tau, options: dict):
-    """ProAlign: DEFAULT_PROALIGN for every option not given, checked. Other methods: unchanged."""
+def with_defaults(method: str, tau, options: dict):
+    """(tau, options) with the default reading's value for every ProAlign option not given (the
+    prior only with over=prototypes), checked. Other methods: unchanged."""
     if method != "proalign":
         return (0.1 if tau is None else tau), options
-    full = {k: v for k, v in DEFAULT_PROALIGN.items() if k != "tau"}
+    full = {k: v for k, v in DEFAULT_PROALIGN.items() if k not in ("tau", "prior")}
     full.update(options)
+    full.setdefault("prior", default_prior(full["over"]))
     reference.check_options(**{k: full[k] for k in ("over", "moments", "prior")})
     return (DEFAULT_PROALIGN["tau"] if tau is None else tau), full
 
@@ -177,7 +179,7 @@ def aggregate(
         raise ValueError(f"feature dim {xt.shape[1]} does not match prototype dim {ct.shape[1]}")
     if not xt.is_floating_point() or not ct.is_floating_point():
         raise TypeError("x and prototypes must be floating point")
-    tau, options = _with_defaults(method, tau, options)
+    tau, options = with_defaults(method, tau, options)
     several = not isinstance(tau, (int, float))
     taus = [float(t) for t in (tau if several else [tau])]
     if method == "proalign" and (not taus or min(taus) <= 0):
@@ -197,7 +199,7 @@ def aggregate_batch(xs: Sequence, prototypes, method: str = "proalign", tau: flo
     if not xs:
         return []
     xt = [_as_tensor(x) for x in xs]
-    tau, options = _with_defaults(method, tau, options)
+    tau, options = with_defaults(method, tau, options)
     b = resolve_backend(method, backend, xt[0], options)
     if not b.ragged:
         return [aggregate(x, prototypes, method, tau, b.name, **options) for x in xs]

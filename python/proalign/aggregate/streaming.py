@@ -16,21 +16,22 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import aggregate
+from . import aggregate, with_defaults
 from .reference import PANTHER_EM_STEPS, PANTHER_EPS, PANTHER_TAU
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
 
 
 class StreamingAggregator:
-    def __init__(self, prototypes, method: str = "proalign", tau: float | Sequence[float] = 0.1, *,
-                 over: str = "patches", queries=None, eps: float = PANTHER_EPS,
-                 prior_strength: float = PANTHER_TAU, em_steps: int = PANTHER_EM_STEPS):
+    def __init__(self, prototypes, method: str = "proalign", tau: float | Sequence[float] | None = None, *,
+                 over: str | None = None, moments: int | None = None, prior: float | None = None, queries=None,
+                 eps: float = PANTHER_EPS, prior_strength: float = PANTHER_TAU, em_steps: int = PANTHER_EM_STEPS):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
-        if over not in ("patches", "prototypes"):
-            raise ValueError(f"over must be 'patches' or 'prototypes', got {over!r}")
-        self.method, self.over = method, over
+        given = {k: v for k, v in (("over", over), ("moments", moments), ("prior", prior)) if v is not None}
+        tau, opts = with_defaults(method, tau, given)  # the default reading for what is not given
+        self.method = method
+        self.over, self.moments, self.prior = opts.get("over"), opts.get("moments"), opts.get("prior")
         self.several = not isinstance(tau, (int, float))
         self.taus = [float(t) for t in (tau if self.several else [tau])]
         if method == "proalign" and (not self.taus or min(self.taus) <= 0):
@@ -74,12 +75,17 @@ class StreamingAggregator:
             s = cos / tau
             per_patch = torch.softmax(s, dim=1)
             out[f"pi_{t}"] = per_patch.sum(0)
+            x2 = x * x if self.moments == 2 else None
             if self.over == "patches":
                 m = s.max(0).values
                 e = torch.exp(s - m)
                 out[f"m_{t}"], out[f"lse_l_{t}"], out[f"lse_acc_{t}"] = m, e.sum(0), e.T @ x
+                if x2 is not None:
+                    out[f"lse_acc2_{t}"] = e.T @ x2
             else:
                 out[f"w_{t}"], out[f"acc_{t}"] = per_patch.sum(0), per_patch.T @ x
+                if x2 is not None:
+                    out[f"acc2_{t}"] = per_patch.T @ x2
         return out
 
     def _panther(self, x, c, keys):
@@ -111,16 +117,20 @@ class StreamingAggregator:
         for name in [n for n in part if n.startswith("m_")]:
             t = name[2:]
             m_new = part[name].cpu()
-            l_new, acc_new = part[f"lse_l_{t}"].cpu(), part[f"lse_acc_{t}"].cpu()
+            new = {f"l_{t}": part[f"lse_l_{t}"].cpu(), f"acc_{t}": part[f"lse_acc_{t}"].cpu()}
+            if f"lse_acc2_{t}" in part:
+                new[f"acc2_{t}"] = part[f"lse_acc2_{t}"].cpu()
             if name not in self._state:
-                self._state[name], self._state[f"l_{t}"], self._state[f"acc_{t}"] = m_new, l_new, acc_new
+                self._state[name] = m_new
+                self._state.update(new)
                 continue
             m_old = self._state[name]
             m = torch.maximum(m_old, m_new)
             a, b = torch.exp(m_old - m), torch.exp(m_new - m)
             self._state[name] = m
-            self._state[f"l_{t}"] = self._state[f"l_{t}"] * a + l_new * b
-            self._state[f"acc_{t}"] = self._state[f"acc_{t}"] * a[:, None] + acc_new * b[:, None]
+            for key, v in new.items():
+                scale_old, scale_new = (a, b) if v.ndim == 1 else (a[:, None], b[:, None])
+                self._state[key] = self._state[key] * scale_old + v * scale_new
 
     def result(self) -> torch.Tensor:
         """The slide embedding, float32 on the CPU, shaped as `aggregate` returns it."""
@@ -128,11 +138,15 @@ class StreamingAggregator:
             raise ValueError("no patches were added")
         st, n = self._state, self.n
         if self.method == "proalign":
-            rows = []
+            rows, c, rho = [], self.c, self.prior if self.over == "prototypes" else 0.0
             for t in range(len(self.taus)):
-                h = st[f"acc_{t}"] / (st[f"l_{t}"][:, None] if self.over == "patches"
-                                      else st[f"w_{t}"].clamp_min(torch.finfo(torch.float64).tiny)[:, None])
-                rows.append(torch.cat([st[f"pi_{t}"] / n, h.reshape(-1)]))
+                mass = st[f"l_{t}"] if self.over == "patches" else st[f"w_{t}"] + rho
+                mass = mass.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+                h = (st[f"acc_{t}"] + rho * c) / mass
+                parts = [st[f"pi_{t}"] / n, h.reshape(-1)]
+                if self.moments == 2:
+                    parts.append(((st[f"acc2_{t}"] + rho * c * c) / mass - h * h).reshape(-1))
+                rows.append(torch.cat(parts))
             out = torch.stack(rows)
             return (out if self.several else out[0]).float()
         if self.method == "panther":

@@ -25,22 +25,26 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..defaults import DEFAULT_PROALIGN
+from ..defaults import DEFAULT_PROALIGN, default_prior, default_taus
 from ..errors import FeatureFileError, ProAlignError
 
 
 @dataclass(frozen=True)
 class EmbedOptions:
     method: str = "proalign"
-    taus: tuple[float, ...] = (DEFAULT_PROALIGN["tau"],)
+    taus: tuple[float, ...] = default_taus()
     over: str = DEFAULT_PROALIGN["over"]
     moments: int = DEFAULT_PROALIGN["moments"]  # 2: also each prototype's weighted variance
-    prior: float = DEFAULT_PROALIGN["prior"]  # over=prototypes: pseudo-patches at each prototype
+    prior: float | None = None  # over=prototypes: pseudo-patches per prototype (None: the default's)
     dtype: str = "float16"  # how embeddings are stored
     backend: str | None = None  # None: fastest live backend
     encoder_id: str | None = None  # default: the feature file's `encoder` attribute
     panther_eps: float = 1.0  # METHOD.md defaults; PANTHER's released config.json runs 0.1
     panther_prior: float = 1.0  # and 0.001 (its script flags never reach the model)
+
+    def __post_init__(self):
+        if self.prior is None:
+            object.__setattr__(self, "prior", default_prior(self.over))
 
     def key(self, prototypes_hash: str) -> dict:
         """What a stored record must match to count as done (the backend does not change it)."""
