@@ -84,3 +84,13 @@ def protocount(x, c):
 
 def mean(x, c):
     return np.asarray(x, np.float64).mean(axis=0)
+
+
+def default_reading(x, c):
+    """The package's default ProAlign reading (its options from proalign.defaults), one row per tau,
+    computed by `proalign` above."""
+    from proalign.defaults import DEFAULT_PROALIGN, default_taus
+
+    opts = {k: DEFAULT_PROALIGN[k] for k in ("over", "moments", "prior")}
+    rows = [proalign(x, c, t, **opts) for t in default_taus()]
+    return np.stack(rows) if len(rows) > 1 else rows[0]

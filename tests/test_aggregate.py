@@ -18,15 +18,15 @@ def _data(rng, n, d, k, scale=1.0):
 @pytest.mark.parametrize("method", ["proalign", "panther", "h2t", "protocount", "mean"])
 def test_methods_match_float64(rng, method, n, d, k):
     x, c = _data(rng, n, d, k)
-    got = proalign.aggregate(x, c, method=method)
-    want = getattr(ref, method)(x, c, 0.1) if method == "proalign" else getattr(ref, method)(x, c)
-    assert got.dtype == np.float32 and got.shape == (embedding_length(method, k, d),) == want.shape
+    got = proalign.aggregate(x, c, method=method)  # proalign: the default reading
+    want = ref.default_reading(x, c) if method == "proalign" else getattr(ref, method)(x, c)
+    assert got.dtype == np.float32 and got.shape == want.shape and got.shape[-1] == embedding_length(method, k, d)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 
 def test_proalign_layout(rng):
     x, c = _data(rng, 50, 12, 4)
-    e = proalign.aggregate(x, c)
+    e = proalign.aggregate(x, c, tau=0.1, over="patches")
     assert e.shape == (4 + 4 * 12,)
     np.testing.assert_allclose(e[:4].sum(), 1.0, rtol=1e-6)  # pi is a distribution over prototypes
     h1 = e[4:16]  # h_1 is a convex combination of patches: inside their bounding box
@@ -36,30 +36,44 @@ def test_proalign_layout(rng):
 def test_several_taus_one_pass(rng):
     x, c = _data(rng, 200, 32, 8)
     taus = [0.02, 0.1, 1.0]
-    got = proalign.aggregate(x, c, tau=taus)
+    got = proalign.aggregate(x, c, tau=taus, over="patches")
     assert got.shape == (3, 8 + 8 * 32)
     for row, t in zip(got, taus):
         np.testing.assert_allclose(row, ref.proalign(x, c, t), rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("over", ["patches", "prototypes"])
-def test_over_option(rng, over):
+@pytest.mark.parametrize("opts", [dict(over="patches"), dict(over="prototypes", prior=0.0),
+                                  dict(over="prototypes", prior=2.0, moments=2), dict(over="patches", moments=2)])
+def test_reading_options(rng, opts):
     x, c = _data(rng, 120, 16, 5)
-    np.testing.assert_allclose(proalign.aggregate(x, c, tau=0.3, over=over), ref.proalign(x, c, 0.3, over=over),
+    np.testing.assert_allclose(proalign.aggregate(x, c, tau=0.3, **opts), ref.proalign(x, c, 0.3, **opts),
                                rtol=2e-5, atol=2e-6)
+
+
+def test_unset_options_take_the_default_reading(rng):
+    from proalign.defaults import DEFAULT_PROALIGN, default_prior
+
+    x, c = _data(rng, 80, 16, 5)
+    np.testing.assert_allclose(proalign.aggregate(x, c), ref.default_reading(x, c), rtol=2e-5, atol=2e-6)
+    # over given, prior not: the default prior with over=prototypes only (it is not an option of patches)
+    got = proalign.aggregate(x, c, tau=0.3, over="prototypes")
+    want = ref.proalign(x, c, 0.3, over="prototypes", prior=default_prior("prototypes"),
+                        moments=DEFAULT_PROALIGN["moments"])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert default_prior("patches") == 0.0
 
 
 def test_joint_space_keys_and_queries(rng):
     x, c = _data(rng, 90, 24, 6)
     w = rng.standard_normal((24, 10)).astype(np.float32)
     t = rng.standard_normal((6, 10)).astype(np.float32)
-    got = proalign.aggregate(x, c, tau=0.05, keys=x @ w, queries=t)
+    got = proalign.aggregate(x, c, tau=0.05, over="patches", keys=x @ w, queries=t)
     np.testing.assert_allclose(got, ref.proalign(x, c, 0.05, keys=x @ w, queries=t), rtol=2e-5, atol=2e-6)
 
 
 def test_extreme_inverse_temperature_does_not_overflow(rng):
     x, c = _data(rng, 500, 16, 4, scale=50.0)
-    got = proalign.aggregate(x, c, tau=1e-4)
+    got = proalign.aggregate(x, c, tau=1e-4, over="patches")
     assert np.isfinite(got).all()
     # The fused fp32 backends compute cos in float32: its ~1e-7 error becomes ~1e-3 in s = cos/tau
     # at 1/tau = 10,000, so the softmax weights (and h) carry relative errors up to ~1e-3 (3.5e-4
@@ -74,7 +88,7 @@ def test_input_dtypes_and_torch_io(rng, dtype):
     got = proalign.aggregate(xt, torch.from_numpy(c))
     assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
     # The reference sees exactly the values the kernel saw (after rounding to `dtype`).
-    want = ref.proalign(xt.double().numpy(), c, 0.1)
+    want = ref.default_reading(xt.double().numpy(), c)
     np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=2e-6)
 
 

@@ -24,7 +24,7 @@ def _data(rng, n, d, k):
 def test_fused_cpu_matches_float64(rng, backend, n, d, k):
     x, c = _data(rng, n, d, k)
     taus = [0.02, 0.1, 1.0]
-    got = proalign.aggregate(x, c, tau=taus, backend=backend)
+    got = proalign.aggregate(x, c, tau=taus, backend=backend, over="patches")
     for row, t in zip(got, taus):
         np.testing.assert_allclose(row, ref.proalign(x, c, t), rtol=1e-4, atol=2e-5)
 
@@ -34,8 +34,8 @@ def test_fused_cpu_matches_float64(rng, backend, n, d, k):
 def test_fused_cpu_dtypes(rng, backend, dtype):
     x, c = _data(rng, 777, 64, 16)
     xt = torch.from_numpy(x).to(dtype)
-    got = proalign.aggregate(xt, torch.from_numpy(c), backend=backend)
-    np.testing.assert_allclose(got.numpy(), ref.proalign(xt.double().numpy(), c, 0.1), rtol=1e-4, atol=2e-5)
+    got = proalign.aggregate(xt, torch.from_numpy(c), backend=backend)  # the default reading
+    np.testing.assert_allclose(got.numpy(), ref.default_reading(xt.double().numpy(), c), rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
@@ -43,7 +43,7 @@ def test_fused_cpu_dtypes(rng, backend, dtype):
 def test_fused_cpu_extreme_inverse_temperature(rng, backend, tau):
     x, c = _data(rng, 5000, 64, 16)
     x *= 100
-    got = proalign.aggregate(x, c, tau=tau, backend=backend)
+    got = proalign.aggregate(x, c, tau=tau, backend=backend, over="patches")
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, ref.proalign(x, c, tau), rtol=1e-3, atol=1e-3 * np.abs(x).max())
 
@@ -64,8 +64,9 @@ def test_dispatch_prefers_fused_and_falls_back():
 
 
 # Every ProAlign reading other than over=patches/moments=1 (covered above), on every backend.
-VARIANTS = [dict(over="prototypes"), dict(over="patches", moments=2), dict(over="prototypes", moments=2),
-            dict(over="prototypes", moments=2, prior=1.0), dict(over="prototypes", prior=0.5)]
+VARIANTS = [dict(over="prototypes", prior=0.0), dict(over="patches", moments=2),
+            dict(over="prototypes", moments=2, prior=0.0), dict(over="prototypes", moments=2, prior=1.0),
+            dict(over="prototypes", prior=0.5)]
 
 
 def _tol(opts):  # variances are differences of second moments: a little more float32 rounding
@@ -118,7 +119,8 @@ def _device():
 def test_gpu_kernels_match_float64(rng, poisoned, backend, n, d, k):
     x, c = _data(rng, n, d, k)
     taus = [0.05, 1.0]
-    got = proalign.aggregate(torch.from_numpy(x).to(_device()), torch.from_numpy(c), tau=taus, backend=backend)
+    got = proalign.aggregate(torch.from_numpy(x).to(_device()), torch.from_numpy(c), tau=taus, backend=backend,
+                             over="patches")
     for row, t in zip(got.cpu().numpy(), taus):
         np.testing.assert_allclose(row, ref.proalign(x, c, t), rtol=1e-4, atol=2e-5)
 
@@ -129,7 +131,8 @@ def test_gpu_kernels_dtypes_and_extreme_tau(rng, poisoned, backend, dtype):
     x, c = _data(rng, 999, 64, 16)
     xt = torch.from_numpy(x * 30).to(dtype)
     for tau in (0.1, 1e-4):
-        got = proalign.aggregate(xt.to(_device()), torch.from_numpy(c), tau=tau, backend=backend).cpu().numpy()
+        got = proalign.aggregate(xt.to(_device()), torch.from_numpy(c), tau=tau, backend=backend,
+                                 over="patches").cpu().numpy()
         assert np.isfinite(got).all()
         want = ref.proalign(xt.double().numpy(), c, tau)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
@@ -152,7 +155,8 @@ def test_gpu_kernels_variants_match_float64(rng, poisoned, backend, opts, dtype)
 def test_ragged_batch_one_launch(rng, poisoned, backend):
     xs = [_data(rng, n, 48, 5)[0] for n in (1, 250, 3, 700, 64)]
     c = _data(rng, 1, 48, 5)[1]
-    got = proalign.aggregate_batch([torch.from_numpy(x).to(_device()) for x in xs], c, tau=[0.1, 0.3], backend=backend)
+    got = proalign.aggregate_batch([torch.from_numpy(x).to(_device()) for x in xs], c, tau=[0.1, 0.3], backend=backend,
+                                   over="patches")
     for x, e in zip(xs, got):
         for row, t in zip(e.cpu().numpy(), [0.1, 0.3]):
             np.testing.assert_allclose(row, ref.proalign(x, c, t), rtol=1e-4, atol=2e-5)
@@ -161,5 +165,7 @@ def test_ragged_batch_one_launch(rng, poisoned, backend):
 def test_aggregate_batch_on_cpu_backends(rng):
     xs = [_data(rng, n, 16, 3)[0] for n in (5, 40)]
     c = _data(rng, 1, 16, 3)[1]
-    for x, e in zip(xs, proalign.aggregate_batch(xs, c, tau=0.2)):
+    for x, e in zip(xs, proalign.aggregate_batch(xs, c, tau=0.2, over="patches")):
         np.testing.assert_allclose(e, ref.proalign(x, c, 0.2), rtol=1e-4, atol=2e-5)
+    for x, e in zip(xs, proalign.aggregate_batch(xs, c)):  # the default reading
+        np.testing.assert_allclose(e, ref.default_reading(x, c), rtol=1e-4, atol=2e-5)

@@ -13,6 +13,7 @@ import pytest
 import float64_reference as ref
 import proalign
 from proalign.aggregate import live_backends
+from proalign.defaults import DEFAULT_PROALIGN, default_taus
 from proalign.features import read_features
 from proalign.prototypes.io import prototype_hash, save_prototypes
 from proalign.synthetic import write_cohort
@@ -31,20 +32,30 @@ def cohort(tmp_path, rng):
 def test_embed_stores_reference_values_with_provenance(tmp_path, cli, cohort):
     feats, ppath, protos = cohort
     out = tmp_path / "s.lmdb"
-    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--tau", 0.1, "--tau", 0.5,
-            "--dtype", "float32", check=0)
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--dtype", "float32", check=0)
     assert "5 embedded, 0 already stored, 0 failed" in r.stdout
+    taus = list(default_taus())
     with proalign.open_store(out) as s:
         assert len(s) == 5
         for sid in s:
             x = read_features(feats / f"{sid}.h5").features
             e = s[sid]
-            assert e.shape == (2, 4 + 4 * 32) and e.dtype == np.float32
-            np.testing.assert_allclose(e[0], ref.proalign(x, protos, 0.1), rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(e[1], ref.proalign(x, protos, 0.5), rtol=1e-5, atol=1e-6)
+            assert e.shape == (len(taus), 4 + 4 * 32) and e.dtype == np.float32
+            np.testing.assert_allclose(e, ref.default_reading(x, protos), rtol=1e-5, atol=1e-6)
             m = s.meta(sid)
             assert m["n_patches"] == len(x) and m["prototypes"]["hash"] == prototype_hash(protos)
-            assert m["taus"] == [0.1, 0.5] and m["encoder"] == "conch_v1" and m["engine_version"] == proalign.__version__
+            assert m["taus"] == taus and m["encoder"] == "conch_v1" and m["engine_version"] == proalign.__version__
+            assert {k: m["options"][k] for k in ("over", "moments", "prior")} == {
+                k: DEFAULT_PROALIGN[k] for k in ("over", "moments", "prior")}
+    # an explicit reading: two temperatures of attention over patches
+    out2 = tmp_path / "s2.lmdb"
+    cli("embed", "--features", feats, "--prototypes", ppath, "--out", out2, "--tau", 0.1, "--tau", 0.5,
+        "--over", "patches", "--dtype", "float32", check=0)
+    with proalign.open_store(out2) as s:
+        for sid in s:
+            x = read_features(feats / f"{sid}.h5").features
+            np.testing.assert_allclose(s[sid][0], ref.proalign(x, protos, 0.1), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(s[sid][1], ref.proalign(x, protos, 0.5), rtol=1e-5, atol=1e-6)
             assert m["feature_source"]["path"] == str((feats / f"{sid}.h5").resolve()) and m["backend"] in live_backends()
     report = json.loads(open(r.stdout.split("report: ")[1].strip()).read())
     assert report["ok"] and len(report["done"]) == 5 and report["timing"]["total_s"] > 0

@@ -208,7 +208,7 @@ def test_numba_ragged_batch_is_one_call_per_pass(rng, numba_calls, em_steps):
     xs = [_data(rng, n, 32, 6)[0] for n in LENGTHS]
     c = _data(rng, 1, 32, 6)[1]
     taus = [0.05, 0.5]
-    got = proalign.aggregate_batch(xs, c, tau=taus, backend="numba")
+    got = proalign.aggregate_batch(xs, c, tau=taus, backend="numba", over="patches")
     assert numba_calls["_partials"] == 1
     for x, e in zip(xs, got):
         assert e.shape == (2, 6 + 6 * 32)

@@ -3,7 +3,10 @@
 Chosen by measurement on the planted-signal suite (`python -m proalign.bench.quality`); the README
 section "Which ProAlign reading to use" gives the numbers behind it.
 """
-DEFAULT_PROALIGN = {"tau": 0.1, "over": "patches", "moments": 1, "prior": 0.0}
+# Soft assignment over prototypes at three temperatures (one embedding row each, E of shape
+# (3, K + K·d)): the coarse row keeps proportions and mixtures, the sharp rows each type's own mean;
+# half a pseudo-patch per prototype steadies the mean of a type a slide barely has.
+DEFAULT_PROALIGN = {"tau": (0.2, 0.05, 0.025), "over": "prototypes", "moments": 1, "prior": 0.5}
 
 
 def default_taus() -> tuple[float, ...]:
