@@ -64,7 +64,7 @@ fits 150 "kernel tests" && { timeout 200 $PYTEST tests/test_backends.py tests/te
 fits 40 "encoder CUDA graph tests" && { timeout 90 $PYTEST tests/test_encoders.py -k cuda_graphs || status=1; }
 
 echo "== 3. kernel benchmarks ($SECONDS s)"
-for args in "--d 512 --k 16" "--d 1024 --k 32" "--d 512 --k 16 --dtype float16" "--method panther --d 512 --k 16" \
+for args in "--d 512 --k 16" "--d 512 --k 16 --over patches --tau 0.1" "--d 1024 --k 32" "--d 512 --k 16 --dtype float16" "--method panther --d 512 --k 16" \
     "--n 1000000 --d 512 --k 16"; do
   fits 20 "aggregate $args" && { timeout 60 python -m proalign.bench.aggregate --n 100000 $args --device cuda \
     --check || status=1; }

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import proalign
+import proalign.defaults
 from proalign.features import list_slides
 from proalign.pipeline import WorkerSpec, embed_features, run_archive, select_shard, shard_of
 from proalign.pipeline.executors import ProcessExecutor, WorkerStartError
@@ -362,7 +363,8 @@ def test_shards_are_disjoint_complete_and_merge_to_a_single_run(tmp_path, cohort
     p = subprocess.run([EXE, "store", "merge", tmp_path / "m2.lmdb", shards[0], other_tau], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and "different options or prototype sets" in p.stderr
-    assert "taus: [0.1] vs [0.5]" in p.stderr
+    taus = json.dumps(list(proalign.defaults.default_taus()))
+    assert f"taus: {taus} vs [0.5]" in p.stderr
     other_protos = tmp_path / "p2.safetensors"
     save_prototypes(other_protos, np.ones((4, 64), np.float32), {})
     op = tmp_path / "protos.lmdb"

@@ -47,6 +47,7 @@ def test_embed_stores_reference_values_with_provenance(tmp_path, cli, cohort):
             assert m["taus"] == taus and m["encoder"] == "conch_v1" and m["engine_version"] == proalign.__version__
             assert {k: m["options"][k] for k in ("over", "moments", "prior")} == {
                 k: DEFAULT_PROALIGN[k] for k in ("over", "moments", "prior")}
+            assert m["feature_source"]["path"] == str((feats / f"{sid}.h5").resolve()) and m["backend"] in live_backends()
     # an explicit reading: two temperatures of attention over patches
     out2 = tmp_path / "s2.lmdb"
     cli("embed", "--features", feats, "--prototypes", ppath, "--out", out2, "--tau", 0.1, "--tau", 0.5,
@@ -56,7 +57,6 @@ def test_embed_stores_reference_values_with_provenance(tmp_path, cli, cohort):
             x = read_features(feats / f"{sid}.h5").features
             np.testing.assert_allclose(s[sid][0], ref.proalign(x, protos, 0.1), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(s[sid][1], ref.proalign(x, protos, 0.5), rtol=1e-5, atol=1e-6)
-            assert m["feature_source"]["path"] == str((feats / f"{sid}.h5").resolve()) and m["backend"] in live_backends()
     report = json.loads(open(r.stdout.split("report: ")[1].strip()).read())
     assert report["ok"] and len(report["done"]) == 5 and report["timing"]["total_s"] > 0
 

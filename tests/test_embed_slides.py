@@ -68,7 +68,7 @@ def test_joint_space_and_coords_dir(slide_path, conch_folder, tmp_path, rng):
     with torch.inference_mode():
         x = enc.encode_image(enc.preprocess(patches)).float()
         z = enc.project(x).float()
-    want = aggregate(x.numpy(), c, "proalign", tau=0.1, backend="torch", keys=z.numpy(), queries=t)
+    want = aggregate(x.numpy(), c, "proalign", backend="torch", keys=z.numpy(), queries=t)  # the default reading
     np.testing.assert_allclose(res.embedding, want, rtol=1e-4, atol=1e-4)
 
 
@@ -146,7 +146,7 @@ def test_embed_archive_cli_resumes_and_reports(tmp_path, rng):
     with open_store(tmp_path / "store") as s:
         assert sorted(s) == ["case-0", "case-1"]
         for sid in s:
-            want = embed_slide(archive / f"{sid}.svs", enc, c, aggregate_kwargs={"tau": 0.1},
+            want = embed_slide(archive / f"{sid}.svs", enc, c,  # the default reading, as the CLI's
                                options=SlideOptions(magnification=20, patch_size=128)).embedding
             np.testing.assert_allclose(s[sid], want, rtol=1e-4, atol=1e-4)
             assert s.meta(sid)["options"]["encoder"] == "conch_v1"

@@ -165,7 +165,8 @@ def _with(options):
               type=click.Choice(["proalign", "panther", "h2t", "protocount", "mean"]))
 @click.option("--tau", multiple=True, type=click.FloatRange(0, min_open=True),
               help=f"proalign: temperature(s); several give one row each. [{', '.join(map(str, default_taus()))}]")
-@click.option("--over", default=DEFAULT_PROALIGN["over"], show_default=True, type=click.Choice(["patches", "prototypes"]),
+@click.option("--over", default=DEFAULT_PROALIGN["over"], show_default=True,
+              type=click.Choice(["patches", "prototypes"]),
               help="proalign: softmax over patches (attention per prototype) or over prototypes (soft assignment).")
 @click.option("--moments", default=DEFAULT_PROALIGN["moments"], show_default=True, type=click.IntRange(1, 2),
               help="proalign: 2 also stores each prototype's weighted variance (length K + 2Kd).")

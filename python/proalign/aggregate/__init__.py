@@ -165,9 +165,10 @@ def aggregate(
     proalign returns [pi (K), h_1 (d), ..., h_K (d)] (+ [v_1, ..., v_K] with moments=2); with a
     sequence of taus, one such row per tau (T, K + moments*K*d) computed in one pass. Options for
     proalign (reference.proalign): over="patches"|"prototypes", moments=1|2, prior (pseudo-patches
-    per prototype, over=prototypes), keys/queries (space=joint: projected patches and text prototypes). panther: eps,
-    prior_strength, em_steps. Returns numpy (float32) for numpy input, else a float32 tensor on
-    x's device.
+    per prototype, over=prototypes), keys/queries (space=joint: projected patches and text
+    prototypes); tau and options not given are the default reading's (proalign.defaults).
+    panther: eps, prior_strength, em_steps. Returns numpy (float32) for numpy input, else a
+    float32 tensor on x's device.
     """
     is_numpy = not isinstance(x, torch.Tensor)
     xt, ct = _as_tensor(x), _as_tensor(prototypes)
