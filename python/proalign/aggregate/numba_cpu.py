@@ -5,9 +5,11 @@ The slides' rows lie one after another in one array; `plan` cuts them into work 
 row range each, never spanning two slides) and a prange over the items streams their rows in
 tiles of 8. ProAlign: cosine similarities to the K prototypes, an online softmax over patches
 per prototype (running max m, sum l, rescaled accumulator, flash-attention style) and the
-per-patch softmax over prototypes for pi, for every tau. PANTHER: responsibilities (softmax over
-components of the Gaussian log-likelihood) and their moments. The N x K matrix is never stored;
-per-item partials are combined per slide at the end with numpy segment reductions.
+per-patch softmax over prototypes for pi, for every tau (over=prototypes: that per-patch softmax
+is the weight, nothing to rescale; moments=2: a second accumulator of weight * (x - shift)^2).
+PANTHER: responsibilities (softmax over components of the Gaussian log-likelihood) and their
+moments. The N x K matrix is never stored; per-item partials are combined per slide at the end
+(aggregate.partials for ProAlign, numpy segment sums for PANTHER).
 """
 from __future__ import annotations
 

@@ -302,7 +302,7 @@ def _stored_options(store, key: dict, overwrite: bool, run_ids: set[str]) -> dic
         try:
             out[sid] = normalise_options(store.record(sid).meta.get("options"))
         except StoreError as err:  # a damaged record counts as missing: redo it
-            log.warning("%s: stored record is damaged (%s); embedding it again", sid, err)
+            log.warning("%s: stored record is damaged (%s); a run that includes it embeds it again", sid, err)
             out[sid] = None
             continue
         if out[sid] != key and (not overwrite or sid not in run_ids):
