@@ -180,7 +180,9 @@ def _with(options):
 @click.option("--panther-eps", default=1.0, show_default=True, type=float, help="panther: prior variance.")
 @click.option("--panther-prior", default=1.0, show_default=True, type=float, help="panther: prior strength tau.")
 @click.option("--encoder-id", default=None, help="Encoder name recorded in provenance (default: the file's attribute).")
-@click.option("--overwrite", is_flag=True, help="Redo slides already stored with the same options.")
+@click.option("--overwrite", is_flag=True,
+              help="Redo this run's slides already stored, with these options or others (else a store of other "
+                   "options is refused).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Run report JSON path.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @click.option("--shard", default=None, metavar="I/N",
