@@ -5,7 +5,8 @@ similarities to the K prototypes (tl.dot over d in BLOCK_D chunks), then for eac
 per-patch softmax over prototypes (pi) and an online softmax over patches (running max m,
 sum l, accumulator rescaled by exp(m_old - m_new)); with OVER_PROTOTYPES the weights are the
 per-patch softmax itself (no running max: m stays 0); with SECOND a second accumulator sums
-weight * (x - shift)^2 (the per-prototype variance, moments=2). The accumulator lives in the program's own
+weight * (x - shift)^2 (the per-prototype variance, moments=2). The accumulator lives in the
+program's own
 partial slot (L2-resident); the N x K matrix is never written. proalign.aggregate.partials plans
 the programs and merges their partials per slide.
 Accumulation is fp32 whatever the input dtype (fp16/bf16/fp32); dots run in IEEE fp32.

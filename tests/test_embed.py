@@ -217,3 +217,14 @@ def test_resume_after_kill(tmp_path, cli, rng):
     assert list(a) == list(b) and len(b) == 60
     for sid in a:
         np.testing.assert_array_equal(a[sid], b[sid])
+
+
+def test_undefined_reading_is_refused_before_any_slide(cli, cohort, tmp_path):
+    from proalign.pipeline import EmbedOptions
+
+    with pytest.raises(ValueError, match="prior"):
+        EmbedOptions(over="patches", prior=1.0)
+    feats, ppath, _ = cohort
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", tmp_path / "s.lmdb", "--over", "patches",
+            "--prior", 1, check=2)
+    assert "option of over=prototypes" in r.stderr and not (tmp_path / "s.lmdb").exists()

@@ -210,8 +210,8 @@ def _with(options):
 @click.option("--keep-cache", is_flag=True, help="--cache-dir: keep the copies (a rerun reuses them).")
 def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_tissue, encoder, weights, encoder_args,
           device, coords_dir, save_features, decoder, shrink_on_load, batch_size, prototypes, out, method, tau, over,
-          moments, prior, dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, report, progress, shard, workers, gpus,
-          scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus, cache_dir,
+          moments, prior, dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, report, progress, shard,
+          workers, gpus, scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus, cache_dir,
           cache_ahead, keep_cache):
     """Embed every slide's patch features (--features/--manifest), or every slide file of --archive
     (or of a slide manifest from `proalign-engine manifest`, given as --manifest) through
@@ -234,11 +234,12 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
     if method != "proalign" and (tau or over != DEFAULT_PROALIGN["over"] or moments != DEFAULT_PROALIGN["moments"]
                                  or prior is not None):
         raise click.UsageError(f"--tau/--over/--moments/--prior are proalign options, not {method}'s")
-    if prior and over != "prototypes":
-        raise click.UsageError("--prior goes with --over prototypes")
-    opts = EmbedOptions(method=method, taus=tuple(tau) or default_taus(), over=over, moments=moments,
-                        prior=prior, dtype=dtype, backend=backend,
-                        encoder_id=encoder_id, panther_eps=panther_eps, panther_prior=panther_prior)
+    try:
+        opts = EmbedOptions(method=method, taus=tuple(tau) or default_taus(), over=over, moments=moments,
+                            prior=prior, dtype=dtype, backend=backend,
+                            encoder_id=encoder_id, panther_eps=panther_eps, panther_prior=panther_prior)
+    except ValueError as e:  # e.g. --prior without --over prototypes
+        raise click.UsageError(str(e)) from e
     scheduling = dict(report_path=report, progress=progress, shard=shard, workers=workers, scheduler=scheduler,
                       gpus=_parse_gpus(gpus, scheduler, device),
                       retries=retries, threads=threads_per_worker, slide_timeout=slide_timeout,

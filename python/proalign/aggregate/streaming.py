@@ -71,11 +71,11 @@ class StreamingAggregator:
         q = c if self.queries is None else self.queries.to(x.device)
         cos = F.normalize(k_in, dim=1) @ F.normalize(q, dim=1).T
         out = {}
+        x2 = x * x if self.moments == 2 else None
         for t, tau in enumerate(self.taus):
             s = cos / tau
             per_patch = torch.softmax(s, dim=1)
             out[f"pi_{t}"] = per_patch.sum(0)
-            x2 = x * x if self.moments == 2 else None
             if self.over == "patches":
                 m = s.max(0).values
                 e = torch.exp(s - m)

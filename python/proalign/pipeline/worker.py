@@ -45,6 +45,10 @@ class EmbedOptions:
     def __post_init__(self):
         if self.prior is None:
             object.__setattr__(self, "prior", default_prior(self.over))
+        if self.method == "proalign":  # a clear error now, not one per slide
+            from ..aggregate.reference import check_options
+
+            check_options(self.over, self.moments, self.prior)
 
     def key(self, prototypes_hash: str) -> dict:
         """What a stored record must match to count as done (the backend does not change it)."""
