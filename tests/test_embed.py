@@ -228,3 +228,11 @@ def test_undefined_reading_is_refused_before_any_slide(cli, cohort, tmp_path):
     r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", tmp_path / "s.lmdb", "--over", "patches",
             "--prior", 1, check=2)
     assert "option of over=prototypes" in r.stderr and not (tmp_path / "s.lmdb").exists()
+
+
+def test_demo_runs(tmp_path, capsys):
+    """`make demo`'s features path, small: it prints the first slide's embedding of the default reading."""
+    from proalign.demo import main
+
+    assert main(["--out", str(tmp_path / "demo"), "--slides", "4", "--slide-files", "0"]) == 0
+    assert "4 slides stored" in capsys.readouterr().out

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     print(rep.summary())
     with open_store(store_path) as s:
         first = next(iter(s))
-        e = s[first].astype(np.float32)
+        e = np.atleast_2d(s[first].astype(np.float32))  # one row per tau
         print(f"{len(s)} slides stored; {first}: embedding {e.shape} ({s.meta(first)['n_patches']} patches), "
-              "pi = " + " ".join(f"{v:.3f}" for v in e[:16]))
+              f"pi (tau {s.meta(first)['taus'][0]}) = " + " ".join(f"{v:.3f}" for v in e[0, :16]))
     print(f"run report: {rep.report_path}")
     print(f"next: proalign-engine store ls {store_path}")
     ok = rep.ok
