@@ -183,6 +183,9 @@ def _with(options):
 @click.option("--overwrite", is_flag=True,
               help="Redo this run's slides already stored, with these options or others (else a store of other "
                    "options is refused).")
+@click.option("--on-change", default="redo", show_default=True, type=click.Choice(["redo", "keep", "fail"]),
+              help="A stored slide whose source file changed since (size or content fingerprint): embed it again, "
+                   "keep its record, or stop before writing anything (exit 2). Listed in the run report either way.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Run report JSON path.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @click.option("--shard", default=None, metavar="I/N",
@@ -210,7 +213,8 @@ def _with(options):
 @click.option("--keep-cache", is_flag=True, help="--cache-dir: keep the copies (a rerun reuses them).")
 def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_tissue, encoder, weights, encoder_args,
           device, coords_dir, save_features, decoder, shrink_on_load, batch_size, prototypes, out, method, tau, over,
-          moments, prior, dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, report, progress, shard,
+          moments, prior, dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, on_change, report, progress,
+          shard,
           workers, gpus, scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus, cache_dir,
           cache_ahead, keep_cache):
     """Embed every slide's patch features (--features/--manifest), or every slide file of --archive
@@ -241,6 +245,7 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
     except ValueError as e:  # e.g. --prior without --over prototypes
         raise click.UsageError(str(e)) from e
     scheduling = dict(report_path=report, progress=progress, shard=shard, workers=workers, scheduler=scheduler,
+                      on_change=on_change,
                       gpus=_parse_gpus(gpus, scheduler, device),
                       retries=retries, threads=threads_per_worker, slide_timeout=slide_timeout,
                       ray_address=ray_address, ray_cpus=ray_cpus, ray_gpus=ray_gpus, handle_signals=True)
@@ -278,6 +283,8 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
         raise click.UsageError(str(e)) from e
     click.echo(f"store: {Path(out).resolve()}")
     click.echo(rep.summary())
+    for sid, what in rep.changed_sources.items():
+        click.echo(f"SOURCE CHANGED {sid}: {what}" + (" (record kept)" if rep.on_change == "keep" else ""), err=True)
     for sid, why in rep.failed.items():
         click.echo(f"FAILED {sid}: {why}", err=True)
     click.echo(f"report: {rep.report_path}")
@@ -677,22 +684,54 @@ def store_merge(out, shards):
 
 @store.command("verify")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-def store_verify(path):
-    """Check every record; exit 1 when any is damaged."""
+@click.option("--sources", is_flag=True,
+              help="Also compare each record's source file (size, content fingerprint) with the file now: lists "
+                   "the records whose source changed or vanished.")
+def store_verify(path, sources):
+    """Check every record; exit 1 when any is damaged (or, with --sources, when a source file
+    changed or vanished)."""
     from .store import open_store
     from .store.export import verify_store
 
     with open_store(path) as s:
         n = len(s)
         problems = verify_store(s)
-    for sid, why in problems.items():
-        click.echo(f"BAD {sid}: {why}", err=True)
-    data = str(Path(path) / "data.mdb")
-    if data in problems:  # the file itself is damaged: records were not all checkable
-        click.echo(f"the store file is damaged ({n} records listed); records were not checked one by one")
-    else:
+        for sid, why in problems.items():
+            click.echo(f"BAD {sid}: {why}", err=True)
+        data = str(Path(path) / "data.mdb")
+        if data in problems:  # the file itself is damaged: records were not all checkable
+            click.echo(f"the store file is damaged ({n} records listed); records were not checked one by one; "
+                       f"`proalign-engine store salvage {path} --out NEW` copies the intact ones")
+            sys.exit(1)
         click.echo(f"{n - len(problems)} of {n} records OK")
-    sys.exit(1 if problems else 0)
+        changed = _verify_sources(s, set(problems)) if sources else 0
+    sys.exit(1 if problems or changed else 0)
+
+
+def _verify_sources(store, damaged: set[str]) -> int:
+    """Print the records whose source file changed or vanished; returns how many."""
+    from .pipeline.source_check import check_source
+
+    counts = {"changed": 0, "missing": 0, "unrecorded": 0, "legacy": 0}
+    for sid in store:
+        if sid in damaged:
+            continue
+        c = check_source(store.record(sid).meta)
+        if c.status in counts:
+            counts[c.status] += 1
+        counts["legacy"] += c.legacy
+        if c.changed:
+            label = "CHANGED" if c.status == "changed" else "MISSING"
+            click.echo(f"{label} {sid}: {c.path}: {c.detail}", err=True)
+    bad = counts["changed"] + counts["missing"]
+    line = f"sources: {counts['changed']} changed, {counts['missing']} missing"
+    if counts["legacy"]:
+        line += (f"; {counts['legacy']} record(s) without a content fingerprint (an older version wrote them) were "
+                 "compared by size and mtime only")
+    if counts["unrecorded"]:
+        line += f"; {counts['unrecorded']} record(s) name no source file (not checked)"
+    click.echo(line)
+    return bad
 
 
 @main.command()

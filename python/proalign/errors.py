@@ -32,6 +32,11 @@ class StoreOptionsError(StoreError):
     store: one store holds one option set, so a comparison never mixes variants unknowingly."""
 
 
+class SourceChangedError(StoreError):
+    """Stored records whose source files changed since they were embedded, in a run told to stop
+    on that (`--on-change fail`); nothing was written."""
+
+
 class StoreWriteError(StoreError):
     """One record could not be written (disk full, file size limit); earlier records are intact."""
 

@@ -39,9 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import ProAlignError, StoreError, StoreOptionsError, StoreWriteError
+from ..errors import ProAlignError, SourceChangedError, StoreError, StoreOptionsError, StoreWriteError
 from ..features.io import SlideEntry, check_slide_id
 from .executors import InlineExecutor, ProcessExecutor, SlideDropped
+from .source_check import ON_CHANGE, check_source
 from .worker import EmbedOptions, WorkerSpec, describe
 
 log = logging.getLogger("proalign.embed")
@@ -129,6 +130,9 @@ class RunReport:
     stored_after_stop: list[str] = field(default_factory=list)  # stored after the first signal
     cache: dict = field(default_factory=dict)  # the local slide cache (cache_dir): counts, fallbacks
     duplicates: dict[str, list[str]] = field(default_factory=dict)  # slide id -> other files, not embedded
+    on_change: str = "redo"  # what was done with stored slides whose source file changed
+    changed_sources: dict[str, str] = field(default_factory=dict)  # id -> "path: what changed"
+    unfingerprinted: list[str] = field(default_factory=list)  # stored by an older version: size/mtime compared
     report_path: str | None = None
 
     @property
@@ -145,6 +149,9 @@ class RunReport:
         t = self.timing.get("total_s", 0.0)
         s = (f"{len(self.done)} embedded, {len(self.skipped)} already stored, {len(self.failed)} failed "
              f"in {t:.1f} s ({self.patches} patches)")
+        if self.changed_sources:
+            s += (f"; {len(self.changed_sources)} source file(s) changed since stored: "
+                  + ("embedded again" if self.on_change == "redo" else "records kept (--on-change keep)"))
         if self.retried:
             s += f"; {len(self.retried)} stored on a retry"
         if self.duplicates:
@@ -290,23 +297,25 @@ def _entry_size(entry) -> int:
     return int(size) if size is not None else _size(Path(entry.path))
 
 
-def _stored_options(store, key: dict, overwrite: bool, run_ids: set[str]) -> dict[str, dict | None]:
-    """Each stored slide's options (legacy ones completed; None for a damaged record, which is
-    redone). A store holds one option set: records of other options are refused (StoreOptionsError)
-    unless `overwrite` redoes them; other-option records outside this run are reported."""
+def _stored_metas(store, key: dict, overwrite: bool, run_ids: set[str]) -> dict[str, dict | None]:
+    """Each stored slide's provenance, its `options` completed for legacy records (None for a
+    damaged record, which is redone). A store holds one option set: records of other options are
+    refused (StoreOptionsError) unless `overwrite` redoes them; other-option records outside this
+    run are reported."""
     from ..store import normalise_options
 
     out: dict[str, dict | None] = {}
     other: dict[str, list] = {}
     for sid in store:
         try:
-            out[sid] = normalise_options(store.record(sid).meta.get("options"))
+            meta = store.record(sid).meta
         except StoreError as err:  # a damaged record counts as missing: redo it
             log.warning("%s: stored record is damaged (%s); a run that includes it embeds it again", sid, err)
             out[sid] = None
             continue
-        if out[sid] != key and (not overwrite or sid not in run_ids):
-            other.setdefault(json.dumps(out[sid], sort_keys=True), []).append(sid)
+        out[sid] = meta = {**meta, "options": normalise_options(meta.get("options"))}
+        if meta["options"] != key and (not overwrite or sid not in run_ids):
+            other.setdefault(json.dumps(meta["options"], sort_keys=True), []).append(sid)
     if other:
         opts, ids = next(iter(other.items()))
         what = (f"{sum(map(len, other.values()))} records of {store.path} were made with other options, e.g. "
@@ -316,6 +325,25 @@ def _stored_options(store, key: dict, overwrite: bool, run_ids: set[str]) -> dic
                                     "store's options, or --overwrite to redo this run's slides")
         log.warning("%s; those not in this run stay as they are", what)
     return out
+
+
+def _note_changed_sources(report: RunReport, store_path) -> None:
+    """Log (or, with on_change="fail", refuse) the stored slides whose source file changed."""
+    if report.unfingerprinted:
+        log.warning("%d stored record(s) carry no content fingerprint (an older version wrote them): their "
+                    "sources were compared by size and mtime only", len(report.unfingerprinted))
+    changed = report.changed_sources
+    if not changed:
+        return
+    lines = [f"{sid} ({what})" for sid, what in list(changed.items())[:20]]
+    more = f" (and {len(changed) - 20} more)" if len(changed) > 20 else ""
+    if report.on_change == "fail":
+        raise SourceChangedError(
+            f"{len(changed)} slide(s) stored in {store_path} were made from files that have changed since: "
+            + "; ".join(lines) + more + ". Nothing was written. Rerun with --on-change redo to embed them again, "
+            "or --on-change keep to keep their records")
+    what = "embedding again" if report.on_change == "redo" else "keeping the stored records (--on-change keep)"
+    log.warning("source file changed since stored, %s: %s%s", what, "; ".join(lines), more)
 
 
 def _make_executor(kind: str, spec, workers: int, ray_options: dict, slide_timeout: float | None,
@@ -376,6 +404,7 @@ def run_archive(
     keep_cache: bool = False,
     cache_min_free: int = 256 << 20,
     duplicates: dict[str, list[str]] | None = None,
+    on_change: str = "redo",
 ) -> RunReport:
     """Run any per-slide worker (`spec`: see worker.py for the contract) over `entries` (this
     shard's share of them) into the store; see the module docstring. Returns the run report, also
@@ -391,12 +420,18 @@ def run_archive(
     to the original path (report: `cache.fallback`). See slide_cache.py.
     duplicates: slide id -> files left out because another file has that id (slide_worker's
     listing, a slide manifest); recorded in the report (this shard's ids) and logged, and they do
-    not change the exit code."""
+    not change the exit code.
+    on_change: a stored slide counts as done only while its source file is unchanged (size and
+    content fingerprint, see source_check.py); a changed one is embedded again ("redo"), kept as
+    stored ("keep"), or stops the run before anything is written ("fail": SourceChangedError).
+    Either way the report lists it (`changed_sources`)."""
     from ..store import open_store
 
     t_start = time.perf_counter()
     if scheduler not in ("local", "ray"):
         raise ValueError(f"unknown scheduler {scheduler!r}; choose local or ray")
+    if on_change not in ON_CHANGE:
+        raise ValueError(f"unknown on_change {on_change!r}; choose {', '.join(ON_CHANGE)}")
     if cache_dir is not None and scheduler == "ray":
         raise ValueError("a local slide cache (--cache-dir) is for the local scheduler: Ray actors may run on "
                          "other nodes")
@@ -418,7 +453,7 @@ def run_archive(
     kind = "ray" if scheduler == "ray" else ("processes" if workers > 1 or gpus else "inline")
     about = spec.describe()
     report = RunReport(str(store_path), str(about.get("prototypes")), about.get("options", {}),
-                       shard=shard_text, scheduler=kind, workers=workers)
+                       shard=shard_text, scheduler=kind, workers=workers, on_change=on_change)
     if report_path is None:
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
         report_path = Path(store_path) / "reports" / f"run-{stamp}.json"
@@ -432,7 +467,7 @@ def run_archive(
     with open_store(store_path, write=True) as store, _Signals(handle_signals) as sig:
         # which slides are still to do
         t0 = time.perf_counter()
-        stored = _stored_options(store, key, overwrite, {e.slide_id for e in entries})
+        stored = _stored_metas(store, key, overwrite, {e.slide_id for e in entries})
         queue: deque[_Task] = deque()
         for e in entries:
             try:
@@ -441,10 +476,20 @@ def run_archive(
                 report.failed[e.slide_id] = str(err)
                 report.quarantine[e.slide_id] = {"path": str(e.path), "tries": 0, "reasons": [str(err)]}
                 continue
-            if not overwrite and stored.get(e.slide_id) == key:
-                report.skipped.append(e.slide_id)
-                continue
+            meta = stored.get(e.slide_id)
+            if not overwrite and meta is not None and meta["options"] == key:
+                # stored with these options: done while its source file is the one it was made from
+                check = check_source(meta, e.path)
+                if check.legacy:
+                    report.unfingerprinted.append(e.slide_id)
+                if not check.changed or on_change == "keep":
+                    report.skipped.append(e.slide_id)
+                if check.changed:
+                    report.changed_sources[e.slide_id] = f"{check.path}: {check.detail}"
+                if not check.changed or on_change != "redo":
+                    continue
             queue.append(_Task(e, _entry_size(e)))
+        _note_changed_sources(report, store_path)
         # largest first: with a pull-based queue the big slides do not end up last on one worker
         queue = deque(sorted(queue, key=lambda t: -t.size))
         report.timing["scan_s"] = time.perf_counter() - t0

@@ -81,6 +81,7 @@ class SlideFileWorker:
         self.host = socket.gethostname()
 
     def __call__(self, entry):
+        from ..fingerprint import bytes_fingerprint
         from ..slides.manifest import mpp_for
         from .worker import SlideRecord
 
@@ -90,9 +91,16 @@ class SlideFileWorker:
         mpp = getattr(entry, "mpp", None)  # recorded in a manifest
         if mpp is None:
             mpp = mpp_for(self.slides.mpp, source)
+        # the source's identity before reading: a slide rescanned meanwhile is seen as changed next time
+        try:
+            st, fingerprint = source.stat(), bytes_fingerprint(path)  # a cached copy holds the same bytes
+        except OSError:
+            st = fingerprint = None  # embed_slide names the problem
         res = embed_slide(path, self.encoder, self.c, method=opts.method, aggregate_kwargs=opts.aggregate_kwargs(),
                           options=self.slides.options, slide_id=entry.slide_id, mpp=mpp,
                           device=self.device, text_prototypes=self.slides.text_prototypes)
+        if st is None:
+            st, fingerprint = source.stat(), bytes_fingerprint(path)
         emb = np.ascontiguousarray(res.embedding.astype(opts.dtype))
         t = res.timing
         meta = {
@@ -100,7 +108,8 @@ class SlideFileWorker:
             "taus": list(opts.taus) if opts.method == "proalign" else None,
             "prototypes": {"hash": self.phash, "path": str(Path(self.spec.prototypes_path).resolve()),
                            "k": int(self.c.shape[0])},
-            "slide": {"path": str(source.resolve()), "bytes": path.stat().st_size, "level": res.grid.level,
+            "slide": {"path": str(source.resolve()), "bytes": st.st_size, "mtime": int(st.st_mtime),
+                      "fingerprint": fingerprint, "level": res.grid.level,
                       "patch_size_level0": res.grid.patch_size_level0, "mpp": res.grid.level0_mpp,
                       **({"read_from": "cache"} if source != path else {})},
             "encoder": self.encoder.info() if hasattr(self.encoder, "info") else self.slides.encoder,
@@ -113,7 +122,7 @@ class SlideFileWorker:
         if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # --gpus: this worker's GPU
             meta["worker"]["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
         return SlideRecord(entry.slide_id, emb, res.n_patches, meta, read_s=t["grid_s"] + t["patches_s"],
-                           aggregate_s=t["encode_s"] + t["aggregate_s"], nbytes=path.stat().st_size)
+                           aggregate_s=t["encode_s"] + t["aggregate_s"], nbytes=st.st_size)
 
 
 def embed_archive(archive: str | Path | Sequence, encoder: str, weights: str | Path, prototypes: str | Path,

@@ -153,11 +153,15 @@ class SlideWorker:
     def __call__(self, entry) -> SlideRecord:
         from ..aggregate import aggregate
         from ..features.io import check_slide_id, read_features
+        from ..fingerprint import bytes_fingerprint, features_fingerprint
 
         opts = self.spec.options
         check_slide_id(entry.slide_id, str(entry.path))
         t0 = time.perf_counter()
         try:
+            # .pt: hashed before reading, so a file replaced meanwhile is seen as changed next time
+            p = Path(entry.path)
+            fingerprint = bytes_fingerprint(p) if p.suffix != ".h5" and p.is_file() else None
             ff = read_features(entry.path, entry.slide_id, coords=False)
         except ProAlignError:
             raise
@@ -170,9 +174,12 @@ class SlideWorker:
         emb = aggregate(ff.features, self.c, method=opts.method, backend=opts.backend, **opts.aggregate_kwargs())
         emb = np.ascontiguousarray(emb.astype(opts.dtype))
         t2 = time.perf_counter()
-        source = ff.source
+        # .h5: the rows just embedded are hashed (what a resume compares with the file)
+        source = {**ff.source, "fingerprint": fingerprint or features_fingerprint(ff.features)}
         if getattr(entry, "source", None) is not None:  # read from a local cached copy: name the original
-            source = {**source, "path": str(Path(entry.source).resolve()), "read_from": "cache"}
+            st = Path(entry.source).stat()
+            source.update(path=str(Path(entry.source).resolve()), bytes=st.st_size, mtime=int(st.st_mtime),
+                          read_from="cache")
         meta = {
             "method": opts.method,
             "options": self.key,
