@@ -37,6 +37,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "protos τ0.2+0.05+0.025": ("proalign", {"over": "prototypes", "tau": [0.2, 0.05, 0.025], "prior": 0.0}),
     "protos τ0.2+0.05+0.025 prior0.5": ("proalign", {"over": "prototypes", "tau": [0.2, 0.05, 0.025], "prior": 0.5}),
     "protos τ0.2+0.05+0.025 prior1": ("proalign", {"over": "prototypes", "tau": [0.2, 0.05, 0.025], "prior": 1.0}),
+    "protos τ0.2+0.05+0.025 prior0.5 m2": ("proalign", {"over": "prototypes", "tau": [0.2, 0.05, 0.025], "prior": 0.5, "moments": 2}),
+    "protos τ0.2+0.05+0.025 prior0.25": ("proalign", {"over": "prototypes", "tau": [0.2, 0.05, 0.025], "prior": 0.25}),
     "panther": ("panther", {}),
     "h2t": ("h2t", {}),
     "protocount": ("protocount", {}),
@@ -114,8 +116,11 @@ def shortfalls(summary: dict, variant: str) -> list[str]:
         if signal == "null":
             continue
         for regime, ms in gs.items():
-            best = max((ms[b][0], b) for b in BASELINES if b in ms)
-            if variant in ms and ms[variant][0] < best[0] - MARGIN:
+            scored = [(ms[b][0], b) for b in BASELINES if b in ms]
+            if not scored or variant not in ms:
+                continue  # nothing to compare in this cell
+            best = max(scored)
+            if ms[variant][0] < best[0] - MARGIN:
                 bad.append(f"{signal}/{regime}: {ms[variant][0]:.3f} < {best[1]} {best[0]:.3f}")
     return bad
 
