@@ -682,6 +682,31 @@ def store_merge(out, shards):
     click.echo(f"report: {rep.report_path}")
 
 
+@store.command("salvage")
+@click.argument("damaged", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The new store (must not exist yet).")
+def store_salvage(damaged, out):
+    """Copy every record of DAMAGED that reads and passes its checksum, byte for byte, into the new
+    store OUT, and list the slide ids that could not be saved; embedding into OUT afterwards redoes
+    exactly those. DAMAGED is only read (no lock file is written into it). When LMDB cannot read
+    the file (a damaged meta page, B-tree or truncation) its pages are scanned instead. Exit code 0
+    when every record was saved, 1 when some could not be, 2 when refused."""
+    from .store.salvage import salvage_store
+
+    rep = salvage_store(damaged, out)
+    for sid, why in rep.not_saved.items():
+        click.echo(f"NOT SAVED {sid}: {why}", err=True)
+    if rep.outside_tree:
+        click.echo(f"{len(rep.outside_tree)} record(s) were saved from pages outside the store's tree (see the "
+                   "report's outside_tree: an older version cannot be ruled out for a record rewritten since)",
+                   err=True)
+    click.echo(rep.summary())
+    if not rep.complete:
+        click.echo(f"embed into {out} with the store's options to redo the slides not saved")
+    click.echo(f"report: {rep.report_path}")
+    sys.exit(0 if rep.complete else 1)
+
+
 @store.command("verify")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--sources", is_flag=True,

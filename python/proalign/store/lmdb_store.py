@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import zlib
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -308,6 +308,24 @@ class EmbeddingStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def hold_reader_lock(path: Path, stack: ExitStack) -> str | None:
+    """Share the writer lock of the store at `path` until `stack` closes, so no run starts writing
+    it meanwhile; returns the writer's pid (text) instead when a run is writing it now. The lock
+    file is opened read-only: nothing in the store's folder is written."""
+    lock = Path(path) / LOCK_NAME
+    if not lock.exists():
+        return None
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return holder
+    stack.callback(os.close, fd)
+    return None
 
 
 def open_store(path: str | os.PathLike, write: bool = False) -> EmbeddingStore:

@@ -12,7 +12,6 @@ merge that is killed can be rerun: what it already copied counts as an identical
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -25,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import StoreError
-from .lmdb_store import LOCK_NAME, decode_record, normalise_options, open_store
+from .lmdb_store import decode_record, hold_reader_lock, normalise_options, open_store
 
 BATCH_BYTES = 256 << 20
 BATCH_RECORDS = 4096
@@ -125,22 +124,6 @@ def _scan(name: str, store, idx: int, sources: list, seen: dict, options: dict, 
     return count
 
 
-def _hold_reader_lock(path: Path, stack: ExitStack) -> None:
-    """Refuse a shard that a run is still writing, and keep runs from starting on it meanwhile."""
-    lock = path / LOCK_NAME
-    if not lock.exists():
-        return
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreMergeError(f"shard {path} is still being written (pid {holder}); merge it when that run "
-                              f"has finished") from None
-    stack.callback(os.close, fd)
-
-
 def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike],
                  report_path: str | os.PathLike | None = None) -> MergeReport:
     """Join `shards` into the store at `out` (created if missing); see the module docstring."""
@@ -165,7 +148,10 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike],
         dest = stack.enter_context(open_store(out, write=True)) if (out / "data.mdb").exists() else None
         sources: list[tuple[str, object]] = [(str(out), dest)] if dest is not None and len(dest) else []
         for p in paths:
-            _hold_reader_lock(p, stack)
+            holder = hold_reader_lock(p, stack)
+            if holder:
+                raise StoreMergeError(f"shard {p} is still being written (pid {holder}); merge it when that run "
+                                      f"has finished")
         sources += [(str(p), stack.enter_context(open_store(p))) for p in paths]
         seen: dict[str, _Seen] = {}
         options: dict = {}
