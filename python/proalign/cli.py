@@ -214,9 +214,8 @@ def _with(options):
 def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_tissue, encoder, weights, encoder_args,
           device, coords_dir, save_features, decoder, shrink_on_load, batch_size, prototypes, out, method, tau, over,
           moments, prior, dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, on_change, report, progress,
-          shard,
-          workers, gpus, scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus, cache_dir,
-          cache_ahead, keep_cache):
+          shard, workers, gpus, scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus,
+          cache_dir, cache_ahead, keep_cache):
     """Embed every slide's patch features (--features/--manifest), or every slide file of --archive
     (or of a slide manifest from `proalign-engine manifest`, given as --manifest) through
     --encoder/--weights, into the store at --out (resumable, idempotent).
@@ -245,8 +244,7 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
     except ValueError as e:  # e.g. --prior without --over prototypes
         raise click.UsageError(str(e)) from e
     scheduling = dict(report_path=report, progress=progress, shard=shard, workers=workers, scheduler=scheduler,
-                      on_change=on_change,
-                      gpus=_parse_gpus(gpus, scheduler, device),
+                      on_change=on_change, gpus=_parse_gpus(gpus, scheduler, device),
                       retries=retries, threads=threads_per_worker, slide_timeout=slide_timeout,
                       ray_address=ray_address, ray_cpus=ray_cpus, ray_gpus=ray_gpus, handle_signals=True)
     if cache_dir:

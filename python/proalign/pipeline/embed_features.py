@@ -2,8 +2,8 @@
 
 One slide at a time per worker (peak memory follows the largest slide), each stored atomically
 by the single writer, so a run killed at any point resumes where it stopped: a slide whose record
-exists with the same options is skipped. A bad slide is retried once, then quarantined and
-reported; the run goes on. The per-slide worker is `worker.SlideWorker`; the queue, shards,
+exists with the same options, made from the same file (size, content fingerprint), is skipped. A
+bad slide is retried once, then quarantined and reported; the run goes on. The per-slide worker is `worker.SlideWorker`; the queue, shards,
 workers, Ray, signals and the run report are in `scheduler.py`.
 """
 from __future__ import annotations
@@ -34,6 +34,6 @@ def embed_features(
     `scheduling` (see `scheduler.run_embedding`): workers=1 (in-process; >1: local processes),
     scheduler="local"|"ray", shard="i/n", retries=1, threads, slide_timeout, ray_address,
     ray_cpus, ray_gpus, ray_init, handle_signals=False (True: SIGINT/SIGTERM stop cleanly, as the
-    CLI does)."""
+    CLI does), on_change="redo"|"keep"|"fail" (a stored slide whose source file changed)."""
     scheduling.setdefault("handle_signals", False)
     return run_embedding(entries, prototypes, store_path, options, overwrite, report_path, progress, **scheduling)

@@ -8,7 +8,8 @@
   so the n shards are disjoint and together complete whatever order the manifest lists.
 - Faults: a slide whose worker raised or died is put back at the end of the queue once (`retries`),
   then quarantined: the run report lists its path, tries and every reason. Rerunning retries the
-  quarantined slides and skips every stored one. A slide handed to a worker that died before
+  quarantined slides and skips every stored one whose source file is unchanged (source_check.py;
+  `on_change` says what to do with the others). A slide handed to a worker that died before
   starting it goes back to the head of the queue without losing a try (report: `requeued`). A
   record naming another slide than the one handed out is a failed try, never stored.
 - Store failures: after MAX_STORE_FAILURES slides in a row could not be stored (a full disk), the
