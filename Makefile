@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean parity parity-install
 
 $(VENV)/.installed: setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,4 +23,41 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build demo *.egg-info
+	rm -rf $(VENV) $(PARITY_VENV) build demo *.egg-info
+
+# Official parity (CI runs it after `make test`; README "Official parity"): a second environment
+# with PyPI's torch, torchvision, timm, open_clip_torch and transformers (requirements-parity.txt)
+# in which tests/test_official_parity.py checks every encoder against the official code at real
+# sizes. Its pip sees PyPI only: this machine's pip configuration (the local wheel folder with the
+# CPU torch, the torch version cap, local mirrors) is left out, because PyPI's torchvision imports
+# only beside PyPI's own torch. The conch package is on no registry: it comes from
+# PROALIGN_CONCH_SRC (a CONCH checkout or wheel) when given, else from its git URL when that is
+# reachable; without it, the conch-package test skips and CONCH is checked against timm and
+# open_clip parts wired as CONCH.
+PARITY_VENV ?= .venv-parity
+PARITY_PY := $(PARITY_VENV)/bin/python
+PARITY_PIP := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_NO_INDEX \
+	PIP_CONFIG_FILE=/dev/null $(PARITY_PY) -m pip -q
+CONCH_GIT := git+https://github.com/mahmoodlab/CONCH@141cc09c7d4ff33d8eda562bd75169b457f71a62
+PARITY_REPORT := build/parity-report.jsonl
+
+$(PARITY_VENV)/.installed: requirements-parity.txt setup.py pyproject.toml
+	rm -rf $(PARITY_VENV)
+	$(PYTHON) -m venv $(PARITY_VENV)
+	$(PARITY_PIP) install --upgrade pip
+	PROALIGN_NO_NATIVE=1 $(PARITY_PIP) install -r requirements-parity.txt -e .
+	@if timeout 120 $(PARITY_PIP) install --no-deps "$(CONCH_GIT)" >$(PARITY_VENV)/conch-install.log 2>&1; \
+	then touch $(PARITY_VENV)/.conch; \
+	else echo "parity: no conch package (its git URL failed: $(PARITY_VENV)/conch-install.log; PROALIGN_CONCH_SRC adds it)"; fi
+	touch $@
+
+parity-install: $(PARITY_VENV)/.installed
+
+parity: $(PARITY_VENV)/.installed
+	@if [ -n "$(PROALIGN_CONCH_SRC)" ]; then \
+	  $(PARITY_PIP) install --no-deps "$(PROALIGN_CONCH_SRC)" && touch $(PARITY_VENV)/.conch; fi
+	mkdir -p build && rm -f $(PARITY_REPORT)
+	PROALIGN_REQUIRE_OFFICIAL="torchvision,timm,open_clip,transformers$$([ -f $(PARITY_VENV)/.conch ] && echo ,conch)" \
+	PROALIGN_PARITY_REPORT=$(PARITY_REPORT) \
+	$(PARITY_PY) -m pytest -q -p no:cacheprovider tests/test_official_parity.py tests/test_encoders.py
+	$(PARITY_PY) tests/test_official_parity.py $(PARITY_REPORT)

@@ -1,3 +1,4 @@
+import importlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,24 @@ if not torch.cuda.is_available():
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def optional_import(name: str, why: str = ""):
+    """Import an optional package for a test, or skip the test saying why it does not import.
+
+    Any exception counts, not only ImportError: beside the local CPU torch wheel, torchvision (which
+    timm, open_clip and conch import) raises RuntimeError ('operator torchvision::nms does not
+    exist'). Packages named in $PROALIGN_REQUIRE_OFFICIAL (comma-separated; `make parity` sets it
+    for the official packages it installs) fail the test instead: there they must import."""
+    try:
+        return importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [""])[0]
+        msg = f"{name} does not import here ({type(e).__name__}: {first})" + (f"; {why}" if why else "")
+        required = {n.strip() for n in os.environ.get("PROALIGN_REQUIRE_OFFICIAL", "").split(",") if n.strip()}
+        if name in required or name.split(".")[0] in required:
+            pytest.fail(f"{msg}; PROALIGN_REQUIRE_OFFICIAL says it must", pytrace=False)
+        pytest.skip(msg)
 
 
 @pytest.fixture

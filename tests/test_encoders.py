@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import optional_import
 from proalign.encoders import EncoderError, create_encoder, list_encoders
 from proalign.encoders.base import build_on_meta
 from proalign.encoders.conch import CAPTION_PREFIXES, ConchConfig, ConchV1
@@ -486,13 +487,47 @@ def test_conch_text_without_tokenizer_says_where_to_get_it(conch_folder, tmp_pat
 
 
 def test_conch_official_package_absent_is_reported(conch_folder):
-    from proalign.encoders.conch import _conch_spec
+    from proalign.encoders.conch import _official_conch
 
-    if _conch_spec() is not None:
-        pytest.skip("the conch package is installed here")
+    if _official_conch()[0]:
+        pytest.skip("the conch package imports here")
     folder, _, over = conch_folder
-    with pytest.raises(EncoderError, match="pip install"):
+    with pytest.raises(EncoderError, match="pip install") as e:
         create_encoder("conch_v1", folder, impl="conch")
+    assert _official_conch()[1] in str(e.value)  # says why: not installed, or the import's own error
+
+
+def test_conch_auto_falls_back_when_the_package_does_not_import(conch_folder, tmp_path, monkeypatch):
+    """A conch package that is installed but raises on import (as it does beside the local CPU torch
+    wheel: torchvision raises RuntimeError) makes impl='auto' use the native model, saying so once
+    per process; impl='conch' refuses with the import's error."""
+    import sys
+    import warnings
+
+    from proalign.encoders import conch as conch_mod
+
+    folder, _, over = conch_folder
+    broken = tmp_path / "site" / "conch" / "open_clip_custom"
+    broken.mkdir(parents=True)  # the real package has no conch/__init__.py either
+    (broken / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    for name in [m for m in sys.modules if m == "conch" or m.startswith("conch.")]:
+        monkeypatch.delitem(sys.modules, name)  # the real package, where installed, is hidden for this test
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(conch_mod, "_OFFICIAL_STATE", None)
+    monkeypatch.setattr(conch_mod, "_FALLBACK_WARNED", False)
+    # impl='auto' with no config override: the full-size config, here made the tiny one
+    monkeypatch.setattr(conch_mod.ConchConfig, "from_overrides", classmethod(lambda cls, o: cls(**over)))
+    with pytest.warns(RuntimeWarning, match="does not import .*RuntimeError: operator torchvision::nms") as rec:
+        enc = create_encoder("conch_v1", folder)
+    assert enc.impl == "native" and len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the second encoder is quiet
+        again = create_encoder("conch_v1", folder)
+    assert again.impl == "native"
+    with pytest.raises(EncoderError, match="does not import .*RuntimeError"):
+        create_encoder("conch_v1", folder, impl="conch")
+    for name in [m for m in sys.modules if m == "conch" or m.startswith("conch.")]:
+        del sys.modules[name]  # drop the broken one (monkeypatch then puts back what was there before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,7 +764,8 @@ def test_info_and_weights_id(conch_folder):
 
 
 # ---------------------------------------------------------------------------------------------
-# against the official packages, where they are installed (they need torchvision: skipped here)
+# against the official packages where they import (tiny sizes; tests/test_official_parity.py runs
+# the real sizes in the parity environment of `make parity`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -745,7 +781,7 @@ def _randomize(module, seed):
 
 
 def test_matches_official_timm_when_installed(tmp_path):
-    pytest.importorskip("timm")
+    optional_import("timm")
     from timm.layers import SwiGLUPacked
     from timm.models.vision_transformer import VisionTransformer
 
@@ -761,7 +797,7 @@ def test_matches_official_timm_when_installed(tmp_path):
 
 
 def test_matches_official_open_clip_when_installed(tmp_path):
-    open_clip = pytest.importorskip("open_clip")
+    open_clip = optional_import("open_clip")
     mc = {"embed_dim": 24, "quick_gelu": True,
           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
           "text_cfg": {"context_length": 12, "vocab_size": 300, "width": 32, "heads": 4, "layers": 2}}
@@ -778,7 +814,7 @@ def test_matches_official_open_clip_when_installed(tmp_path):
 
 
 def test_matches_official_conch_when_installed(tmp_path, monkeypatch):
-    occ = pytest.importorskip("conch.open_clip_custom")
+    occ = optional_import("conch.open_clip_custom")
     tiny = {"embed_dim": 24, "embed_dim_caption": 32,
             "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "num_heads": 2,
                            "attentional_pool_caption": True, "attentional_pool_contrast": True, "attn_pooler_heads": 8,

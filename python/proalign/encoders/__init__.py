@@ -9,7 +9,8 @@
 Names: `conch_v1`, `uni_v1`, `uni_v2`, `open_clip:<arch>` (e.g. `open_clip:ViT-B-32-quickgelu` for
 QuiltNet-B-32), `timm:<arch>` (e.g. `timm:vit_large_patch16_224`). The model definitions are
 this package's own, reading the official checkpoints' key layouts; timm, open_clip and conch are
-not needed (conch_v1 uses the conch package when it is installed).
+not needed (conch_v1 uses the conch package when it is installed and imports; the CI's parity
+stage checks our definitions against all three, see the README).
 """
 from __future__ import annotations
 

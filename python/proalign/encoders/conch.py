@@ -21,9 +21,11 @@ OpenAI CLIP mean/std. TRIDENT runs conch_v1 on 512 px patches at 20x.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import os
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -174,6 +176,38 @@ def _conch_spec():
         return None
 
 
+_OFFICIAL_STATE: Optional[tuple[bool, str]] = None  # (imports, why not): the import is tried once per process
+_FALLBACK_WARNED = False
+
+
+def _official_conch() -> tuple[bool, str]:
+    """Whether the conch package imports here, and if not, why. Finding the package is not enough:
+    beside a torch it was not built for, its imports (torchvision, timm) raise RuntimeError and
+    others, not only ImportError, so any exception counts as "does not import". Tried once."""
+    global _OFFICIAL_STATE
+    if _OFFICIAL_STATE is None:
+        if _conch_spec() is None:
+            _OFFICIAL_STATE = (False, "the conch package is not installed")
+        else:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # conch imports huggingface_hub; never fetch
+            try:
+                importlib.import_module("conch.open_clip_custom")
+                _OFFICIAL_STATE = (True, "")
+            except Exception as e:  # noqa: BLE001 - whatever the import raises, the package is unusable
+                first = (str(e).strip().splitlines() or [""])[0]
+                _OFFICIAL_STATE = (False, f"the conch package is installed but does not import "
+                                          f"({type(e).__name__}: {first})")
+    return _OFFICIAL_STATE
+
+
+def _warn_fallback(reason: str) -> None:
+    global _FALLBACK_WARNED
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED = True
+        warnings.warn(f"conch_v1: {reason}; using proalign's own CONCH v1 implementation instead (impl='native', "
+                      "the same numbers: see the README's official-parity section)", RuntimeWarning, stacklevel=4)
+
+
 def _make_tokenizer(path: Path, cfg: ConchConfig):
     from .tokenization import FileTokenizer
 
@@ -236,17 +270,22 @@ def build_conch_v1(weights: Optional[str | os.PathLike], *, device: Any = "cpu",
                    compile: bool | str = False, impl: str = "auto", tokenizer: Optional[str] = None,
                    **overrides: Any) -> Encoder:
     """CONCH v1 from local weights. `impl`: "native" (our module), "conch" (the conch package),
-    "auto" (the conch package when it is installed and no config override is given, else native).
-    `tokenizer`: path of the tokenizer file if it is not beside the weights."""
+    "auto" (the conch package when it imports and no config override is given, else native; a
+    conch package that is installed but fails to import is said once per process, as a
+    RuntimeWarning, and native is used). `tokenizer`: path of the tokenizer file if it is not
+    beside the weights."""
     path = find_weights(weights, WEIGHT_FILES, what="conch_v1", howto=HOWTO)
     if impl not in ("auto", "native", "conch"):
         raise EncoderError(f"conch_v1: impl {impl!r} is not one of auto, native, conch")
-    has_pkg = _conch_spec() is not None
-    if impl == "conch" and not has_pkg:
-        raise EncoderError("conch_v1: impl='conch' needs the conch package "
-                           "(pip install git+https://github.com/mahmoodlab/CONCH)")
-    if impl == "conch" or (impl == "auto" and has_pkg and not overrides and tokenizer is None):
-        return _build_official(path, Path(weights).expanduser(), device=device, dtype=dtype, compile=compile)
+    if impl == "conch" or (impl == "auto" and not overrides and tokenizer is None):
+        ok, why = _official_conch()
+        if impl == "conch" and not ok:
+            raise EncoderError(f"conch_v1: impl='conch' needs the conch package, and {why} "
+                               "(pip install git+https://github.com/mahmoodlab/CONCH; impl='native' needs nothing)")
+        if ok:
+            return _build_official(path, Path(weights).expanduser(), device=device, dtype=dtype, compile=compile)
+        if _conch_spec() is not None:
+            _warn_fallback(why)
     cfg = ConchConfig.from_overrides(overrides)
     model = build_on_meta(lambda: ConchV1(cfg))
     load_checkpoint(model, read_state_dict(path), what="conch_v1", path=path, ignore_prefixes=CAPTION_PREFIXES)
