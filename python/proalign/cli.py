@@ -11,7 +11,7 @@ import numpy as np
 
 from . import __version__
 from .defaults import DEFAULT_PROALIGN, default_taus
-from .errors import ProAlignError
+from .errors import ProAlignError, StoreWriteError
 
 
 def _entries(features, manifest):
@@ -29,11 +29,15 @@ def _entries(features, manifest):
 
 
 class _Group(click.Group):
-    """Turns our own errors into one clear line and exit code 2 instead of a traceback."""
+    """Turns our own errors into one clear line instead of a traceback: exit code 3 for a store that
+    could not be written (a full disk: rerun the same command once there is room), else 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except StoreWriteError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(3)
         except ProAlignError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -670,7 +674,8 @@ def store_export(path, fmt, out):
 def store_merge(out, shards):
     """Join shard stores into OUT (created if missing). Refused, with OUT untouched, when the
     shards were embedded with different options or prototype sets, or hold different records for
-    one slide; identical duplicates are stored once. Exit code 2 when refused."""
+    one slide; identical duplicates are stored once. Exit code 2 when refused, 3 when OUT could not
+    be written (a full disk: what was merged stays; rerun the same command once there is room)."""
     from .store.merge import merge_stores
 
     rep = merge_stores(out, list(shards))

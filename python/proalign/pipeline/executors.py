@@ -5,8 +5,8 @@ Every executor has `slots` (one slide in flight each), `submit(slot, entry)` and
 slot reports back first (pull-based: slides differ 10x in size, so nothing is assigned ahead).
 
 Local processes come from a forkserver (a fresh interpreter, not a fork of the writer), so no
-LMDB environment or writer lock is ever inherited by a worker. Workers ignore SIGINT/SIGTERM
-(the writer decides what happens to the slide in flight) and exit when the writer's end of
+LMDB environment or writer lock is ever inherited by a worker. Workers and the forkserver ignore
+SIGINT/SIGTERM (the writer decides what happens to the slide in flight) and exit when the writer's end of
 their pipe closes, so a writer killed with SIGKILL leaves no workers behind.
 
 A slide's timeout runs from when its worker reports it has started the slide (not from the
@@ -120,7 +120,9 @@ class ProcessExecutor:
         self.spec, self.slots, self.slide_timeout = spec, n, slide_timeout
         self.slot_env = slot_env or [{} for _ in range(n)]  # environment of each slot's worker
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload([__name__])  # workers fork from an interpreter that imported us
+        # workers fork from an interpreter that imported us; forkserver_signals makes the forkserver
+        # itself ignore SIGTERM (imported there only)
+        self.ctx.set_forkserver_preload([__name__, f"{__package__}.forkserver_signals"])
         self.procs: list = [None] * n
         self.conns: list = [None] * n
         self.held = [False] * n  # the slot's worker was handed a slide

@@ -12,13 +12,29 @@ its setup (`ready`) before it is handed a slide; when it cannot, the run stops w
 WorkerStartError (raised by the next `wait()`, after the results already read are delivered).
 Feature files must be readable at the same path on every node.
 
-`ray.init` runs here unless Ray is already initialised: `address=None` starts a local Ray
-(tests: fractional CPUs per actor), "auto" or "ray://..." joins a cluster.
+`ray.init` runs here unless Ray is already initialised: "auto" or "ray://..." joins a cluster;
+`address=None` starts a local Ray head for this run (`LocalRayHead`) in its own session, so that
+a SIGTERM to the run's process group (SLURM's, `kill -- -PGID`) reaches only the writer, which
+finishes the slides in flight: the daemons `ray.init()` starts itself share the group, die of
+that signal, and take the driver down with an abort.
 """
 from __future__ import annotations
 
+import ctypes
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
 from .executors import Event, WorkerStartError
 from .worker import describe
+
+HEAD_START_S = 120.0  # longest wait for the local head to accept the driver
 
 DEPTH = 2  # slides in flight per actor
 
@@ -48,6 +64,65 @@ def _setup_error(e: BaseException) -> str:
     return named[-1] if named else _first_line(e)
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel SIGKILLs this child when the process that started it ends, however
+    it ends (Ray's own daemons die with the `ray start` that started them the same way)."""
+    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRayHead:
+    """`ray start --head --block` in its own session, bound to this process (it dies with it)."""
+
+    def __init__(self, num_cpus: float | None = None):
+        self.port = _free_port()
+        self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
+        self.log = Path(self.temp) / "head.log"
+        ray_exe = Path(sys.executable).parent / "ray"
+        cmd = ([str(ray_exe)] if ray_exe.exists() else [sys.executable, "-m", "ray.scripts.scripts"]) + [
+            "start", "--head", "--block", f"--port={self.port}", "--include-dashboard=false",
+            f"--temp-dir={self.temp}", "--disable-usage-stats"]
+        if num_cpus is not None:
+            cmd.append(f"--num-cpus={int(num_cpus)}")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def connect(self, ray, **init) -> None:
+        """ray.init against the head once it listens (it takes a few seconds to start)."""
+        deadline = time.time() + HEAD_START_S
+        while True:
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the local Ray head exited (code {self.proc.returncode}):\n{tail}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"the local Ray head did not start within {HEAD_START_S:.0f} s "
+                                       f"(its log: {self.log})") from None
+                time.sleep(0.2)
+        ray.init(address=self.address, **init)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # `ray start --block` stops its daemons on SIGTERM
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
 class RayExecutor:
     name = "ray"
 
@@ -60,8 +135,21 @@ class RayExecutor:
                                f"(ray[data]) ({e})") from e
         self.ray = ray
         self.owns_ray = not ray.is_initialized()
-        if self.owns_ray:
+        self.head: LocalRayHead | None = None
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        if self.owns_ray and address is None and not init_kwargs:
+            self.head = LocalRayHead()
+            try:
+                self.head.connect(ray, log_to_driver=False)
+            except BaseException:
+                self.head.close()
+                raise
+        elif self.owns_ray:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **(init_kwargs or {}))
+        if self.owns_ray and on_sigterm is not None and threading.current_thread() is threading.main_thread():
+            # ray.init installs its own SIGTERM handler (exit at once); the writer's (finish the
+            # slides in flight, exit 3) must stay
+            signal.signal(signal.SIGTERM, on_sigterm)
         self.cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(_Actor)
         self.spec, self.n, self.slots = spec, n, n * DEPTH
         self.refs: dict = {}  # object ref -> slot
@@ -175,3 +263,6 @@ class RayExecutor:
                 pass
         if self.owns_ray:
             ray.shutdown()
+        if self.head is not None:
+            self.head.close()
+            self.head = None

@@ -266,10 +266,7 @@ class EmbeddingStore:
             except lmdb.MapFullError:
                 self._grow_map()
             except lmdb.Error as e:
-                full = isinstance(e, lmdb.DiskError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG)
-                why = "the disk is full or the file size limit was reached" if full else "write failed"
-                raise StoreWriteError(f"store {self.path}: {why} while writing slide {slide_id!r} ({e}); "
-                                 f"records already stored are intact") from e
+                raise self._write_error(e, f"slide {slide_id!r}") from e
 
     def put_raw_many(self, items: list[tuple[str, bytes]]) -> None:
         """Store already-encoded records (as read from another store) in one transaction: all of
@@ -285,8 +282,20 @@ class EmbeddingStore:
             except lmdb.MapFullError:
                 self._grow_map()
             except lmdb.Error as e:
-                raise StoreWriteError(f"store {self.path}: write failed ({e}); "
-                                      f"records already stored are intact") from e
+                raise self._write_error(e, f"{len(items)} records") from e
+
+    def _write_error(self, e: lmdb.Error, what: str) -> StoreWriteError:
+        """A refused commit, named as a full disk when it is one: LMDB reports a short write of a
+        large commit as EIO, so the free space decides too."""
+        code = getattr(e, "errno", None)
+        try:
+            low = os.statvfs(self.path).f_bavail * os.statvfs(self.path).f_frsize < (1 << 20)
+        except OSError:
+            low = False
+        full = isinstance(e, lmdb.DiskError) or code in (errno.ENOSPC, errno.EFBIG) or (code == errno.EIO and low)
+        why = "the disk is full or the file size limit was reached" if full else "write failed"
+        return StoreWriteError(f"store {self.path}: {why} while writing {what} ({e}); records already stored "
+                               f"are intact")
 
     def _grow_map(self) -> None:
         size = self.env.info()["map_size"] * 2
