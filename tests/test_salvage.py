@@ -97,11 +97,13 @@ def _damage(path: Path, kind: str, rng) -> set[int]:
         cut = int(rng.integers(size // 4, size - 1))
         os.truncate(data, cut)
         return set(range(cut // ps, size // ps + 1))
-    page = {"newest meta": metas[0].page, "older meta": metas[1].page, "branch": branches[0]}[kind]
+    pages = {"newest meta": [metas[0].page], "older meta": [metas[1].page], "both metas": [0, 1],
+             "branch": branches[:1]}[kind]
     with open(data, "r+b") as f:
-        f.seek(page * ps)
-        f.write(bytes(ps))
-    return {page}
+        for page in pages:
+            f.seek(page * ps)
+            f.write(bytes(ps))
+    return set(pages)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple]:
@@ -111,7 +113,8 @@ def _snapshot(folder: Path) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("kind", ["overwrite", "pages", "truncate", "newest meta", "older meta", "branch"])
+@pytest.mark.parametrize("kind", ["overwrite", "pages", "truncate", "newest meta", "older meta", "both metas",
+                                  "branch"])
 def test_salvage_saves_every_intact_record_bit_for_bit(tmp_path, kind, seed):
     rng = np.random.default_rng([seed, len(kind)])
     damaged = tmp_path / "damaged.lmdb"
@@ -123,7 +126,7 @@ def test_salvage_saves_every_intact_record_bit_for_bit(tmp_path, kind, seed):
     rep = salvage_store(damaged, tmp_path / "new.lmdb")
     assert _snapshot(damaged) == before  # not a byte, not an mtime, no lock file added
     got = _raw(tmp_path / "new.lmdb")
-    if kind in ("newest meta", "older meta", "truncate"):  # LMDB refuses these files: the page scan reads them
+    if kind in ("newest meta", "older meta", "both metas", "truncate"):  # LMDB refuses these: the page scan reads them
         assert rep.method == "pages" and rep.why_pages
     if kind == "newest meta":
         # the last transaction's meta page is gone: like LMDB's own previous-snapshot recovery, the
@@ -140,7 +143,9 @@ def test_salvage_saves_every_intact_record_bit_for_bit(tmp_path, kind, seed):
         else:  # a rewritten slide whose current copy is damaged: never another slide's record, and an
             assert value in history[sid], sid  # older version only where the report flags it
             assert value == want[sid] or sid in rep.outside_tree or (kind == "newest meta" and sid == last), sid
-    if rep.recorded_entries is not None and kind != "newest meta":
+    if kind == "both metas":  # no record count left: the salvage cannot claim it saved everything
+        assert rep.recorded_entries is None and not rep.complete
+    elif kind != "newest meta":
         assert rep.saved + len(rep.not_saved) + rep.unknown_lost == len(want)
     assert json.loads(Path(rep.report_path).read_text())["saved"] == len(got)
 

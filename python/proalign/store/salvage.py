@@ -18,10 +18,14 @@ Two ways to read DAMAGED:
     tree; for a slide whose tree page is damaged, a copy in a page neither in the tree nor listed
     as free (a leaf under a damaged branch page); copies only in free pages are not saved (the
     current one is gone and an older version cannot be ruled out);
-  * otherwise (a meta page or the free list is damaged): all copies count; one distinct value is
-    saved; of several, the one with the latest `time` in its provenance, and none when that does
-    not decide. Such records are listed in the report (`outside_tree`): if a record was rewritten
-    and its current copy destroyed, an older version can be saved in its place.
+  * otherwise (a meta page or the free list is damaged): every copy counts and the newest by its
+    provenance `time` wins (a tie goes to the tree's copy, else the record is listed), since
+    a copy newer than the tree's can only come from a newer snapshot whose meta page is lost. A copy
+    outside the tree whose value lies in overflow pages counts only when its provenance names the
+    slide (file `<id>.<ext>`): a stale leaf's pointer may lead to pages reused since for another
+    record, which passes its own checksum. Records saved from outside the tree are listed in the
+    report (`outside_tree`): if one was rewritten and its current copy destroyed, an older version
+    may have been saved in its place.
 """
 from __future__ import annotations
 
@@ -62,7 +66,8 @@ class SalvageReport:
 
     @property
     def complete(self) -> bool:
-        return not self.not_saved and not self.unknown_lost
+        """Every record saved, as far as the store's own count tells (no count: not known)."""
+        return not self.not_saved and not self.unknown_lost and self.recorded_entries is not None
 
     def summary(self) -> str:
         how = ("read through LMDB" if self.method == "lmdb"
@@ -73,6 +78,8 @@ class SalvageReport:
         if self.unknown_lost:
             s += (f"; {self.unknown_lost} more of the {self.recorded_entries} records its meta page counts were "
                   "lost with their pages (ids unreadable)")
+        if self.recorded_entries is None:
+            s += "; no meta page is sound, so how many records the store held is unknown"
         return s + f" in {self.seconds:.1f} s"
 
 
@@ -117,10 +124,10 @@ def _check(value: bytes, sid: str) -> tuple[str | None, dict]:
         return str(e).removeprefix(f"record {sid!r}: "), {}
 
 
-def _names(meta: dict, sid: str) -> bool:
-    """Does a record's provenance name slide `sid` (its feature or slide file is `<sid>.<ext>`)?"""
-    return any(isinstance(src, dict) and isinstance(src.get("path"), str) and Path(src["path"]).stem == sid
-               for src in (meta.get("feature_source"), meta.get("slide")))
+def _named(meta: dict) -> frozenset[str]:
+    """The slide ids a record's provenance names: the stems of its feature or slide file."""
+    return frozenset(Path(src["path"]).stem for src in (meta.get("feature_source"), meta.get("slide"))
+                     if isinstance(src, dict) and isinstance(src.get("path"), str))
 
 
 def _from_lmdb(path: Path, report: SalvageReport) -> Iterator[tuple[str, bytes]]:
@@ -187,7 +194,8 @@ def _from_pages(path: Path, report: SalvageReport) -> Iterator[tuple[str, bytes]
         # both meta pages sound and the free list read: every page is in the tree, free, or under
         # a damaged branch page; otherwise stale copies cannot be told from current ones
         certain = len(pf.metas) == 2 and free is not None
-        checked: dict[tuple[int, int], tuple[str | None, bytes, dict]] = {}  # leaf copies share overflow pages
+        # (why unusable, digest, time, slides its provenance names) per value: leaf copies share overflow pages
+        checked: dict[tuple[int, int], tuple[str | None, bytes, str, frozenset[str]]] = {}
         copies: dict[str, list[_Copy]] = {}
         bad: dict[str, tuple[int, str]] = {}  # id -> (tier, why) of its best-placed unusable copy
         for pgno, nodes in pf.all_leaves():
@@ -203,11 +211,13 @@ def _from_pages(path: Path, report: SalvageReport) -> Iterator[tuple[str, bytes]
                 if where not in checked:
                     value = pf.data(node)
                     why, meta = _check(value, sid) if value[:4] == MAGIC else ("not a record", {})
-                    checked[where] = (why, hashlib.blake2b(value, digest_size=16).digest(), meta)
-                why, digest, meta = checked[where]
+                    t = meta.get("time")
+                    checked[where] = (why, hashlib.blake2b(value, digest_size=16).digest(),
+                                      t if isinstance(t, str) else "", _named(meta))
+                why, digest, t, named = checked[where]
                 if why == "not a record":  # e.g. the free-page list's leaves
                     continue
-                if not why and tier == 1 and not certain and node.overflow is not None and not _names(meta, sid):
+                if not why and tier == 1 and not certain and node.overflow is not None and sid not in named:
                     # a stale leaf's pointer may lead to overflow pages reused for another record
                     why = ("its copy outside the store's tree points to overflow pages that may hold another "
                            "record (its provenance does not name the slide)")
@@ -215,8 +225,7 @@ def _from_pages(path: Path, report: SalvageReport) -> Iterator[tuple[str, bytes]
                     if sid not in bad or tier < bad[sid][0]:
                         bad[sid] = (tier, why)
                     continue
-                t = meta.get("time")
-                copies.setdefault(sid, []).append(_Copy(node, digest, t if isinstance(t, str) else "", tier))
+                copies.setdefault(sid, []).append(_Copy(node, digest, t, tier))
         for sid in sorted(set(copies) | set(bad)):
             chosen, why = _choose(copies.get(sid, []), certain)
             if chosen is None:
