@@ -107,11 +107,8 @@ class PageFile:
             if m is None:
                 problems.append(f"meta page {i}: {why}")
                 continue
-            psize = m.psize
+            psize = m.psize  # page 1 must then agree with it
             metas.append(m)
-        if len({m.psize for m in metas}) > 1:
-            problems.append(f"meta pages disagree on the page size ({metas[0].psize} vs {metas[1].psize})")
-            metas = metas[:1]
         return sorted(metas, key=lambda m: -m.txnid), problems
 
     def _meta_at(self, i: int, psize: int | None) -> tuple[Meta | None, str]:
