@@ -221,6 +221,7 @@ SMALLER_INPUT = {"timm:vit_giant_patch14_dinov2": 224, "timm:vit_giant_patch14_r
 def test_timm_vit_equals_timm(name, scratch):
     timm = optional_import("timm")
     T = optional_import("torchvision.transforms")
+    from PIL import Image
     from timm.data import create_transform
 
     t0 = time.perf_counter()
@@ -242,40 +243,43 @@ def test_timm_vit_equals_timm(name, scratch):
         (scratch / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 0, "pretrained_cfg": cfg}))
     randomize_(official, seed=len(name))
     _save(official.state_dict(), ckpt)
-    enc = create_encoder(name, scratch, **extra)
     n_params = sum(p.numel() for p in official.parameters())
-    s = enc.input_size
-    assert s == official.patch_embed.img_size[0]
+    s = official.patch_embed.img_size[0]
     n = 2 if n_params < 5e8 else 1
-    px = torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        want = official(px)  # num_classes=0: the pooled, normed feature (timm forward_head pre_logits)
-    got = enc.encode_image(px)
-    err = _max_diff(got, want)
-    rec = {"params_M": round(n_params / 1e6, 1), "input": s, "image_max_abs": err}
-    if name == "uni_v1":  # another input size: both resample the position table (dynamic_img_size)
-        px2 = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
-        with torch.inference_mode():
-            rec["image_256px_max_abs"] = _max_diff(enc.encode_image(px2), official(px2))
     # preprocessing: UNI's model cards give Resize(224) (torchvision's default bilinear) + ToTensor +
     # ImageNet Normalize on the 256 px patches; for the timm family, timm's eval transform with the
     # pretrained config's interpolation, mean and std, resizing the patch to the input size (crop_pct 1,
     # as pathology pipelines do; timm's ImageNet default would crop the centre 87.5-90 %).
+    pc = dict(official.pretrained_cfg)
     if preset:
         official_tf = T.Compose([T.Resize(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     else:
-        pc = official.pretrained_cfg
         official_tf = create_transform(input_size=(3, s, s), interpolation=pc.get("interpolation", "bicubic"),
                                        mean=pc.get("mean", IMAGENET_MEAN), std=pc.get("std", IMAGENET_STD),
                                        crop_pct=1.0)
+    patches = tissue_like_patches(n, 256 if preset else s + 32, seed=3)
+    # The official outputs first, then the official model goes before ours is loaded (the giants
+    # are 4.5 GB each in fp32).
+    px = torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(1))
+    px256 = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = official(px)  # num_classes=0: the pooled, normed feature (timm forward_head pre_logits)
+        # uni_v1 at another input size: both resample the position table (dynamic_img_size)
+        want256 = official(px256) if name == "uni_v1" else None
+        # the whole pipeline, uint8 patches to features, for the presets
+        e2e_official = official(torch.stack([official_tf(Image.fromarray(p)) for p in patches])) if preset else None
+    del official
+    gc.collect()
+    enc = create_encoder(name, scratch, **extra)
+    assert enc.input_size == s and (enc.patch_size == 256 if preset else True)
+    if not preset:
         assert tuple(enc.mean) == tuple(pc.get("mean", IMAGENET_MEAN)) and enc.interpolation == pc["interpolation"]
-    patches = tissue_like_patches(n, enc.patch_size if enc.patch_size != s else s + 32, seed=3)
+    err = _max_diff(enc.encode_image(px), want)
+    rec = {"params_M": round(n_params / 1e6, 1), "input": s, "image_max_abs": err}
+    if want256 is not None:
+        rec["image_256px_max_abs"] = _max_diff(enc.encode_image(px256), want256)
     rec.update(preprocess_parity(enc, official_tf, patches))
-    if preset:  # the whole pipeline, uint8 patches to features, on both sides
-        from PIL import Image
-
-        with torch.inference_mode():
-            e2e_official = official(torch.stack([official_tf(Image.fromarray(p)) for p in patches]))
+    if e2e_official is not None:
         rec["pipeline_min_cosine"] = float(F.cosine_similarity(enc(patches), e2e_official, dim=1).min())
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     _record(name, **rec)
@@ -321,47 +325,50 @@ OPEN_CLIP_ARCHS = sorted({n.split(":", 1)[1].removesuffix("-quickgelu") for n in
 def test_open_clip_equals_open_clip(arch, scratch, clip_tokenizer_json):
     open_clip = optional_import("open_clip")
     names = [n for n in (f"open_clip:{arch}", f"open_clip:{arch}-quickgelu") if n in OPEN_CLIP_NAMES]
-    state = None
+    ckpt = scratch / "open_clip_model.safetensors"
     failures = []
     for name in names:
         t0 = time.perf_counter()
+        oc_name = name.split(":", 1)[1]
         with no_init():
-            official, _, official_tf = open_clip.create_model_and_transforms(name.split(":", 1)[1], pretrained=None)
-        if state is None:
+            official, _, official_tf = open_clip.create_model_and_transforms(oc_name, pretrained=None)
+        if not ckpt.exists():
             randomize_(official, seed=len(arch))
-            state = official.state_dict()
             # No open_clip_config.json beside the weights: our built-in architecture table is checked.
-            _save(state, scratch / "open_clip_model.safetensors")
+            _save(official.state_dict(), ckpt)
             shutil.copy(clip_tokenizer_json, scratch / "tokenizer.json")
-        else:
-            official.load_state_dict(state, strict=True)
+        else:  # the twin: the same tensors
+            from safetensors.torch import load_file
+
+            official.load_state_dict(load_file(str(ckpt)), strict=True)
             official.eval().requires_grad_(False)
-        enc = create_encoder(name, scratch)
         n_params = sum(p.numel() for p in official.parameters())
-        s = enc.input_size
-        assert s == official.visual.image_size[0]
+        s = official.visual.image_size[0]
         n = 2 if n_params < 5e8 else 1
         px = torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(1))
-        with torch.inference_mode():
+        official_ids = open_clip.get_tokenizer(oc_name)(TEXTS)
+        with torch.inference_mode():  # the official outputs first; the model goes before ours is loaded
             z_official = F.normalize(official.encode_image(px), dim=-1)
             proj, official.visual.proj = official.visual.proj, None  # the pooled feature before the projection
             x_official = official.visual(px)
             official.visual.proj = proj
+            t_official = F.normalize(official.encode_text(open_clip.get_tokenizer(oc_name)(TOWER_TEXTS)), dim=-1)
+        del official, proj
+        gc.collect()
+        enc = create_encoder(name, scratch)
+        assert enc.input_size == s
         x = enc.encode_image(px)
         rec = {"params_M": round(n_params / 1e6, 1), "input": s, "image_max_abs": _max_diff(x, x_official),
                "joint_max_abs": _max_diff(enc.project(x), z_official)}
         ids = enc.tokenizer(TEXTS)
-        official_ids = open_clip.get_tokenizer(name.split(":", 1)[1])(TEXTS)
         rec["token_ids_equal"] = bool(torch.equal(ids, official_ids))
-        with torch.inference_mode():
-            t_official = F.normalize(official.encode_text(open_clip.get_tokenizer(name.split(":", 1)[1])(TOWER_TEXTS)),
-                                     dim=-1)
         rec["text_max_abs"] = _max_diff(enc.encode_text(TOWER_TEXTS), t_official)
         rec.update(preprocess_parity(enc, official_tf, tissue_like_patches(n, s + 32, seed=3)))
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         _record(name, **rec)
         print(name, rec)
-        del official, enc
+        del enc
+        gc.collect()
         bad = [f"{k} = {rec[k]:.3g}" for k in ("image_max_abs", "joint_max_abs", "text_max_abs") if rec[k] >= FEATURE_TOL]
         if not rec["token_ids_equal"]:
             bad.append("token ids differ")
