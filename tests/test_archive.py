@@ -390,9 +390,14 @@ def test_one_worker_per_gpu(tmp_path, cohort):
     rep = embed_features(entries, ppath, tmp_path / "s.lmdb", progress=False, gpus=["3", "5"])
     assert rep.ok and rep.workers == 2 and rep.scheduler == "processes"
     with open_store(tmp_path / "s.lmdb") as s:
-        seen = {s.meta(sid)["worker"]["cuda_visible_devices"] for sid in s}
-        pids = {s.meta(sid)["worker"]["pid"] for sid in s}
-    assert seen and seen <= {"3", "5"} and len(pids) == len(seen)
+        by_pid: dict[int, set[str]] = {}
+        for sid in s:
+            w = s.meta(sid)["worker"]
+            by_pid.setdefault(w["pid"], set()).add(w["cuda_visible_devices"])
+    # both GPUs' workers embedded slides (the first slide goes to each worker before any result is
+    # read), and each worker process saw one GPU only, its own
+    assert len(by_pid) == 2 and all(len(g) == 1 for g in by_pid.values()), by_pid
+    assert sorted(g for gs in by_pid.values() for g in gs) == ["3", "5"], by_pid
     _assert_equal_to_clean(tmp_path / "s.lmdb", ref, [e.slide_id for e in entries])
 
 

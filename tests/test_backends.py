@@ -95,9 +95,22 @@ def test_variant_options_are_checked():
 
 TRITON = [b for b in ("triton", "cuda") if BACKENDS[b].available() is None]  # the GPU kernels
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# The interpreter runs every program in numpy: a reduced grid (all d and K, small and large N).
+
+
+def _multi_program_n() -> int:
+    """Rows of one slide spanning 3 full programs of the Triton kernel and a 4th with an odd tail
+    (a full tile, a 3-row tile and empty tiles): the multi-program combine, in the interpreter."""
+    if "triton" not in TRITON:
+        return 3 * 256 + 64 + 3
+    from proalign.kernels.proalign_attention import BLOCK_N, ROWS_PER_PROGRAM
+
+    return 3 * ROWS_PER_PROGRAM + BLOCK_N + 3
+
+
+# The interpreter runs every program in numpy: a reduced grid (all d and K, small and large N; 835
+# rows are 4 programs, where 100,003 rows took 35 s for no more coverage of the kernel's paths).
 TRITON_GRID = [(n, d, k) for n in (1, 7, 1000) for d, k in ((64, 1), (512, 16), (768, 32), (1024, 16))]
-TRITON_GRID += [(100_003, 128, 16)] if INTERPRETED else [(100_003, 1024, 32), (100_003, 512, 16)]
+TRITON_GRID += [(_multi_program_n(), 128, 16)] if INTERPRETED else [(100_003, 1024, 32), (100_003, 512, 16)]
 
 
 @pytest.fixture
@@ -151,12 +164,59 @@ def test_gpu_kernels_variants_match_float64(rng, poisoned, backend, opts, dtype)
             np.testing.assert_allclose(row, ref.proalign(x.double().numpy(), c, t, **opts), **_tol(opts))
 
 
+def _count_launches(monkeypatch, backend):
+    """Patch the kernel entry point a backend calls (the Triton JIT kernel's [grid] launch, or the
+    CUDA C++ op) to record each launch; returns the list of launches (Triton: the grid of each)."""
+    launches = []
+    if backend == "triton":
+        from proalign.kernels import proalign_attention as kern
+
+        real = kern.proalign_partials_kernel
+
+        class Counted:
+            def __getitem__(self, grid):
+                launches.append(grid)
+                return real[grid]
+
+        monkeypatch.setattr(kern, "proalign_partials_kernel", Counted())
+    else:
+        from proalign import _C
+
+        real_op = _C.proalign_partials
+
+        def counted(*args):
+            launches.append(args[9])  # n_prog
+            return real_op(*args)
+
+        monkeypatch.setattr(_C, "proalign_partials", counted)
+    return launches
+
+
+def _rows_per_program(backend):
+    if backend == "triton":
+        from proalign.kernels import proalign_attention as kern
+
+        return kern.ROWS_PER_PROGRAM
+    from proalign.aggregate import cuda_cpp
+
+    return cuda_cpp.rows_per_program()
+
+
 @pytest.mark.parametrize("backend", TRITON)
-def test_ragged_batch_one_launch(rng, poisoned, backend):
-    xs = [_data(rng, n, 48, 5)[0] for n in (1, 250, 3, 700, 64)]
+def test_ragged_batch_one_launch(rng, poisoned, monkeypatch, backend):
+    """Five slides of different N (one spanning several programs) in one aggregate_batch call: one
+    kernel launch whose grid holds every slide's programs, each slide equal to the float64 reference."""
+    rows = _rows_per_program(backend)
+    ns = (1, 250, 3, 700, 64)  # 700: several programs
+    xs = [_data(rng, n, 48, 5)[0] for n in ns]
     c = _data(rng, 1, 48, 5)[1]
+    launches = _count_launches(monkeypatch, backend)
     got = proalign.aggregate_batch([torch.from_numpy(x).to(_device()) for x in xs], c, tau=[0.1, 0.3], backend=backend,
                                    over="patches")
+    n_prog = sum(-(-n // rows) for n in ns)
+    assert len(launches) == 1, f"{len(launches)} launches for one batch of {len(ns)} slides"
+    assert launches[0] in ((n_prog,), n_prog), (launches, n_prog)  # one grid over every slide's programs
+    assert len(got) == len(ns)
     for x, e in zip(xs, got):
         for row, t in zip(e.cpu().numpy(), [0.1, 0.3]):
             np.testing.assert_allclose(row, ref.proalign(x, c, t), rtol=1e-4, atol=2e-5)
