@@ -340,7 +340,7 @@ def test_open_clip_equals_open_clip(arch, scratch, clip_tokenizer_json):
         else:  # the twin: the same tensors
             from safetensors.torch import load_file
 
-            official.load_state_dict(load_file(str(ckpt)), strict=True)
+            official.load_state_dict(load_file(str(ckpt)), strict=True, assign=True)  # no second copy
             official.eval().requires_grad_(False)
         n_params = sum(p.numel() for p in official.parameters())
         s = official.visual.image_size[0]
