@@ -12,15 +12,15 @@ from proalign.bench import soak
 def test_short_soak(tmp_path, capsys):
     pytest.importorskip("ray")
     with pytest.raises(SystemExit) as end:
-        soak.main(["--slides", "120", "--rounds", "4", "--ray-rounds", "1", "--max-wait", "1.5",
+        soak.main(["--slides", "240", "--rounds", "4", "--ray-rounds", "1", "--max-wait", "0.5",
                    "--disk-kib", "160", "--seed", "3", "--json", str(tmp_path / "soak.json")])
     res = json.loads((tmp_path / "soak.json").read_text())
     assert res["problems"] == [] and end.value.code == 0, res["problems"]
     assert len(res["kills"]) == 5 and res["equal_to_clean"]
     # the kills landed mid-run and the reader really read (a soak that saw nothing checks nothing)
-    assert any(0 < k["stored_after"] < 120 for k in res["kills"]), res["kills"]
-    assert res["reader"]["records_seen"] == 120 and res["reader"]["scans"] > 10
+    assert any(0 < k["stored_after"] < 240 for k in res["kills"]), res["kills"]
+    assert res["reader"]["records_seen"] == 240 and res["reader"]["scans"] > 10
     for name in ("full_disk_run", "full_disk_merge"):
         r = res[name]
         assert r["first_exit"] == 3 and r["second_exit"] == 0 and r["equal_to_clean"], r
-    assert 0 < res["full_disk_run"]["stored_when_full"] < 120
+    assert 0 < res["full_disk_run"]["stored_when_full"] < 240

@@ -282,7 +282,10 @@ def problems(res: dict) -> list[str]:
     for i, k in enumerate(res["kills"]):
         # SIGTERM: the run finishes the slides in flight and exits 3 (0 if it was done anyway); a
         # slide failing because of the kill (exit 1) or the run dying of it (-15) is a bug
+        # (-15 only once every slide was stored: the signal came after the run, as it exited)
         expected = {0, 3} if k["signal"] == "SIGTERM" else {0, -signal.SIGKILL}
+        if k["stored_after"] == res["slides"]:
+            expected.add(-signal.SIGTERM)
         if k["exit"] not in expected:
             bad.append(f"kill round {i}: {k['signal']} gave exit code {k['exit']}")
         if k["damage"]:
