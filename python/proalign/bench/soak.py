@@ -292,8 +292,8 @@ def problems(res: dict) -> list[str]:
             bad.append(f"kill round {i}: store damaged {k['damage']}")
         if k.get("ray_daemons_left"):
             bad.append(f"kill round {i}: {k['ray_daemons_left']} Ray daemons outlived the killed run")
-    checks = [("soak", res), ("full disk mid-run", res["full_disk_run"]), ("full disk mid-merge", res["full_disk_merge"])]
-    for name, r in checks:
+    for name, r in [("soak", res), ("full disk mid-run", res["full_disk_run"]),
+                    ("full disk mid-merge", res["full_disk_merge"])]:
         if not r["equal_to_clean"]:
             bad.append(f"{name}: the store differs from the clean run")
         seen = r["reader"]

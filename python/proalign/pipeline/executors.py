@@ -6,8 +6,9 @@ slot reports back first (pull-based: slides differ 10x in size, so nothing is as
 
 Local processes come from a forkserver (a fresh interpreter, not a fork of the writer), so no
 LMDB environment or writer lock is ever inherited by a worker. Workers and the forkserver ignore
-SIGINT/SIGTERM (the writer decides what happens to the slide in flight) and exit when the writer's end of
-their pipe closes, so a writer killed with SIGKILL leaves no workers behind.
+SIGINT/SIGTERM (the writer decides what happens to the slide in flight; a SIGTERM to the whole
+process group must not kill them) and workers exit when the writer's end of their pipe closes,
+so a writer killed with SIGKILL leaves no workers behind.
 
 A slide's timeout runs from when its worker reports it has started the slide (not from the
 submit: a worker being (re)started loads its model first). A worker that cannot start raises

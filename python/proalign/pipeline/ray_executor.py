@@ -80,7 +80,7 @@ def _free_port() -> int:
 class LocalRayHead:
     """`ray start --head --block` in its own session, bound to this process (it dies with it)."""
 
-    def __init__(self, num_cpus: float | None = None):
+    def __init__(self) -> None:
         self.port = _free_port()
         self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
         self.log = Path(self.temp) / "head.log"
@@ -88,8 +88,6 @@ class LocalRayHead:
         cmd = ([str(ray_exe)] if ray_exe.exists() else [sys.executable, "-m", "ray.scripts.scripts"]) + [
             "start", "--head", "--block", f"--port={self.port}", "--include-dashboard=false",
             f"--temp-dir={self.temp}", "--disable-usage-stats"]
-        if num_cpus is not None:
-            cmd.append(f"--num-cpus={int(num_cpus)}")
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, preexec_fn=_die_with_parent)

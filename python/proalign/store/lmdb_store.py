@@ -19,7 +19,7 @@ import zlib
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import lmdb
 import numpy as np
@@ -35,6 +35,8 @@ ALLOW_NETWORK_ENV = "PROALIGN_ALLOW_NETWORK_STORE"
 NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.ceph-fuse",
               "fuse.ceph"}
 HEADER_KEYS = ("dtype", "shape", "n_patches", "crc32", "meta")
+RAW_BATCH_RECORDS = 4096  # records per transaction when copying records between stores
+RAW_BATCH_BYTES = 256 << 20
 
 
 @dataclass
@@ -296,6 +298,22 @@ class EmbeddingStore:
         why = "the disk is full or the file size limit was reached" if full else "write failed"
         return StoreWriteError(f"store {self.path}: {why} while writing {what} ({e}); records already stored "
                                f"are intact")
+
+    def put_raw_batched(self, items: Iterable[tuple[str, bytes]]) -> int:
+        """Store already-encoded records in transactions of at most RAW_BATCH_RECORDS records or
+        RAW_BATCH_BYTES bytes (a copy of a large store never holds it all in memory). Returns how
+        many were stored."""
+        batch, size, n = [], 0, 0
+        for sid, value in items:
+            batch.append((sid, value))
+            size += len(value)
+            if len(batch) >= RAW_BATCH_RECORDS or size >= RAW_BATCH_BYTES:
+                self.put_raw_many(batch)
+                n, batch, size = n + len(batch), [], 0
+        if batch:
+            self.put_raw_many(batch)
+            n += len(batch)
+        return n
 
     def _grow_map(self) -> None:
         size = self.env.info()["map_size"] * 2

@@ -26,9 +26,6 @@ import numpy as np
 from ..errors import StoreError
 from .lmdb_store import decode_record, hold_reader_lock, normalise_options, open_store
 
-BATCH_BYTES = 256 << 20
-BATCH_RECORDS = 4096
-
 
 class StoreMergeError(StoreError):
     """Shards that cannot be joined: options differ, a slide conflicts, a record is damaged."""
@@ -182,20 +179,10 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike],
         for i, (name, store) in enumerate(sources):
             if store is dest:
                 continue
-            batch, size = [], 0
             with store.read_txn() as txn:
-                for k, v in txn.cursor():
-                    if seen[k.decode("utf-8", "replace")].source != i:
-                        continue
-                    batch.append((k.decode("utf-8", "replace"), v))
-                    size += len(v)
-                    if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
-                        dest.put_raw_many(batch)
-                        report.added += len(batch)
-                        batch, size = [], 0
-            if batch:
-                dest.put_raw_many(batch)
-                report.added += len(batch)
+                ours = ((sid, v) for sid, v in ((k.decode("utf-8", "replace"), v) for k, v in txn.cursor())
+                        if seen[sid].source == i)
+                report.added += dest.put_raw_batched(ours)
     report.seconds = time.perf_counter() - t0
     if report_path is None:
         report_path = out / "reports" / f"merge-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.json"

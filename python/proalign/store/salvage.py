@@ -45,7 +45,6 @@ from typing import Iterator
 from ..errors import StoreError
 from .lmdb_pages import Node, PageFile
 from .lmdb_store import MAGIC, EmbeddingStore, decode_record, hold_reader_lock
-from .merge import BATCH_BYTES, BATCH_RECORDS
 
 
 @dataclass
@@ -268,17 +267,7 @@ def salvage_store(damaged: str | os.PathLike, out: str | os.PathLike, method: st
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with EmbeddingStore(tmp, write=True) as dest:
-                batch, size = [], 0
-                for sid, value in records:
-                    batch.append((sid, value))
-                    size += len(value)
-                    if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
-                        dest.put_raw_many(batch)
-                        report.saved += len(batch)
-                        batch, size = [], 0
-                if batch:
-                    dest.put_raw_many(batch)
-                    report.saved += len(batch)
+                report.saved += dest.put_raw_batched(records)
             if out.exists():
                 out.rmdir()
             os.rename(tmp, out)
