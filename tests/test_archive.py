@@ -27,7 +27,7 @@ from proalign.store import merge_stores, open_store
 from proalign.store.export import verify_store
 from proalign.errors import StoreLockedError
 from proalign.store.merge import StoreMergeError
-from proalign.synthetic import write_cohort
+from proalign.testing.synthetic_features import write_cohort
 
 EXE = str(Path(sys.executable).parent / "proalign-engine")
 TESTS = str(Path(__file__).parent)  # _crash_probe.FaultySpec: worker processes and Ray actors import it

@@ -16,7 +16,7 @@ import pytest
 from conftest import run_cli
 
 from proalign import open_store
-from proalign.encoders.random_init import write_random_conch
+from proalign.testing.random_weights import write_random_conch
 from proalign.features import list_slides
 from proalign.features.io import SlideEntry
 from proalign.pipeline import run_archive
@@ -25,8 +25,8 @@ from proalign.pipeline.slide_cache import SlideCache, cache_path
 from proalign.pipeline.worker import EmbedOptions, WorkerSpec
 from proalign.prototypes.io import save_prototypes
 from proalign.slides.manifest import COLUMNS, build_manifest, is_slide_manifest, read_slide_manifest
-from proalign.slides.synthetic_slides import write_aperio_svs
-from proalign.synthetic import write_cohort
+from proalign.testing.synthetic_slides import write_aperio_svs
+from proalign.testing.synthetic_features import write_cohort
 
 
 def _slide(path: Path, seed: int, mpp: float | None = 0.5) -> Path:

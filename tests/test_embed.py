@@ -14,7 +14,7 @@ from proalign.aggregate import live_backends
 from proalign.defaults import DEFAULT_PROALIGN, default_taus
 from proalign.features import read_features
 from proalign.prototypes.io import prototype_hash, save_prototypes
-from proalign.synthetic import write_cohort
+from proalign.testing.synthetic_features import write_cohort
 
 
 @pytest.fixture

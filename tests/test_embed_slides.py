@@ -17,7 +17,7 @@ from proalign.encoders import create_encoder
 from proalign.errors import SlideError
 from proalign.pipeline.embed_slides import SlideOptions, embed_slide
 from proalign.slides.patching import patch_slide
-from proalign.slides.synthetic_slides import write_aperio_svs
+from proalign.testing.synthetic_slides import write_aperio_svs
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_prototypes_build_from_archive_with_text_init(tmp_path):
     encoder's feature space, with type names and provenance."""
     from conftest import run_cli
 
-    from proalign.encoders.random_init import write_random_conch
+    from proalign.testing.random_weights import write_random_conch
     from proalign.prototypes.io import read_prototype_file
 
     over = write_random_conch(tmp_path / "conch")
@@ -123,7 +123,7 @@ def test_embed_archive_cli_resumes_and_reports(tmp_path, rng):
     from conftest import run_cli
 
     from proalign import open_store
-    from proalign.encoders.random_init import write_random_conch
+    from proalign.testing.random_weights import write_random_conch
     from proalign.prototypes.io import save_prototypes
 
     over = write_random_conch(tmp_path / "conch")

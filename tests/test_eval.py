@@ -1,5 +1,5 @@
 """Evaluation, pictures and the report (python/proalign/eval), on cohorts whose answer is planted
-in the features (proalign.eval.planted): a pipeline that loses the signal anywhere (embedding,
+in the features (proalign.testing.planted_cohort): a pipeline that loses the signal anywhere (embedding,
 store, join with the labels, folds, head, metric) fails the thresholds, and shuffled labels must
 fall to chance."""
 import base64
@@ -23,7 +23,7 @@ from proalign.eval import plots
 from proalign.eval.data import Dataset
 from proalign.eval.heads import (C_GRID, _Logistic, choose_alpha, cox_log_partial_likelihood, cox_partial_nll,
                                  one_thread)
-from proalign.eval.planted import planted_cohort
+from proalign.testing.planted_cohort import planted_cohort
 from proalign.features import list_slides
 from proalign.pipeline import EmbedOptions, embed_features
 
@@ -58,7 +58,7 @@ def _cohort(seed: int, extra: float = 0.2, null: bool = False, n_patients: int =
     8,208 long) of patch features drawn from g tissue types. Patients of class 1 carry type 5 in a
     share `extra` of their patches; class 0 never does. `null`: the labels are coin flips drawn
     independently of the classes that shaped the features."""
-    from proalign.synthetic import tissue_centres
+    from proalign.testing.synthetic_features import tissue_centres
 
     rng = np.random.default_rng([seed, 3])
     centres = tissue_centres(g, d, seed)
@@ -658,8 +658,8 @@ def test_eval_compare(planted, cli, tmp_path):
 def slide_case(tmp_path_factory):
     """A small synthetic SVS and a features file on its patch grid: the left half of the slide is
     type 0, the right half type 1."""
-    from proalign.slides.synthetic_slides import write_aperio_svs
-    from proalign.synthetic import tissue_centres, write_trident_h5
+    from proalign.testing.synthetic_slides import write_aperio_svs
+    from proalign.testing.synthetic_features import tissue_centres, write_trident_h5
     from proalign.prototypes.io import save_prototypes
 
     root = tmp_path_factory.mktemp("slide")
@@ -737,8 +737,8 @@ def test_montage_usage_map_roc_km(slide_case, planted, cli, tmp_path):
 @pytest.fixture(scope="module")
 def slide_and_conch(tmp_path_factory):
     """A generated 20x slide and a tiny random CONCH (weights folder + its config overrides)."""
-    from proalign.encoders.random_init import write_random_conch
-    from proalign.slides.synthetic_slides import write_aperio_svs
+    from proalign.testing.random_weights import write_random_conch
+    from proalign.testing.synthetic_slides import write_aperio_svs
 
     root = tmp_path_factory.mktemp("heat")
     svs = root / "case-7.svs"

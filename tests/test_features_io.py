@@ -6,7 +6,7 @@ import torch
 
 from proalign.errors import FeatureFileError
 from proalign.features import list_slides, read_features
-from proalign.synthetic import grid_coords, write_clam_h5, write_trident_h5
+from proalign.testing.synthetic_features import grid_coords, write_clam_h5, write_trident_h5
 
 
 def test_trident_h5(tmp_path, rng):

@@ -461,7 +461,7 @@ def test_conch_v1_equals_official_parts(conch_parts_checkpoint, tmp_path):
     from test_encoders import conch_official_keys
 
     from proalign.encoders.conch import ConchConfig
-    from proalign.encoders.random_init import _train_tokenizer
+    from proalign.testing.random_weights import _train_tokenizer
 
     t0 = time.perf_counter()
     model, d = conch_parts_checkpoint

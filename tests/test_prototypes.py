@@ -8,7 +8,7 @@ from proalign.errors import PrototypeError
 from proalign.features import list_slides
 from proalign.prototypes.build import sample_pool, spherical_kmeans, text_allocation, usage
 from proalign.prototypes.io import prototype_hash, read_prototype_file, save_prototypes
-from proalign.synthetic import tissue_centres, write_cohort
+from proalign.testing.synthetic_features import tissue_centres, write_cohort
 
 
 def test_pool_is_a_seeded_random_quota_per_slide(tmp_path):

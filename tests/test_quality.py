@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from proalign.bench import quality
-from proalign.bench.planted_signals import make_cohort, prototypes_for
+from proalign.testing.planted_signals import make_cohort, prototypes_for
 
 DEFAULT = quality.default_variant()
 OLD_DEFAULT = "patches τ0.1"  # the default before the suite (attention over patches, τ = 0.1)

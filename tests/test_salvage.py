@@ -17,10 +17,10 @@ import proalign
 from proalign.errors import StoreError
 from proalign.prototypes.io import save_prototypes
 from proalign.store import open_store
-from proalign.store.lmdb_pages import P_BRANCH, PageFile
+from proalign.store.lmdb_pages import PageFile
 from proalign.store.lmdb_store import decode_record, encode_record
 from proalign.store.salvage import salvage_store
-from proalign.synthetic import write_cohort
+from proalign.testing.synthetic_features import write_cohort
 
 
 def _raw(path: Path) -> dict[str, bytes]:

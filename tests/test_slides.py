@@ -286,7 +286,7 @@ GENERATED = [
 @pytest.mark.parametrize("kind, kw", GENERATED, ids=[f"{k}-{kw['compression']}-{kw['width']}x{kw['height']}"
                                                       for k, kw in GENERATED])
 def test_generated_pyramids_equal_openslide(tmp_path, kind, kw):
-    from proalign.slides.synthetic_slides import write_aperio_svs, write_pyramidal_tiff
+    from proalign.testing.synthetic_slides import write_aperio_svs, write_pyramidal_tiff
 
     path = tmp_path / ("s.svs" if kind == "svs" else "s.tif")
     writer = write_aperio_svs if kind == "svs" else write_pyramidal_tiff
@@ -303,7 +303,7 @@ def test_generated_pyramids_equal_openslide(tmp_path, kind, kw):
 
 def test_generated_patches_at_level1_equal_openslide(tmp_path, rng):
     """An exact downsample of 4, so level-1 corners are level pixels: engine == OpenSlide exactly."""
-    from proalign.slides.synthetic_slides import write_aperio_svs
+    from proalign.testing.synthetic_slides import write_aperio_svs
 
     path = tmp_path / "p.svs"
     write_aperio_svs(path, 4096, 3072, tile=256, levels=(1, 4), seed=5, tissue="dense")
@@ -344,7 +344,7 @@ def test_shrink_on_load_close_to_exact(tmp_path, rng):
     """DCT-domain 1/2 decoding vs the exact path: within another JPEG decoder's rounding (mean
     |diff| < 0.6, max <= 16); not used when it would leave fewer than 1.1 x out_size pixels; each
     tile still decoded once."""
-    from proalign.slides.synthetic_slides import write_aperio_svs
+    from proalign.testing.synthetic_slides import write_aperio_svs
 
     path = tmp_path / "s.svs"
     write_aperio_svs(path, 3000, 2500, tile=256, levels=(1, 16), seed=2, tissue="dense")

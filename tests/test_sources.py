@@ -17,7 +17,7 @@ from proalign.features import read_features
 from proalign.fingerprint import (bytes_fingerprint, feature_file_fingerprint, features_fingerprint, h5_fingerprint,
                                   sample_rows)
 from proalign.prototypes.io import save_prototypes
-from proalign.synthetic import write_clam_h5, write_cohort, write_trident_h5
+from proalign.testing.synthetic_features import write_clam_h5, write_cohort, write_trident_h5
 
 
 @pytest.fixture
@@ -237,8 +237,8 @@ def test_records_without_a_fingerprint_are_compared_by_size_and_mtime(tmp_path, 
 def test_rescanned_slide_file_is_redone(tmp_path):
     """The slides path: a slide file rewritten under the same name (a rescan) is embedded again."""
     from conftest import run_cli
-    from proalign.encoders.random_init import write_random_conch
-    from proalign.slides.synthetic_slides import write_aperio_svs
+    from proalign.testing.random_weights import write_random_conch
+    from proalign.testing.synthetic_slides import write_aperio_svs
 
     over = write_random_conch(tmp_path / "conch")
     save_prototypes(tmp_path / "p.safetensors",

@@ -14,7 +14,7 @@ openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 imagecodecs = pytest.importorskip("imagecodecs")
 
-from proalign.slides import synthetic_slides as ss  # noqa: E402
+from proalign.testing import synthetic_slides as ss  # noqa: E402
 
 
 def _rgb(img):

@@ -465,7 +465,7 @@ def test_empty_grid_round_trip(tmp_path):
 
 
 def test_read_trident_file_written_by_synthetic(tmp_path):
-    from proalign.synthetic import grid_coords, write_trident_h5
+    from proalign.testing.synthetic_features import grid_coords, write_trident_h5
 
     c = grid_coords(10)
     write_trident_h5(tmp_path / "T.h5", np.zeros((10, 8), np.float32), c)
@@ -519,7 +519,7 @@ def test_read_clam_coords(tmp_path):
 
 
 def test_read_clam_file_written_by_synthetic(tmp_path):
-    from proalign.synthetic import grid_coords, write_clam_h5
+    from proalign.testing.synthetic_features import grid_coords, write_clam_h5
 
     c = grid_coords(20, patch=256)
     write_clam_h5(tmp_path / "S.h5", np.zeros((20, 4), np.float32), c, batch=3)

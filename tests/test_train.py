@@ -162,7 +162,7 @@ def test_cli_builds_trains_and_refuses_a_collapsed_set(tmp_path, rng):
     that never prefers one type: training abandons it, the set is refused (exit 1, nothing written)
     unless --force."""
     from proalign.features.io import list_slides, read_features
-    from proalign.synthetic import tissue_centres, write_cohort
+    from proalign.testing.synthetic_features import tissue_centres, write_cohort
 
     d, dj, g, seed = 64, 16, 4, 3
     feats = tmp_path / "feats"
@@ -214,9 +214,9 @@ def test_cli_builds_trains_and_refuses_a_collapsed_set(tmp_path, rng):
 def test_cli_descriptions_with_a_vision_language_encoder(tmp_path):
     """--descriptions NAME with a (random-weight) CONCH: the teacher comes from the encoder's text
     tower, W from its projection, tau_a = 1/logit_scale; the set's name, hash and type names are kept."""
-    from proalign.encoders.random_init import write_random_conch
+    from proalign.testing.random_weights import write_random_conch
     from proalign.prototypes.descriptions import load_descriptions
-    from proalign.synthetic import write_cohort
+    from proalign.testing.synthetic_features import write_cohort
 
     over = write_random_conch(tmp_path / "conch")
     d = over["embed_dim"]

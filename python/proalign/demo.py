@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from .prototypes.build import build_prototype_set
     from .prototypes.io import save_prototypes
     from .store import open_store
-    from .synthetic import write_cohort
+    from .testing.synthetic_features import write_cohort
 
     out = Path(args.out)
     if out.exists():
@@ -62,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _slides_demo(out: Path, n: int) -> bool:
     from .encoders import create_encoder
-    from .encoders.random_init import write_random_conch
+    from .testing.random_weights import write_random_conch
     from .pipeline.slide_worker import embed_archive
     from .prototypes.build import prototypes_from_pool
     from .prototypes.from_slides import sample_slide_pool
     from .prototypes.io import save_prototypes
     from .prototypes.text import text_prototypes
     from .slides.patching import list_slide_files
-    from .slides.synthetic_slides import write_aperio_svs
+    from .testing.synthetic_slides import write_aperio_svs
 
     archive = out / "slides"
     archive.mkdir(parents=True, exist_ok=True)

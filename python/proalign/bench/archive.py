@@ -42,7 +42,7 @@ def generate(work: Path, slides: int, distinct: int, median: float, sigma: float
              seed: int) -> tuple[Path, np.ndarray]:
     """Feature files (one per quantile) and a manifest of `slides` ids over them; returns the
     manifest path and each slide's N."""
-    from ..synthetic import grid_coords, slide_features, tissue_centres, write_trident_h5
+    from ..testing.synthetic_features import grid_coords, slide_features, tissue_centres, write_trident_h5
 
     feats = work / "features"
     feats.mkdir(parents=True, exist_ok=True)

@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..decode.patches import iter_patches
     from ..encoders import create_encoder
-    from ..encoders.random_init import write_random_conch
+    from ..testing.random_weights import write_random_conch
     from ..pipeline.embed_slides import SlideOptions, embed_slide
-    from ..slides.synthetic_slides import write_aperio_svs
+    from ..testing.synthetic_slides import write_aperio_svs
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="proalign-bench-e2e-"))
     work.mkdir(parents=True, exist_ok=True)

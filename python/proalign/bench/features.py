@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from ..prototypes.io import save_prototypes
-    from ..synthetic import write_cohort
+    from ..testing.synthetic_features import write_cohort
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="proalign-bench-"))
     feats = work / "features"

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                args.decoder, args.workers)
         return 0
 
-    from ..slides.synthetic_slides import write_aperio_svs
+    from ..testing.synthetic_slides import write_aperio_svs
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="proalign-bench-patches-"))
     work.mkdir(parents=True, exist_ok=True)

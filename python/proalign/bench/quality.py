@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..defaults import DEFAULT_PROALIGN
-from .planted_signals import REGIMES, SIGNALS, make_cohort, prototypes_for
+from ..testing.planted_signals import REGIMES, SIGNALS, make_cohort, prototypes_for
 
 # name -> (method, options); every ProAlign reading the suite compares, and the baselines.
 METHODS: dict[str, tuple[str, dict]] = {

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model = args.model or ("base" if args.device.startswith("cuda") else "tiny")
 
-    from ..encoders.random_init import write_random_conch
-    from ..slides.synthetic_slides import write_aperio_svs
+    from ..testing.random_weights import write_random_conch
+    from ..testing.synthetic_slides import write_aperio_svs
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="proalign-bench-mem-"))
     work.mkdir(parents=True, exist_ok=True)

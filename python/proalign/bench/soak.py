@@ -47,7 +47,7 @@ D, K = 64, 4  # small features: the soak is about the store and the scheduler, n
 def make_archive(root: Path, n_slides: int, seed: int) -> tuple[Path, Path]:
     """n_slides TRIDENT-style feature files (N 50..600, d 64) and a prototype file."""
     from ..prototypes.io import save_prototypes
-    from ..synthetic import write_cohort
+    from ..testing.synthetic_features import write_cohort
 
     feats = root / "features"
     write_cohort(feats, n_slides=n_slides, d=D, n_range=(50, 600), g=K, seed=seed)

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from .conch import ConchConfig, ConchV1
-from .layers import TimmViT
-from .vit import ARCHS
+from ..encoders.conch import ConchConfig, ConchV1
+from ..encoders.layers import TimmViT
+from ..encoders.vit import ARCHS
 
 # A CONCH-shaped model small enough for a CPU demo: same modules, fewer and narrower layers.
 TINY_CONCH = dict(image_size=64, patch_size=16, width=64, layers=2, heads=2, embed_dim=64, pooler_heads=2,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..synthetic import grid_coords, tissue_centres, write_trident_h5
+from .synthetic_features import grid_coords, tissue_centres, write_trident_h5
 
 CLASSES = ("LUAD", "LUSC")
 
