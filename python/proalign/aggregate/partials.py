@@ -56,7 +56,7 @@ def finish(pi_sum, denom, s1, s2, lengths, prototypes, shift, over: str, prior: 
     n_slides, t, k = pi_sum.shape
     c = prototypes.to(s1.device, torch.float64)
     rho = float(prior) if over == "prototypes" else 0.0
-    mass = (denom + rho)[..., None]
+    mass = (denom + rho).clamp_min(torch.finfo(torch.float64).tiny)[..., None]  # as reference.proalign
     h = (s1 + rho * c) / mass
     parts = [pi_sum / lengths.to(pi_sum.device, torch.float64)[:, None, None], h.reshape(n_slides, t, -1)]
     if s2 is not None:

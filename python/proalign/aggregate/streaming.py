@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import aggregate, with_defaults
+from . import aggregate, partials, with_defaults
 from .reference import PANTHER_EM_STEPS, PANTHER_EPS, PANTHER_TAU
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
@@ -37,6 +37,7 @@ class StreamingAggregator:
         if method == "proalign" and (not self.taus or min(self.taus) <= 0):
             raise ValueError(f"tau must be > 0, got {self.taus}")
         self.c = torch.as_tensor(prototypes).double()
+        self.shift = partials.second_moment_shift(self.c).double()  # moments=2: sums of (x - shift)^2
         self.queries = None if queries is None else torch.as_tensor(queries).double()
         self.eps, self.prior_strength, self.em_steps = eps, prior_strength, em_steps
         self.n = 0
@@ -71,7 +72,7 @@ class StreamingAggregator:
         q = c if self.queries is None else self.queries.to(x.device)
         cos = F.normalize(k_in, dim=1) @ F.normalize(q, dim=1).T
         out = {}
-        x2 = x * x if self.moments == 2 else None
+        x2 = (x - self.shift.to(x.device)) ** 2 if self.moments == 2 else None
         for t, tau in enumerate(self.taus):
             s = cos / tau
             per_patch = torch.softmax(s, dim=1)
@@ -137,17 +138,15 @@ class StreamingAggregator:
         if self.n == 0:
             raise ValueError("no patches were added")
         st, n = self._state, self.n
-        if self.method == "proalign":
-            rows, c, rho = [], self.c, self.prior if self.over == "prototypes" else 0.0
-            for t in range(len(self.taus)):
-                mass = st[f"l_{t}"] if self.over == "patches" else st[f"w_{t}"] + rho
-                mass = mass.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
-                h = (st[f"acc_{t}"] + rho * c) / mass
-                parts = [st[f"pi_{t}"] / n, h.reshape(-1)]
-                if self.moments == 2:
-                    parts.append(((st[f"acc2_{t}"] + rho * c * c) / mass - h * h).reshape(-1))
-                rows.append(torch.cat(parts))
-            out = torch.stack(rows)
+        if self.method == "proalign":  # the fused kernels' finishing step, on one slide's merged sums
+            ts = range(len(self.taus))
+            weight = "l" if self.over == "patches" else "w"
+
+            def stacked(name: str) -> torch.Tensor:
+                return torch.stack([st[f"{name}_{t}"] for t in ts])[None]
+            out = partials.finish(stacked("pi"), stacked(weight), stacked("acc"),
+                                  stacked("acc2") if self.moments == 2 else None, torch.tensor([n]), self.c,
+                                  self.shift, self.over, self.prior)[0]
             return (out if self.several else out[0]).float()
         if self.method == "panther":
             if self.em_steps != 1:
