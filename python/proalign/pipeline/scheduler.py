@@ -33,7 +33,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -43,6 +42,7 @@ from typing import Sequence
 
 from ..errors import ProAlignError, SourceChangedError, StoreError, StoreOptionsError, StoreWriteError
 from ..features.io import SlideEntry, check_slide_id
+from ..report_file import write_report
 from .executors import InlineExecutor, ProcessExecutor, SlideDropped
 from .source_check import ON_CHANGE, check_source
 from .worker import EmbedOptions, WorkerSpec, describe
@@ -168,25 +168,8 @@ class RunReport:
         return s
 
     def write(self, path: Path) -> None:
-        """Write the report to `path`; where that fails (a full disk: the report sits beside the
-        store), to the system's temporary folder instead, saying so: the run's exit code and its
-        record of what is pending must survive the disk that stopped it."""
-        try:
-            self._write(path)
-        except OSError as e:
-            fallback = Path(tempfile.gettempdir()) / f"proalign-{path.name}"
-            log.warning("cannot write the run report to %s (%s); writing it to %s", path, e, fallback)
-            self._write(fallback)
-            self.report_path = str(fallback)
-
-    def _write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps({**asdict(self), "ok": self.ok, "exit_code": self.exit_code}, indent=2))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        """Write the report (report_file.write_report: the temp folder when the store's disk is full)."""
+        self.report_path = str(write_report(path, {**asdict(self), "ok": self.ok, "exit_code": self.exit_code}))
 
 
 # -- progress ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import StoreError
+from ..report_file import write_report
 from .lmdb_store import decode_record, hold_reader_lock, normalise_options, open_store
 
 
@@ -186,7 +187,5 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike],
     report.seconds = time.perf_counter() - t0
     if report_path is None:
         report_path = out / "reports" / f"merge-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}.json"
-    report.report_path = str(report_path)
-    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(report_path).write_text(json.dumps(asdict(report), indent=2))
+    report.report_path = str(write_report(report_path, asdict(report)))
     return report

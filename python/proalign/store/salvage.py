@@ -30,7 +30,6 @@ Two ways to read DAMAGED:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import StoreError
+from ..report_file import write_report
 from .lmdb_pages import Node, PageFile
 from .lmdb_store import MAGIC, EmbeddingStore, decode_record, hold_reader_lock
 
@@ -279,7 +279,5 @@ def salvage_store(damaged: str | os.PathLike, out: str | os.PathLike, method: st
     report.seconds = time.perf_counter() - t0
     if report_path is None:
         report_path = out / "reports" / f"salvage-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    report.report_path = str(report_path)
-    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(report_path).write_text(json.dumps({**asdict(report), "complete": report.complete}, indent=2))
+    report.report_path = str(write_report(report_path, {**asdict(report), "complete": report.complete}))
     return report
