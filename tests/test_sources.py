@@ -106,7 +106,7 @@ def test_byte_range_fingerprint(tmp_path, rng):
 
 
 def test_reextracted_features_are_redone_and_reported(tmp_path, cli, cohort, rng):
-    """The issue's case: a feature file replaced by 100 rows of other values; the rerun used to say
+    """The issue's case: a feature file replaced by rows of other values (another count); the rerun used to say
     '0 embedded, 5 already stored' and keep the old embedding."""
     feats, ppath, protos = cohort
     out = tmp_path / "s.lmdb"
@@ -115,10 +115,11 @@ def test_reextracted_features_are_redone_and_reported(tmp_path, cli, cohort, rng
     with proalign.open_store(out) as s:
         before = {k: s[k].copy() for k in s}
         assert s.meta(sid)["feature_source"]["fingerprint"].startswith("rows-v1:")
-    x = rng.standard_normal((100, 32)).astype(np.float32)
+        n = s.meta(sid)["n_patches"] + 3  # never the stored count: the messages below name the new shape
+    x = rng.standard_normal((n, 32)).astype(np.float32)
     _replace_features(feats / f"{sid}.h5", x)
     r = cli("store", "verify", out, "--sources", check=1)
-    assert f"CHANGED {sid}: {feats / sid}.h5" in r.stderr and "100 x 32" in r.stderr
+    assert f"CHANGED {sid}: {feats / sid}.h5" in r.stderr and f"{n} x 32" in r.stderr
     assert "sources: 1 changed, 0 missing" in r.stdout
     r = _embed(cli, feats, ppath, out)
     assert "1 embedded, 4 already stored" in r.stdout and "1 source file(s) changed since stored" in r.stdout
@@ -127,7 +128,7 @@ def test_reextracted_features_are_redone_and_reported(tmp_path, cli, cohort, rng
     assert rep["done"] == [sid] and list(rep["changed_sources"]) == [sid] and rep["on_change"] == "redo"
     with proalign.open_store(out) as s:
         np.testing.assert_allclose(s[sid], ref.default_reading(x, protos), rtol=1e-5, atol=1e-6)
-        assert s.meta(sid)["n_patches"] == 100
+        assert s.meta(sid)["n_patches"] == n
         for k in before:
             if k != sid:
                 np.testing.assert_array_equal(s[k], before[k])
@@ -143,7 +144,8 @@ def test_on_change_keep_and_fail(tmp_path, cli, cohort, rng):
     sid = sorted(p.stem for p in feats.iterdir())[0]
     with proalign.open_store(out) as s:
         old, old_meta = s[sid].copy(), s.meta(sid)
-    _replace_features(feats / f"{sid}.h5", rng.standard_normal((100, 32)).astype(np.float32))
+    n_new = old_meta["n_patches"] + 1  # another size, whatever the cohort drew (a draw of 100 rows once failed CI)
+    _replace_features(feats / f"{sid}.h5", rng.standard_normal((n_new, 32)).astype(np.float32))
     r = _embed(cli, feats, ppath, out, "--on-change", "fail", check=2)
     assert f"{sid} ({feats / sid}.h5: size" in r.stderr and "--on-change redo" in r.stderr
     assert "Traceback" not in r.stderr
