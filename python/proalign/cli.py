@@ -65,8 +65,21 @@ encoder_opts = [
                  help="Extra create_encoder argument (e.g. tokenizer=PATH); repeatable."),
     click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)."),
 ]
+def _keep_mpp_keys(ctx, param, value):
+    # not a parameter of the commands: _mpp_rule reads it from the context (one rule for all of them)
+    ctx.meta["custom_mpp_keys"] = value
+    return value
+
+
+mpp_keys_opt = click.option(
+    "--custom-mpp-keys", metavar="KEY[,KEY]", multiple=True, expose_value=False, callback=_keep_mpp_keys,
+    help="Slide properties holding the level-0 mpp under a non-standard name (e.g. aperio.ScanMPP or ScanMPP), "
+         "read when the standard metadata has none.")
 archive_opts = [
-    click.option("--archive", type=click.Path(exists=True, file_okay=False), help="Folder of slide files."),
+    click.option("--archive", type=click.Path(exists=True, file_okay=False),
+                 help="Folder of slide files (searched recursively; a slide's id is its file name without the "
+                      "extension, so two files with one id: the first in path order is used, the other reported)."),
+    mpp_keys_opt,
     click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for slides without one."),
     click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False), help="Per-slide mpp: columns wsi,mpp."),
     click.option("--mag", type=float, default=None, help="Target magnification (default: the encoder's)."),
@@ -132,17 +145,32 @@ def _sample_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, pa
     paths = list_slide_files(archive)
     if not paths:
         raise click.UsageError(f"no slide files found under {archive}")
-    return sample_slide_pool(paths, enc, pool_size, seed, magnification=mag, patch_size=patch_size,
-                             min_tissue=min_tissue, mpp_for=_mpp_lookup(slide_mpp, mpp_csv), device=dev)
+    rule = _mpp_rule(slide_mpp, mpp_csv)
+    pool = sample_slide_pool(paths, enc, pool_size, seed, magnification=mag, patch_size=patch_size,
+                             min_tissue=min_tissue, mpp_for=rule.user_mpp, device=dev, mpp_keys=rule.keys)
+    _say_missing_mpp(pool.skipped)
+    return pool
 
 
-def _mpp_lookup(slide_mpp, mpp_csv):
-    """path -> the user's mpp for that slide (--mpp-csv by name or stem, else --slide-mpp) or None."""
-    from .slides.manifest import mpp_for, user_mpp_table
-    from .slides.patching import read_mpp_csv
+def _mpp_rule(slide_mpp, mpp_csv):
+    """The mpp options of every command (--mpp-csv, --slide-mpp, --custom-mpp-keys) as one
+    slides.mpp.MppRule: the user's mpp per slide (`user_mpp`) and the custom keys (`keys`)."""
+    from .slides.mpp import mpp_rule
 
-    table = user_mpp_table(read_mpp_csv(mpp_csv) if mpp_csv else None, slide_mpp or None)
-    return lambda p: mpp_for(table, p)
+    ctx = click.get_current_context(silent=True)
+    keys = ctx.meta.get("custom_mpp_keys") if ctx is not None else None
+    return mpp_rule(mpp_csv=mpp_csv, slide_mpp=slide_mpp, custom_mpp_keys=keys)
+
+
+def _say_missing_mpp(failed: dict) -> dict:
+    """{slide id: reason} of a run -> the same with the missing-mpp fix left out of each reason,
+    after saying, once, which slides have no mpp and how to give it."""
+    from .slides.mpp import is_missing_mpp, missing_mpp_summary, without_fix
+
+    missing = [sid for sid, why in failed.items() if is_missing_mpp(why)]
+    if missing:
+        click.echo(missing_mpp_summary(missing), err=True)
+    return {sid: without_fix(why) if sid in missing else why for sid, why in failed.items()}
 
 
 def _with(options):
@@ -257,19 +285,16 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
         if archive or slide_manifest:
             from .pipeline.embed_slides import SlideOptions
             from .pipeline.slide_worker import embed_archive
-            from .slides.manifest import user_mpp_table
-            from .slides.patching import read_mpp_csv
-
             if features or (archive and manifest):
                 raise click.UsageError("give --archive, --manifest or --features, one of them")
             if not (encoder and weights):
                 raise click.UsageError("slide files need --encoder and --weights")
-            table = read_mpp_csv(mpp_csv) if mpp_csv else {}
-            mpp = user_mpp_table(table, slide_mpp or None)
+            rule = _mpp_rule(slide_mpp, mpp_csv)
+            mpp = dict(rule.table)
             if slide_manifest:  # the recorded mpp and sizes; --slide-mpp/--mpp-csv fill slides without an mpp
                 from .slides.manifest import read_slide_manifest
 
-                m = read_slide_manifest(manifest, slide_mpp=slide_mpp, mpp_table=table)
+                m = read_slide_manifest(manifest, mpp_table=rule.table)
                 archive, mpp = m.entries, {}
                 scheduling["duplicates"] = m.duplicates  # reported (and logged) by the run
             sopts = SlideOptions(magnification=mag, patch_size=patch_size, min_tissue=min_tissue, decoder=decoder,
@@ -277,7 +302,7 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
                                  features_dir=save_features)
             rep = embed_archive(archive, encoder, weights, prototypes, out, options=opts, slide_options=sopts,
                                 encoder_kwargs=_encoder_kwargs(encoder_args), device=device, mpp=mpp,
-                                overwrite=overwrite, **scheduling)
+                                mpp_keys=rule.keys, overwrite=overwrite, **scheduling)
         else:
             rep = embed_features(_entries(features, manifest), prototypes, out, opts, overwrite=overwrite,
                                  **scheduling)
@@ -287,7 +312,7 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
     click.echo(rep.summary())
     for sid, what in rep.changed_sources.items():
         click.echo(f"SOURCE CHANGED {sid}: {what}" + (" (record kept)" if rep.on_change == "keep" else ""), err=True)
-    for sid, why in rep.failed.items():
+    for sid, why in _say_missing_mpp(rep.failed).items():
         click.echo(f"FAILED {sid}: {why}", err=True)
     click.echo(f"report: {rep.report_path}")
     sys.exit(rep.exit_code)
@@ -326,20 +351,22 @@ class _ManifestProgress:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The manifest CSV to write.")
 @click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for every slide (as embed --slide-mpp).")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False), help="Per-slide mpp: columns wsi,mpp.")
+@mpp_keys_opt
 @click.option("--workers", default=None, type=click.IntRange(1), help="Processes reading metadata (default: cores).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def manifest_cmd(archive, out, slide_mpp, mpp_csv, workers, progress):
     """List an archive once: one CSV row per slide file (slide_id, path, size_bytes, format, width,
-    height, levels, mpp, mpp_source, objective_power, status, error), from each slide's metadata
+    height, levels, mpp, mpp_source, objective_power, magnification, status, error), from each slide's metadata
     only (no pixels), read by a process pool. Slides that do not open are listed with the reason
     (status error). `embed --manifest OUT` then reuses it: no listing, no mpp lookups."""
     from .slides.manifest import build_manifest
-    from .slides.patching import read_mpp_csv
+    from .slides.mpp import missing_mpp_summary
 
+    rule = _mpp_rule(slide_mpp, mpp_csv)
     shown = _ManifestProgress(progress)
     try:
-        rows = build_manifest(archive, out, slide_mpp=slide_mpp, mpp_table=read_mpp_csv(mpp_csv) if mpp_csv else None,
-                              workers=workers, progress=shown.update)
+        rows = build_manifest(archive, out, mpp_table=rule.table, workers=workers, progress=shown.update,
+                              mpp_keys=rule.keys)
     finally:
         shown.close()
     if not rows:
@@ -351,8 +378,7 @@ def manifest_cmd(archive, out, slide_mpp, mpp_csv, workers, progress):
     click.echo(f"wrote {out}: {len(rows)} slides, {len(rows) - len(bad)} readable, {len(bad)} not "
                f"({sum(int(r['size_bytes'] or 0) for r in rows) / 2**30:.2f} GiB)")
     if no_mpp:
-        click.echo(f"{len(no_mpp)} slide(s) have no mpp (e.g. {no_mpp[0]['slide_id']}): give --slide-mpp or "
-                   "--mpp-csv here or to embed", err=True)
+        click.echo(missing_mpp_summary([r["slide_id"] for r in no_mpp]) + " (here or to embed)", err=True)
 
 
 @main.command()
@@ -584,6 +610,7 @@ def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
               help="inside: patches wholly inside the slide; pad: TRIDENT/CLAM's corner-inside rule.")
 @click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for slides without one (TCGA has none).")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False), help="Per-slide mpp: columns wsi,mpp.")
+@mpp_keys_opt
 @click.option("--out", required=True, type=click.Path(),
               help="coords .h5 for one slide, else a job folder: OUT/patches/<slide>_patches.h5 (TRIDENT layout).")
 def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_mpp, mpp_csv, out):
@@ -595,27 +622,38 @@ def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_
     if mag is not None and target_mpp is not None:
         raise click.UsageError("give --mag or --mpp, not both")
     single = len(slides) == 1 and out.endswith(".h5")
-    mpp_of = _mpp_lookup(slide_mpp, mpp_csv)
-    failed = 0
+    rule = _mpp_rule(slide_mpp, mpp_csv)
+    failed, no_mpp = 0, []
     for path in slides:
         p = Path(path)
-        mpp = mpp_of(p)
+        mpp = rule.user_mpp(p)
         try:
             slide, grid = patch_slide(p, mpp=mpp, patch_size=patch_size, target_magnification=mag,
-                                      target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue, edge=edge)
+                                      target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue, edge=edge,
+                                      mpp_keys=rule.keys)
             dest = Path(out) if single else trident_coords_path(out, p.stem)
             write_coords_h5(dest, grid, name=p.stem)
             slide.close()
         except ProAlignError as e:
+            from .slides.mpp import is_missing_mpp, without_fix
+
             failed += 1
-            click.echo(f"FAILED: {e}", err=True)
+            if is_missing_mpp(str(e)):  # the fix is said once, below
+                no_mpp.append(p.stem)
+            click.echo(f"FAILED: {without_fix(str(e))}", err=True)
             continue
         except Exception as e:  # a reader that let something else through: still this slide's problem
             failed += 1
             click.echo(f"FAILED: {p}: unexpected {type(e).__name__}: {e}", err=True)
             continue
+        res = (f"; level 0: {grid.level0_mpp:.4g} um/px, {grid.level0_magnification:g}x"
+               if grid.level0_mpp and grid.level0_magnification else "")
         click.echo(f"{p.name}: {len(grid)} patches of {grid.patch_size_level0} px at level 0, read at level "
-                   f"{grid.level} ({grid.read_size} px) -> {dest}")
+                   f"{grid.level} ({grid.read_size} px{res}) -> {dest}")
+    if no_mpp:
+        from .slides.mpp import missing_mpp_summary
+
+        click.echo(missing_mpp_summary(no_mpp), err=True)
     if failed:
         click.echo(f"{failed} of {len(slides)} slides failed", err=True)
         sys.exit(1)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -53,11 +54,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(s)} slides stored; {first}: embedding {e.shape} ({s.meta(first)['n_patches']} patches), "
               f"pi (tau {s.meta(first)['taus'][0]}) = " + " ".join(f"{v:.3f}" for v in e[0, :16]))
     print(f"run report: {rep.report_path}")
-    print(f"next: proalign-engine store ls {store_path}")
     ok = rep.ok
     if args.slide_files:
         ok = _slides_demo(out, args.slide_files) and ok
+    print("\nnext, on these outputs (each runs in seconds on a CPU):")
+    for cmd in next_commands(out, slides=bool(args.slide_files), first=first):
+        print(f"  {cmd}")
     return 0 if ok else 1
+
+
+def next_commands(out: Path, *, slides: bool = True, first: str = "SYN-00-00000") -> list[str]:
+    """Two or three `proalign-engine` commands a newcomer can run next on the demo's outputs in
+    `out` (tests run them). The random-weight model folder records its architecture
+    (proalign_encoder.json), so `--weights` on it needs no `--encoder-arg`."""
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    if not slides:
+        return [f"proalign-engine store ls {q(out / 'embeddings.lmdb')}",
+                f"proalign-engine store show {q(out / 'embeddings.lmdb')} {q(first)}"]
+    return [f"proalign-engine heatmap {q(out / 'slides' / 'DEMO-00.svs')} --encoder conch_v1 "
+            f"--weights {q(out / 'conch_v1_random')} --prototypes {q(out / 'prototypes_lung_text.safetensors')} "
+            f"--descriptions lung --out {q(out / 'DEMO-00_heatmap.png')}",
+            f"proalign-engine patch {q(out / 'slides' / 'DEMO-00.svs')} --out {q(out / 'job')}",
+            f"proalign-engine store show {q(out / 'slide_embeddings.lmdb')} DEMO-00"]
 
 
 def _slides_demo(out: Path, n: int) -> bool:
@@ -78,9 +96,10 @@ def _slides_demo(out: Path, n: int) -> bool:
                          app_mag=20, pen_marks=i == 0)
     print(f"\nslides path: {n} generated Aperio SVS slides (JPEG tiles, 20x) in {archive}")
     weights = out / "conch_v1_random"
-    over = write_random_conch(weights)
-    enc = create_encoder("conch_v1", weights, **over)
-    print(f"encoder: {enc!r} with RANDOM weights ({weights}): the embeddings below carry no meaning")
+    write_random_conch(weights)  # records its small architecture in proalign_encoder.json
+    enc = create_encoder("conch_v1", weights)
+    print(f"encoder: {enc!r} with RANDOM weights ({weights}; architecture in {weights / 'proalign_encoder.json'}): "
+          "the embeddings below carry no meaning")
     pool = sample_slide_pool(list_slide_files(archive), enc, 2000, 0, patch_size=128)
     t = text_prototypes(enc, "lung").numpy()
     ps = prototypes_from_pool(pool, "text", k=t.shape[0], seed=0, text_prototypes=t,
@@ -90,7 +109,7 @@ def _slides_demo(out: Path, n: int) -> bool:
     print(f"prototypes: {proto_path} (init=text from the lung set, pool {len(pool.x)} patches)")
     from .pipeline.embed_slides import SlideOptions
     rep = embed_archive(archive, "conch_v1", weights, proto_path, out / "slide_embeddings.lmdb",
-                        slide_options=SlideOptions(patch_size=128), encoder_kwargs=over, progress=False)
+                        slide_options=SlideOptions(patch_size=128), progress=False)
     print(rep.summary())
     print(f"store: {(out / 'slide_embeddings.lmdb').resolve()}; run report: {rep.report_path}")
     return rep.ok

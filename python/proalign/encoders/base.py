@@ -73,6 +73,53 @@ def find_weights(path: str | os.PathLike | None, candidates: Sequence[str], *, w
     raise EncoderError(f"{what}: weights path {p} does not exist.\n{howto}")
 
 
+# A weights folder may carry the architecture settings its checkpoint was made with (a model that
+# is not the published size, e.g. the demo's small random CONCH): create_encoder reads them, and
+# explicit keyword arguments (--encoder-arg) win over them.
+ENCODER_CONFIG_FILE = "proalign_encoder.json"
+
+
+class CheckpointMismatchError(EncoderError):
+    """The checkpoint's keys or tensor shapes are not those of the architecture being built."""
+
+
+def write_encoder_config(folder: str | os.PathLike, encoder: str, config: Mapping[str, Any], *,
+                         note: str = "") -> Path:
+    """Record `config` (create_encoder keyword arguments, e.g. architecture overrides) for the
+    weights in `folder`, as ENCODER_CONFIG_FILE; create_encoder(encoder, folder) then applies them."""
+    import json
+
+    path = Path(folder) / ENCODER_CONFIG_FILE
+    doc = {"encoder": encoder, "config": dict(config), **({"note": note} if note else {})}
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_encoder_config(weights: str | os.PathLike | None, encoder: str) -> tuple[Optional[Path], dict[str, Any]]:
+    """(file, settings) of ENCODER_CONFIG_FILE in the weights folder (or beside the weights file),
+    or (None, {}) when there is none. A file for another encoder, or one that does not parse,
+    raises EncoderError naming it."""
+    import json
+
+    if weights is None or str(weights) == "":
+        return None, {}
+    p = Path(weights).expanduser()
+    folder = p if p.is_dir() else p.parent
+    path = folder / ENCODER_CONFIG_FILE
+    if not path.is_file():
+        return None, {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EncoderError(f"{path}: unreadable encoder config ({e}); fix or delete it") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("config", {}), dict):
+        raise EncoderError(f"{path}: an encoder config is a JSON object "
+                           '{"encoder": NAME, "config": {KEY: VALUE, ...}}; fix or delete it')
+    if doc.get("encoder") not in (None, encoder):
+        raise EncoderError(f"{path}: these weights are for encoder {doc['encoder']!r}, not {encoder!r}")
+    return path, dict(doc.get("config") or {})
+
+
 def _unwrap(obj: Any) -> Any:
     # Training checkpoints nest the weights ({"state_dict": ...}, {"model": ...}).
     for key in ("state_dict", "model", "module"):
@@ -133,12 +180,12 @@ def load_checkpoint(model: nn.Module, sd: Mapping[str, torch.Tensor], *, what: s
             parts.append(f"missing keys: {_few(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_few(unexpected)}")
-        raise EncoderError(f"{what}: {path} does not match the architecture ({'; '.join(parts)}). "
+        raise CheckpointMismatchError(f"{what}: {path} does not match the architecture ({'; '.join(parts)}). "
                            "Is it the checkpoint of this encoder, with the same configuration?")
     bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(t.shape)}"
            for k, t in expected.items() if tuple(sd[k].shape) != tuple(t.shape)]
     if bad:
-        raise EncoderError(f"{what}: {path} has tensors of other shapes than the architecture: "
+        raise CheckpointMismatchError(f"{what}: {path} has tensors of other shapes than the architecture: "
                            + "; ".join(bad[:6]) + (f" ... ({len(bad)} in all)" if len(bad) > 6 else ""))
     model.load_state_dict(dict(sd), strict=True, assign=True)
     model.to(dtype=torch.float32)

@@ -12,7 +12,7 @@ import os
 from typing import Any, Callable, Optional
 
 from ..errors import EncoderError
-from .base import Encoder
+from .base import CheckpointMismatchError, Encoder, read_encoder_config
 from .clip import ARCHS as CLIP_ARCHS
 from .clip import build_open_clip
 from .conch import build_conch_v1
@@ -76,20 +76,40 @@ def create_encoder(name: str, weights: Optional[str | os.PathLike], *, device: A
     go to the encoder's builder: architecture overrides (timm / open_clip style), `tokenizer=PATH`,
     `mean`/`std`/`interpolation`/`magnification`/`patch_px` for the timm and open_clip families,
     `impl="native"|"conch"|"auto"` for conch_v1. A missing path raises EncoderError saying what to
-    download (official repository and file name) and where to put it."""
+    download (official repository and file name) and where to put it. A weights folder holding
+    ENCODER_CONFIG_FILE (`proalign_encoder.json`, written by `write_encoder_config`, e.g. by the
+    demo's random-weight models) supplies keyword arguments recorded with the weights; the ones
+    given here win; a checkpoint that does not match them raises an EncoderError naming the file."""
     if not isinstance(name, str) or not name:
         raise EncoderError(f"encoder name must be a non-empty string, got {name!r}")
     common = dict(device=device, dtype=dtype, compile=compile)
     family, sep, arch = name.partition(":")
-    if name in _EXACT:
-        enc = _EXACT[name][0](weights, **common, **kwargs)
-    elif sep and family in _FAMILIES and arch:
-        enc = _FAMILIES[family][0](name, arch, weights, **common, **kwargs)
-    else:
+    if not (name in _EXACT or (sep and family in _FAMILIES and arch)):
         close = difflib.get_close_matches(name, list_encoders(), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise EncoderError(f"unknown encoder {name!r}.{hint} Known: {', '.join(_EXACT)}, open_clip:<arch>, "
                            "timm:<arch> (list_encoders() lists them).")
+    # settings recorded beside the weights (ENCODER_CONFIG_FILE); explicit keyword arguments win
+    cfg_path, recorded = read_encoder_config(weights, name)
+    given = dict(kwargs)
+    kwargs = {**recorded, **kwargs}
+    try:
+        if name in _EXACT:
+            enc = _EXACT[name][0](weights, **common, **kwargs)
+        else:
+            enc = _FAMILIES[family][0](name, arch, weights, **common, **kwargs)
+    except EncoderError as e:
+        if cfg_path is None or not recorded:
+            raise
+        used = ", ".join(f"{k}={v!r}" for k, v in recorded.items() if k not in given)
+        over = ", ".join(f"{k}={v!r}" for k, v in given.items() if k in recorded)
+        also = f"; given explicitly instead of the file's: {over}" if over else ""
+        if isinstance(e, CheckpointMismatchError):
+            raise CheckpointMismatchError(
+                f"{e}\nThe architecture was built from {cfg_path} ({used}{also}), and the checkpoint's keys or "
+                f"shapes disagree with it: fix or delete {cfg_path}, or override a value with --encoder-arg "
+                "KEY=VALUE (create_encoder keyword arguments win over the file).") from e
+        raise EncoderError(f"{e}\n(settings read from {cfg_path}: {used}{also})") from e
     if cuda_graphs:
         enc.use_cuda_graphs()
     return enc

@@ -110,15 +110,16 @@ def find_coords(coords_dir: str | Path, slide_id: str) -> Path:
 def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "proalign",
                 aggregate_kwargs: dict | None = None, options: SlideOptions = SlideOptions(),
                 slide_id: str | None = None, mpp: float | None = None, device: str | torch.device = "cpu",
-                text_prototypes=None) -> SlideResult:
+                text_prototypes=None, mpp_keys: tuple[str, ...] = ()) -> SlideResult:
     """Embed one slide file. `encoder` follows proalign.encoders (preprocess, encode_image,
     project, input_size, magnification, patch_size). `text_prototypes` switches proalign to
-    space=joint (keys = projected patches)."""
+    space=joint (keys = projected patches). `mpp_keys`: custom property names holding the mpp
+    of a slide whose standard metadata has none (--custom-mpp-keys)."""
     path = Path(path)
     slide_id = slide_id or path.stem
     timing = {"grid_s": 0.0, "patches_s": 0.0, "encode_s": 0.0, "aggregate_s": 0.0}
     t0 = time.perf_counter()
-    slide = open_slide(path, mpp=mpp)
+    slide = open_slide(path, mpp=mpp, mpp_keys=tuple(mpp_keys))
     try:
         patch_size = options.patch_size or encoder.patch_size
         if options.coords_dir:

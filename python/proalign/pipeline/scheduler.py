@@ -54,6 +54,14 @@ MAX_STORE_FAILURES = 3  # slides in a row that could not be stored before the ru
 
 
 # -- shards --------------------------------------------------------------------------------------
+def _log_reason(reason: str) -> str:
+    """A failure reason as logged per slide: without the missing-mpp fix, which the command says
+    once for the run (slides/mpp.py; the report keeps the whole reason)."""
+    from ..slides.mpp import without_fix
+
+    return without_fix(reason)
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """"i/n" (0 <= i < n) -> (i, n)."""
     try:
@@ -588,13 +596,13 @@ def run_archive(
                         cache.release(task.entry)
                     task.reasons.append(ev.error)
                     if task.tries <= retries:
-                        log.warning("%s failed (try %d), will retry: %s", sid, task.tries, ev.error)
+                        log.warning("%s failed (try %d), will retry: %s", sid, task.tries, _log_reason(ev.error))
                         queue.append(task)
                     else:
                         report.failed[sid] = ev.error
                         report.quarantine[sid] = {"path": str(task.entry.path), "tries": task.tries,
                                                   "reasons": list(task.reasons)}
-                        log.error("%s failed: %s", sid, ev.error)
+                        log.error("%s failed: %s", sid, _log_reason(ev.error))
                         bar.step(sid, "FAILED", 0, task.size)
                     if report.aborted:
                         break  # the rest of this batch stays in flight: pending

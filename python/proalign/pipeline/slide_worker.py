@@ -29,6 +29,7 @@ class SlideSpec:
     options: SlideOptions = SlideOptions()
     mpp: dict = field(default_factory=dict)  # slide file name or stem -> level-0 mpp; "*": the default (mpp_for)
     text_prototypes: np.ndarray | None = None  # (K, D): proalign in the joint space
+    mpp_keys: tuple = ()  # custom property names holding the mpp (--custom-mpp-keys)
 
     def key(self) -> dict:
         """What, besides the aggregation options, a stored record must match to count as done."""
@@ -98,7 +99,8 @@ class SlideFileWorker:
             st = fingerprint = None  # embed_slide names the problem
         res = embed_slide(path, self.encoder, self.c, method=opts.method, aggregate_kwargs=opts.aggregate_kwargs(),
                           options=self.slides.options, slide_id=entry.slide_id, mpp=mpp,
-                          device=self.device, text_prototypes=self.slides.text_prototypes)
+                          device=self.device, text_prototypes=self.slides.text_prototypes,
+                          **({"mpp_keys": tuple(self.slides.mpp_keys)} if self.slides.mpp_keys else {}))
         if st is None:
             st, fingerprint = source.stat(), bytes_fingerprint(path)
         emb = np.ascontiguousarray(res.embedding.astype(opts.dtype))
@@ -129,13 +131,15 @@ def embed_archive(archive: str | Path | Sequence, encoder: str, weights: str | P
                   store: str | Path, *,
                   options: EmbedOptions = EmbedOptions(), slide_options: SlideOptions = SlideOptions(),
                   encoder_kwargs: dict | None = None, device: str | None = None, mpp: dict | None = None,
-                  text_prototypes: np.ndarray | None = None, overwrite: bool = False, **scheduling):
+                  text_prototypes: np.ndarray | None = None, overwrite: bool = False,
+                  mpp_keys: Sequence[str] = (), **scheduling):
     """Every slide file under `archive` -> one record each in `store` (resumable, sharded, retried:
     see scheduler.run_archive for `scheduling`, cache_dir and duplicates included). `archive` may
     also be a list of entries, e.g. `read_slide_manifest(...).entries` (their recorded size and mpp
     are used). Of several files with one slide id only the first in sorted path order is embedded
     (`manifest.duplicate_ids`, as the manifest does); the others are listed in the report's
-    `duplicates`. Returns the run report."""
+    `duplicates`. `mpp_keys`: custom property names holding the mpp of slides whose standard
+    metadata has none (--custom-mpp-keys; slides/mpp.py). Returns the run report."""
     from ..features.io import SlideEntry
     from ..prototypes.io import read_prototype_file
     from ..slides.manifest import duplicate_ids
@@ -159,6 +163,6 @@ def embed_archive(archive: str | Path | Sequence, encoder: str, weights: str | P
     entries = [e for n, e in enumerate(entries) if n not in dup]
     c, _ = read_prototype_file(prototypes)
     slides = SlideSpec(encoder, str(weights), dict(encoder_kwargs or {}), device, slide_options, dict(mpp or {}),
-                       text_prototypes)
+                       text_prototypes, tuple(mpp_keys or ()))
     spec = SlideFileSpec(c, str(prototypes), slides, options, scheduling.pop("threads", None))
     return run_archive(entries, spec, store, overwrite=overwrite, duplicates=duplicates, **scheduling)

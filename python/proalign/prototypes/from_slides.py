@@ -14,6 +14,7 @@ import torch
 
 from ..decode.patches import iter_patches
 from ..errors import PrototypeError, ProAlignError
+from ..slides.mpp import without_fix
 from ..slides.patching import slide_grid
 from ..slides.slide import open_slide
 from .build import Pool
@@ -24,8 +25,10 @@ log = logging.getLogger(__name__)
 def sample_slide_pool(paths: Sequence[str | Path], encoder: Any, pool_size: int, seed: int, *,
                       magnification: float | None = None, patch_size: int | None = None, min_tissue: float = 0.1,
                       mpp_for: Callable[[Path], float | None] = lambda p: None, batch_size: int = 64,
-                      device: str | torch.device = "cpu") -> Pool:
-    """Encoded patches (P, d) drawn from the slides; unreadable slides are skipped and reported."""
+                      device: str | torch.device = "cpu", mpp_keys: Sequence[str] = ()) -> Pool:
+    """Encoded patches (P, d) drawn from the slides; unreadable slides are skipped and reported.
+    `mpp_for`: the user's mpp of a slide file; `mpp_keys`: custom property names holding the mpp
+    (slides/mpp.py)."""
     if not paths:
         raise PrototypeError("no slides to sample a prototype pool from")
     quota = math.ceil(pool_size / len(paths))
@@ -33,7 +36,7 @@ def sample_slide_pool(paths: Sequence[str | Path], encoder: Any, pool_size: int,
     for path in map(Path, paths):
         sid = path.stem
         try:
-            with open_slide(path, mpp=mpp_for(path)) as slide:
+            with open_slide(path, mpp=mpp_for(path), mpp_keys=tuple(mpp_keys)) as slide:
                 grid = slide_grid(slide, patch_size=patch_size or encoder.patch_size,
                                   target_magnification=magnification or encoder.magnification, min_tissue=min_tissue)
                 if len(grid) == 0:
@@ -48,7 +51,7 @@ def sample_slide_pool(paths: Sequence[str | Path], encoder: Any, pool_size: int,
                         feats.append(encoder.encode_image(encoder.preprocess(patches.to(device))).float().cpu())
         except ProAlignError as err:
             skipped[sid] = str(err)
-            log.warning("skipping %s for the prototype pool: %s", sid, err)
+            log.warning("skipping %s for the prototype pool: %s", sid, without_fix(str(err)))  # fix: said once
             continue
         parts.append(torch.cat(feats).numpy())
         ids.append(sid)

@@ -127,6 +127,9 @@ def _int_if_integral(v: float) -> int | float:
     return round(v) if abs(v - round(v)) < 1e-9 else v
 
 
+NOMINAL_MAX_MPP = 2.4  # the coarsest level-0 mpp with a standard magnification bucket (5x)
+
+
 def nominal_magnification(mpp: float) -> int:
     """The standard objective a level-0 pixel size belongs to (TRIDENT's bands):
     < 0.16 um/px 80x, < 0.2 60x, < 0.3 40x, < 0.6 20x, < 1.2 10x, < 2.4 5x."""
@@ -298,9 +301,17 @@ def grid_for_slide(slide: Any, mask: np.ndarray | None, mask_scale_xy: tuple[flo
                    **kwargs: Any) -> PatchGrid:
     """`patch_grid` with the level-0 size, pyramid and resolution taken from a slide object
     (`levels`, `downsamples`, and `mpp` / `objective_power` when it has them); explicit
-    slide_mpp / slide_magnification win over the slide's metadata."""
+    slide_mpp / slide_magnification win over the slide's metadata. A slide with an mpp gets its
+    magnification from it (`nominal_magnification`'s standard buckets, as TRIDENT does: 0.499
+    um/px -> 20x even where the metadata's objective power says otherwise; the exact mpp is kept
+    as level0_mpp); the metadata's objective power counts only for a slide without an mpp (or one
+    too coarse for a bucket)."""
     mpp = slide_mpp if slide_mpp is not None else getattr(slide, "mpp", None)
-    mag = slide_magnification if slide_magnification is not None else getattr(slide, "objective_power", None)
+    mag = slide_magnification
+    if mag is None:
+        mag = getattr(slide, "objective_power", None)
+        if mpp is not None and mpp < NOMINAL_MAX_MPP:
+            mag = None  # resolve_resolution takes the bucket of the mpp
     name = getattr(slide, "name", None) or (Path(str(slide.path)).stem if getattr(slide, "path", None) else "")
     kwargs.setdefault("name", str(name))
     return patch_grid(mask, mask_scale_xy, tuple(slide.levels[0]), slide_mpp=mpp, slide_magnification=mag,

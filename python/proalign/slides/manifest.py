@@ -26,7 +26,7 @@ from ..features.io import SlideEntry
 log = logging.getLogger("proalign.manifest")
 
 COLUMNS = ["slide_id", "path", "size_bytes", "format", "width", "height", "levels", "mpp", "mpp_source",
-           "objective_power", "status", "error"]
+           "objective_power", "magnification", "status", "error"]
 # what tells a slides manifest from a features manifest (slide_id,path)
 SLIDE_MANIFEST_COLUMNS = {"slide_id", "path", "format", "mpp", "mpp_source", "status"}
 
@@ -80,23 +80,36 @@ def mpp_for(table: Mapping[str, float], path: str | Path) -> float | None:
     return table.get(p.name, table.get(p.stem, table.get("*")))
 
 
-def _probe(job: tuple[str, str, float | None]) -> dict:
+def level0_magnification(mpp: float | None, objective_power: float | None) -> float | None:
+    """The magnification a grid uses for level 0: the standard bucket of the mpp (0.499 um/px ->
+    20x), else the metadata's objective power, else None."""
+    from .grid import NOMINAL_MAX_MPP, nominal_magnification
+
+    if mpp is not None and mpp < NOMINAL_MAX_MPP:
+        return float(nominal_magnification(mpp))
+    return objective_power
+
+
+def _probe(job: tuple) -> dict:
     """One slide's manifest row (runs in a pool process): open_slide reads only the TIFF directory
-    or OpenSlide's header; no tile is decoded."""
+    or OpenSlide's header; no tile is decoded. job: (slide id, path, user mpp[, custom mpp keys])."""
     from ..errors import ProAlignError
     from .slide import open_slide
 
-    slide_id, path, mpp = job
+    slide_id, path, mpp = job[:3]
+    keys = tuple(job[3]) if len(job) > 3 else ()
     row = dict.fromkeys(COLUMNS, "")
     row.update(slide_id=slide_id, path=path, status="ok")
     try:
         row["size_bytes"] = os.stat(path).st_size
-        slide = open_slide(path, mpp=mpp, threads=1)
+        slide = open_slide(path, mpp=mpp, threads=1, mpp_keys=keys)
         try:  # reading the metadata of an opened slide can fail too
             i = slide.info
+            mag = level0_magnification(i.mpp, i.objective_power)
             found = {"format": i.format, "width": i.levels[0][0], "height": i.levels[0][1],
                      "levels": len(i.levels), "mpp": repr(i.mpp) if i.mpp else "", "mpp_source": i.mpp_source,
-                     "objective_power": repr(i.objective_power) if i.objective_power else ""}
+                     "objective_power": repr(i.objective_power) if i.objective_power else "",
+                     "magnification": f"{mag:g}" if mag else ""}
         finally:
             slide.close()
     except ProAlignError as e:
@@ -185,12 +198,15 @@ def _probe_alone(indices: list[int], jobs: list, probe: Callable, ctx, done: Cal
 def build_manifest(archive: str | Path | None = None, out: str | Path | None = None, *,
                    paths: Sequence[str | Path] | None = None, slide_mpp: float | None = None,
                    mpp_table: dict[str, float] | None = None, workers: int | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
+                   progress: Callable[[int, int], None] | None = None,
+                   mpp_keys: Sequence[str] = ()) -> list[dict]:
     """One row per slide file under `archive` (or of `paths`), written as CSV to `out` when given
     (once, at the end: a temporary file renamed); returns the rows. The mpp rule is `embed
     --archive`'s (`mpp_for`): `mpp_table` (file name or stem -> mpp, as from --mpp-csv) first, then
-    `slide_mpp` for every slide, else the slide's own; `mpp_source` says which (user, metadata,
-    none). `progress(done, total)` is called as slides are probed."""
+    `slide_mpp` for every slide, else the slide's own, else the first of `mpp_keys` (custom
+    property names, --custom-mpp-keys) that holds one; `mpp_source` says which (user, metadata,
+    key:<property>, none); `magnification` is the level-0 magnification grids use (the mpp's
+    standard bucket). `progress(done, total)` is called as slides are probed."""
     from .patching import list_slide_files
 
     if paths is None:
@@ -200,7 +216,9 @@ def build_manifest(archive: str | Path | None = None, out: str | Path | None = N
     table = user_mpp_table(mpp_table, slide_mpp)
     files = [Path(p).absolute() for p in paths]
     dup = duplicate_ids([(p.stem, p) for p in files])
-    jobs = [(p.stem, str(p), mpp_for(table, p)) for n, p in enumerate(files) if n not in dup]
+    keys = tuple(mpp_keys or ())
+    jobs = [(p.stem, str(p), mpp_for(table, p), *((keys,) if keys else ())) for n, p in enumerate(files)
+            if n not in dup]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     rows = _probe_all(jobs, workers, progress=progress)
     for pos in sorted(dup):  # keep the listing order; a duplicate is listed with its reason
@@ -250,8 +268,8 @@ def read_slide_manifest(path: str | Path, *, slide_mpp: float | None = None,
                         mpp_table: dict[str, float] | None = None) -> SlideManifest:
     """The slides of a manifest as entries for the slides path. The recorded mpp is reused:
     user-supplied ones (mpp_source user) ride on the entry; slides with their own metadata mpp
-    are opened as they are; `slide_mpp` / `mpp_table` fill only slides that have none (mpp_source
-    none). Rows with status error are kept (tried again: quarantined with their reason if still
+    are opened as they are; an mpp found under a custom key (mpp_source key:<property>) is reused
+    like a user one; `slide_mpp` / `mpp_table` fill only slides that have none (mpp_source none). Rows with status error are kept (tried again: quarantined with their reason if still
     bad); rows with status duplicate, and any further file with a listed slide id (`duplicate_ids`:
     the first in sorted path order is kept), are left out and returned in `duplicates` (pass them
     on to run_archive/embed_archive, which report them). Relative paths are taken from the
@@ -285,7 +303,7 @@ def read_slide_manifest(path: str | Path, *, slide_mpp: float | None = None,
         r, where = rows[n - 2], f"{mpath} line {n}"
         size = _number(r["size_bytes"], "size_bytes", where, int) if r.get("size_bytes") else None
         mpp = None
-        if r["mpp_source"] == "user":
+        if r["mpp_source"] == "user" or r["mpp_source"].startswith("key:"):
             mpp = _number(r["mpp"], "mpp", where)
         elif r["mpp_source"] in ("", "none"):
             mpp = mpp_for(table, full)

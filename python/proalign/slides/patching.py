@@ -64,14 +64,19 @@ def slide_grid(slide: Slide, *, patch_size: int = 256, target_magnification: flo
         return grid_for_slide(slide, mask, scale, patch_size=patch_size, target_magnification=target_magnification,
                               target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue, edge=edge)
     except MissingResolutionError as e:
+        from .mpp import MPP_FIX, mpp_like_properties
+
         note = getattr(slide.info, "resolution_note", "")
-        raise SlideError(slide.path, f"{e}{f' ({note})' if note else ''}. On the command line: --slide-mpp 0.25, "
-                                     "or --mpp-csv FILE with columns wsi,mpp") from None
+        maybe = mpp_like_properties(slide)
+        hint = f" Properties that may hold it: {', '.join(maybe)}." if maybe else ""
+        raise SlideError(slide.path, f"{e}{f' ({note})' if note else ''}.{hint} {MPP_FIX}") from None
     except GridError as e:
         raise SlideError(slide.path, str(e)) from None
 
 
-def patch_slide(path: str | Path, *, mpp: float | None = None, **grid_options) -> tuple[Slide, PatchGrid]:
-    """Open a slide (with an optional user mpp) and make its grid."""
-    slide = open_slide(path, mpp=mpp)
+def patch_slide(path: str | Path, *, mpp: float | None = None, mpp_keys: tuple[str, ...] = (),
+                **grid_options) -> tuple[Slide, PatchGrid]:
+    """Open a slide (with an optional user mpp, and custom property names that may hold its mpp:
+    slides/mpp.py) and make its grid."""
+    slide = open_slide(path, mpp=mpp, mpp_keys=tuple(mpp_keys))
     return slide, slide_grid(slide, **grid_options)

@@ -43,7 +43,7 @@ class SlideInfo:
     objective_power: float | None
     tile_size: tuple[int, int] | None  # (width, height) of level 0's stored tiles, None if unknown
     codec: str | None  # level 0's codec, None if unknown (OpenSlide path)
-    mpp_source: str = "metadata"  # "metadata" | "user" | "none"
+    mpp_source: str = "metadata"  # "metadata" | "user" | "key:<property>" (--custom-mpp-keys) | "none"
     properties: dict[str, str] = field(default_factory=dict)
     resolution_note: str = ""  # why a metadata mpp/magnification was ignored, for error messages
 
@@ -387,9 +387,10 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return np.minimum(out, 255).astype(np.uint8)
 
 
-def open_slide(path: str | Path, mpp: float | None = None, threads: int = 4) -> Slide:
+def open_slide(path: str | Path, mpp: float | None = None, threads: int = 4, mpp_keys: tuple[str, ...] = ()) -> Slide:
     """Open a slide: the TIFF fast path for SVS/TIFF files it understands, OpenSlide otherwise.
-    `mpp` (microns per pixel at level 0) overrides or supplies the slide's own."""
+    `mpp` (microns per pixel at level 0) overrides or supplies the slide's own. `mpp_keys`:
+    property names that hold the mpp when the standard metadata has none (slides/mpp.py)."""
     path = Path(path)
     if not path.exists():
         raise SlideError(path, "no such file")
@@ -415,6 +416,10 @@ def open_slide(path: str | Path, mpp: float | None = None, threads: int = 4) -> 
                                    f"got {mpp}")
         info = slide.info
         slide.info = SlideInfo(**{**info.__dict__, "mpp": float(mpp), "mpp_source": "user"})
+    elif mpp_keys:
+        from .mpp import apply_mpp_keys
+
+        apply_mpp_keys(slide, mpp_keys)
     return slide
 
 

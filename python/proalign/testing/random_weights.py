@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..encoders.base import write_encoder_config
 from ..encoders.conch import ConchConfig, ConchV1
 from ..encoders.layers import TimmViT
 from ..encoders.vit import ARCHS
@@ -43,7 +44,9 @@ def _train_tokenizer(path: Path, vocab_size: int) -> int:
 def write_random_conch(folder: str | Path, *, seed: int = 0, vocab_size: int = 1024,
                        **overrides: Any) -> dict[str, Any]:
     """A random CONCH v1 (TINY_CONCH unless overridden) as `pytorch_model.bin` plus its tokenizer in
-    `folder`. Returns the config overrides to pass to create_encoder("conch_v1", folder, **them)."""
+    `folder`, with the architecture overrides recorded in `proalign_encoder.json` (so
+    create_encoder("conch_v1", folder) and the CLI's `--weights folder` load it as it is). Returns
+    the overrides (passing them to create_encoder as well is harmless)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _train_tokenizer(folder / "conch_byte_level_bpe_uncased.json", vocab_size)
@@ -51,6 +54,8 @@ def write_random_conch(folder: str | Path, *, seed: int = 0, vocab_size: int = 1
     torch.manual_seed(seed)
     model = ConchV1(ConchConfig.from_overrides(over))
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    write_encoder_config(folder, "conch_v1", over, note="random weights (proalign.testing.random_weights): "
+                         "architecture overrides of this checkpoint; embeddings from it mean nothing")
     (folder / "RANDOM_WEIGHTS.txt").write_text("Randomly initialised: embeddings from this model mean nothing.\n")
     return over
 
