@@ -88,6 +88,21 @@ archive_opts = [
 ]
 
 
+def _grid_preset(preset: str | None, edge: str, min_tissue: float) -> tuple[str, float]:
+    """--grid-preset trident: TRIDENT's grid rule (edge pad: every patch whose top-left corner is in
+    the slide; min tissue 0), for --edge/--min-tissue not given on the command line."""
+    if preset is None:
+        return edge, min_tissue
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+    return (edge if given("edge") else "pad"), (min_tissue if given("min_tissue") else 0.0)
+
+
 def _parse_gpus(text: str | None, scheduler: str, device: str | None = None) -> list[int] | None:
     """--gpus 0,1,3 -> [0, 1, 3], checked against the GPUs this machine has."""
     if text is None:
@@ -187,6 +202,14 @@ def _with(options):
               help="--archive: read TRIDENT/CLAM coords from this folder instead of detecting tissue.")
 @click.option("--save-features", type=click.Path(file_okay=False), default=None,
               help="--archive: also write TRIDENT-style per-slide features .h5 here.")
+@click.option("--layout", type=click.Choice(["flat", "trident"]), default="flat", show_default=True,
+              help="--save-features: flat DIR/<slide>.h5, or TRIDENT's job folders DIR/<mag>x_<patch>px_<overlap>px_"
+                   "overlap/{patches,features_<encoder>}/ (what TRIDENT-based code such as PANTHER reads).")
+@click.option("--edge-fill", type=click.Choice(["white", "black"]), default="white", show_default=True,
+              help="--archive: the pixels of edge patches beyond the slide; black is what TRIDENT reads.")
+@click.option("--grid-preset", type=click.Choice(["trident"]), default=None,
+              help="--archive: trident = TRIDENT's grid: edge patches kept (corner inside), no minimum tissue "
+                   "(--min-tissue 0); an explicit --min-tissue wins.")
 @click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "dali-cpu", "dali-gpu"]))
 @click.option("--shrink-on-load", is_flag=True, help="--archive: half-size DCT decode of JPEG tiles when patches "
                                                      "are downsampled 2x or more (faster; mean |diff| ~0.5).")
@@ -247,7 +270,7 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
           device, coords_dir, save_features, decoder, shrink_on_load, batch_size, prototypes, out, method, tau, over,
           moments, prior, dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, on_change, report, progress,
           shard, workers, gpus, scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus,
-          cache_dir, cache_ahead, keep_cache):
+          cache_dir, cache_ahead, keep_cache, layout, edge_fill, grid_preset):
     """Embed every slide's patch features (--features/--manifest), or every slide file of --archive
     (or of a slide manifest from `proalign-engine manifest`, given as --manifest) through
     --encoder/--weights, into the store at --out (resumable, idempotent).
@@ -297,13 +320,19 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
                 m = read_slide_manifest(manifest, mpp_table=rule.table)
                 archive, mpp = m.entries, {}
                 scheduling["duplicates"] = m.duplicates  # reported (and logged) by the run
-            sopts = SlideOptions(magnification=mag, patch_size=patch_size, min_tissue=min_tissue, decoder=decoder,
-                                 shrink_on_load=shrink_on_load, batch_size=batch_size, coords_dir=coords_dir,
-                                 features_dir=save_features)
+            if layout != "flat" and not save_features:
+                raise click.UsageError("--layout is where --save-features writes: give --save-features DIR")
+            edge, min_tissue = _grid_preset(grid_preset, "inside", min_tissue)
+            sopts = SlideOptions(magnification=mag, patch_size=patch_size, min_tissue=min_tissue, edge=edge,
+                                 decoder=decoder, shrink_on_load=shrink_on_load, batch_size=batch_size,
+                                 coords_dir=coords_dir, features_dir=save_features, layout=layout,
+                                 edge_fill=edge_fill)
             rep = embed_archive(archive, encoder, weights, prototypes, out, options=opts, slide_options=sopts,
                                 encoder_kwargs=_encoder_kwargs(encoder_args), device=device, mpp=mpp,
                                 mpp_keys=rule.keys, overwrite=overwrite, **scheduling)
         else:
+            if layout != "flat" or edge_fill != "white" or grid_preset:
+                raise click.UsageError("--layout, --edge-fill and --grid-preset are for slide files (--archive)")
             rep = embed_features(_entries(features, manifest), prototypes, out, opts, overwrite=overwrite,
                                  **scheduling)
     except (ValueError, RuntimeError) as e:
@@ -611,17 +640,30 @@ def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
 @click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for slides without one (TCGA has none).")
 @click.option("--mpp-csv", type=click.Path(exists=True, dir_okay=False), help="Per-slide mpp: columns wsi,mpp.")
 @mpp_keys_opt
+@click.option("--grid-preset", type=click.Choice(["trident"]), default=None,
+              help="trident = TRIDENT's grid: --edge pad --min-tissue 0 (an explicit --edge/--min-tissue wins).")
 @click.option("--out", required=True, type=click.Path(),
-              help="coords .h5 for one slide, else a job folder: OUT/patches/<slide>_patches.h5 (TRIDENT layout).")
-def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_mpp, mpp_csv, out):
+              help="coords .h5 for one slide, else a job folder (see --layout).")
+@click.option("--layout", type=click.Choice(["flat", "trident"]), default="flat", show_default=True,
+              help="Job folder: flat OUT/patches/<slide>_patches.h5; trident OUT/<mag>x_<patch>px_<overlap>px_overlap/"
+                   "patches/<slide>_patches.h5, TRIDENT's folders (what PANTHER and other TRIDENT-based code read).")
+def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_mpp, mpp_csv, out, grid_preset,
+          layout):
     """Tissue detection and a patch grid per slide, written as TRIDENT coords .h5. Exit 1 when a
     slide failed (the others are still written)."""
-    from .slides.coords_io import trident_coords_path, write_coords_h5
+    from .slides.coords_io import trident_coords_path, trident_job_name, write_coords_h5
     from .slides.patching import patch_slide
 
     if mag is not None and target_mpp is not None:
         raise click.UsageError("give --mag or --mpp, not both")
     single = len(slides) == 1 and out.endswith(".h5")
+    if single and layout != "flat":
+        raise click.UsageError(f"--layout {layout} lays out a job folder; --out {out} is one coords file")
+    edge, min_tissue = _grid_preset(grid_preset, edge, min_tissue)
+    job = Path(out)
+    if layout == "trident":  # the folder is named by the request, as TRIDENT's is (--mpp: 10 / mpp)
+        job = job / trident_job_name(mag if mag is not None else 10.0 / target_mpp if target_mpp else 20.0,
+                                     patch_size, overlap)
     rule = _mpp_rule(slide_mpp, mpp_csv)
     failed, no_mpp = 0, []
     for path in slides:
@@ -631,7 +673,7 @@ def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_
             slide, grid = patch_slide(p, mpp=mpp, patch_size=patch_size, target_magnification=mag,
                                       target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue, edge=edge,
                                       mpp_keys=rule.keys)
-            dest = Path(out) if single else trident_coords_path(out, p.stem)
+            dest = Path(out) if single else trident_coords_path(job, p.stem)
             write_coords_h5(dest, grid, name=p.stem)
             slide.close()
         except ProAlignError as e:

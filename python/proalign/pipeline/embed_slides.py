@@ -3,8 +3,11 @@ streaming aggregation, never holding more than a few batches of patches or featu
 
 Patch batches are produced on a background thread (the engine reads and decodes ahead), so
 decoding the next batch overlaps encoding this one; features are folded into the aggregation
-state batch by batch (StreamingAggregator) and optionally appended to a TRIDENT-style features
-.h5 (`features` + `coords`).
+state batch by batch (StreamingAggregator) and optionally written to a TRIDENT-style features
+.h5 (`features` + `coords`, rows in the grid's order): `layout="flat"` puts it at
+`<features_dir>/<slide>.h5`, `layout="trident"` at TRIDENT's
+`<features_dir>/<mag>x_<patch>px_<overlap>px_overlap/features_<encoder>/<slide>.h5`, with the
+slide's coords file beside (`.../patches/<slide>_patches.h5`) when the grid was made here.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 from ..aggregate.streaming import StreamingAggregator
 from ..decode.patches import PatchStats, iter_patches
 from ..errors import SlideError
-from ..slides.coords_io import read_coords_h5, trident_coords_path
+from ..slides.coords_io import (LAYOUTS, read_coords_h5, trident_coords_attrs, trident_coords_path,
+                                trident_features_dir, trident_job_name, write_coords_h5)
 from ..slides.grid import PatchGrid
 from ..slides.patching import slide_grid
 from ..slides.slide import open_slide
@@ -42,12 +46,23 @@ class SlideOptions:
     batch_size: int | None = None  # encoder batch; None: from the GPU's free memory (CPU: 256)
     coords_dir: str | None = None  # read TRIDENT/CLAM coords instead of detecting tissue
     features_dir: str | None = None  # also write TRIDENT-style per-slide features .h5
+    layout: str = "flat"  # features_dir as <dir>/<slide>.h5 (flat) or TRIDENT's job folders (trident)
+    edge_fill: str = "white"  # pixels beyond the slide's edge: white, or black as TRIDENT reads them
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.edge_fill not in ("white", "black"):
+            raise ValueError(f"edge_fill must be 'white' or 'black', got {self.edge_fill!r}")
 
     def key(self, encoder_name: str) -> dict:
         """The part of a stored record's options that these settings determine."""
-        return {"encoder": encoder_name, "magnification": self.magnification, "patch_size": self.patch_size,
-                "overlap": self.overlap, "min_tissue": self.min_tissue, "edge": self.edge,
-                "coords": bool(self.coords_dir), "shrink_on_load": self.shrink_on_load}
+        key = {"encoder": encoder_name, "magnification": self.magnification, "patch_size": self.patch_size,
+               "overlap": self.overlap, "min_tissue": self.min_tissue, "edge": self.edge,
+               "coords": bool(self.coords_dir), "shrink_on_load": self.shrink_on_load}
+        if self.edge_fill != "white":  # only when set, so the records of earlier stores still match
+            key["edge_fill"] = self.edge_fill
+        return key
 
 
 @dataclass
@@ -96,13 +111,20 @@ def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
 
 
 def find_coords(coords_dir: str | Path, slide_id: str) -> Path:
-    """A slide's coords file in a TRIDENT job folder (patches/<id>_patches.h5) or a CLAM one
-    (patches/<id>.h5, or <id>.h5 directly)."""
+    """A slide's coords file in a TRIDENT job folder (patches/<id>_patches.h5, or
+    <mag>x_<patch>px_<overlap>px_overlap/patches/<id>_patches.h5 when exactly one such folder has
+    it) or a CLAM one (patches/<id>.h5, or <id>.h5 directly)."""
     d = Path(coords_dir)
     for p in (trident_coords_path(d, slide_id), d / "patches" / f"{slide_id}.h5", d / f"{slide_id}_patches.h5",
               d / f"{slide_id}.h5"):
         if p.is_file():
             return p
+    nested = sorted(p for p in d.glob(f"*x_*px_*px_overlap/patches/{slide_id}_patches.h5") if p.is_file())
+    if len(nested) == 1:
+        return nested[0]
+    if nested:
+        raise SlideError(d, f"coords for slide {slide_id!r} in several TRIDENT job folders "
+                            f"({', '.join(p.parent.parent.name for p in nested)}): give one of them as --coords")
     raise SlideError(d, f"no coords file for slide {slide_id!r} (looked for patches/{slide_id}_patches.h5 and "
                         f"{slide_id}.h5)")
 
@@ -133,7 +155,8 @@ def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "pr
         timing["grid_s"] = time.perf_counter() - t0
         kw = dict(aggregate_kwargs or {})
         agg = StreamingAggregator(prototypes, method, queries=text_prototypes, **kw)
-        writer = _FeatureWriter(options.features_dir, slide_id, grid) if options.features_dir else None
+        writer = (_FeatureWriter.for_options(options, slide_id, grid, getattr(encoder, "name", None))
+                  if options.features_dir else None)
         stats = PatchStats()
         # on a GPU, as large as its free memory allows (the encoder's estimate); on the CPU, 256
         batch_size = options.batch_size or (min(1024, encoder.batch_size_for(source_size=grid.patch_size))
@@ -143,7 +166,8 @@ def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "pr
         # them to its input (CONCH: bicubic to 448) on the device, as its training pipeline did.
         for idx, patches in _prefetch(iter_patches(slide, grid.coords, grid.patch_size_level0, grid.patch_size,
                                                    batch_size=batch_size, decoder=options.decoder,
-                                                   shrink_on_load=options.shrink_on_load, stats=stats)):
+                                                   shrink_on_load=options.shrink_on_load,
+                                                   edge_fill=options.edge_fill, stats=stats)):
             t1 = time.perf_counter()
             timing["patches_s"] += t1 - t_wait
             with torch.inference_mode():
@@ -152,7 +176,7 @@ def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "pr
             t2 = time.perf_counter()
             agg.update(x.float(), keys=None if keys is None else keys.float())
             if writer:
-                writer.append(x.float().cpu().numpy(), grid.coords[idx])
+                writer.write(x.float().cpu().numpy(), idx)
             t_wait = time.perf_counter()
             timing["encode_s"] += t2 - t1
             timing["aggregate_s"] += t_wait - t2
@@ -166,31 +190,71 @@ def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "pr
 
 
 class _FeatureWriter:
-    """TRIDENT-style features .h5 written as batches arrive (rows in the engine's visiting order,
-    coords alongside), moved into place when complete."""
+    """A TRIDENT-style features .h5 filled as batches arrive, each row at its patch's index in the
+    grid (so `features` rows follow `coords` as in TRIDENT's files), moved into place when complete.
+    `features` carries TRIDENT's attributes encoder, name, savetodir; `coords` is a copy of the
+    grid with the coords file's attributes (those of the file read with coords_dir, as stored)."""
 
-    def __init__(self, out_dir: str | Path, slide_id: str, grid: PatchGrid):
-        self.path = Path(out_dir) / f"{slide_id}.h5"
+    def __init__(self, path: Path, slide_id: str, grid: PatchGrid, *, encoder: str | None,
+                 coords_attrs: dict, coords_file: Path | None = None):
+        self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.grid, self.slide_id, self.encoder, self.n = grid, slide_id, encoder, 0
+        self.coords_attrs, self.coords_file = coords_attrs, coords_file
         self.f = h5py.File(self.tmp, "w")
-        self.grid, self.slide_id, self.n = grid, slide_id, 0
 
-    def append(self, feats: np.ndarray, coords: np.ndarray) -> None:
+    @classmethod
+    def for_options(cls, options: SlideOptions, slide_id: str, grid: PatchGrid,
+                    encoder: str | None) -> "_FeatureWriter":
+        coords_file = find_coords(options.coords_dir, slide_id) if options.coords_dir else None
+        if options.layout == "flat":
+            path = Path(options.features_dir) / f"{slide_id}.h5"
+            savetodir = grid.savetodir or str(Path(options.features_dir))
+        else:
+            mag = grid.target_magnification
+            if mag is None and grid.target_mpp:
+                mag = 10.0 / grid.target_mpp
+            if mag is None:
+                raise SlideError(slide_id, "the grid has no target magnification for TRIDENT's folder name "
+                                           "(<mag>x_<patch>px_<overlap>px_overlap): use the flat layout")
+            job = Path(options.features_dir) / trident_job_name(mag, grid.patch_size, grid.overlap)
+            path = trident_features_dir(options.features_dir, job.name, encoder or "encoder") / f"{slide_id}.h5"
+            savetodir = str(job)
+            if coords_file is None:  # the grid made here: its coords file too, as TRIDENT's patching step
+                write_coords_h5(trident_coords_path(job, slide_id), grid, name=slide_id, savetodir=savetodir)
+        attrs = trident_coords_attrs(grid, name=slide_id, savetodir=savetodir)
+        return cls(path, slide_id, grid, encoder=encoder, coords_attrs=attrs, coords_file=coords_file)
+
+    def write(self, feats: np.ndarray, idx: np.ndarray) -> None:
+        """Rows `feats` of the patches at grid indices `idx`."""
+        n = len(self.grid)
         if "features" not in self.f:
-            self.f.create_dataset("features", shape=(0, feats.shape[1]), maxshape=(None, feats.shape[1]),
-                                  dtype=np.float32, chunks=(min(1024, max(1, len(self.grid))), feats.shape[1]))
-            c = self.f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(8192, 2))
-            c.attrs.update(self.grid.trident_attrs())
-            c.attrs["name"] = self.slide_id
-        n = self.n + len(feats)
-        for name, data in (("features", feats), ("coords", coords)):
-            self.f[name].resize(n, axis=0)
-            self.f[name][self.n:n] = data
-        self.n = n
+            d = feats.shape[1]
+            ds = self.f.create_dataset("features", shape=(n, d), maxshape=(None, d), dtype=np.float32,
+                                       chunks=(min(1024, max(1, n)), d))
+            ds.attrs.update({"encoder": self.encoder if self.encoder is not None else "None",
+                             "name": self.slide_id, "savetodir": str(self.path.parent)})
+            c = self.f.create_dataset("coords", data=np.ascontiguousarray(self.grid.coords, dtype=np.int64),
+                                      maxshape=(None, 2), chunks=(max(1, min(n, 8192)), 2))
+            if self.coords_file is not None:  # the coords file's own attributes, values and dtypes
+                with h5py.File(self.coords_file, "r") as src:
+                    c.attrs.update(dict(src["coords"].attrs))
+            else:
+                c.attrs.update(self.coords_attrs)
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
+            self.f["features"][idx[0]:idx[0] + len(idx)] = feats
+        elif len(idx):
+            order = np.argsort(idx, kind="stable")
+            self.f["features"][idx[order]] = feats[order]
+        self.n += len(idx)
 
     def close(self) -> None:
         self.f.close()
+        if self.n != len(self.grid):
+            self.tmp.unlink(missing_ok=True)
+            raise SlideError(self.path, f"features for {self.n} of {len(self.grid)} patches written")
         self.tmp.replace(self.path)
 
 

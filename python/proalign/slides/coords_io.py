@@ -1,9 +1,14 @@
 """Patch-coordinate `.h5` files, TRIDENT and CLAM style, to and from `PatchGrid`.
 
-TRIDENT (`<job>/patches/<slide>_patches.h5`): dataset `coords` (n, 2) int64, level-0 (x, y)
-top-left corners, with attributes patch_size (target pixels), patch_size_level0,
-level0_magnification, target_magnification, overlap, name, savetodir; newer files add
-level0_width and level0_height. TRIDENT stores None as the string 'None'.
+TRIDENT (`<job>/<mag>x_<patch>px_<overlap>px_overlap/patches/<slide>_patches.h5`, features in
+`.../features_<encoder>/<slide>.h5`): dataset `coords` (n, 2) int64, level-0 (x, y) top-left
+corners, with attributes patch_size (target pixels, int), patch_size_level0 (float: its CLI's
+magnification is a float), level0_magnification (int: a standard objective), target_magnification
+(float), overlap (int), name, savetodir (str, the `<mag>x_..._overlap` folder); newer files add
+level0_width and level0_height (int). TRIDENT stores None as the string 'None'. Its features file
+holds `features` (n, d) with attributes encoder, name, savetodir and a copy of `coords` with the
+coords file's attributes. `write_coords_h5` writes those dtypes (plus our own extra attributes,
+which TRIDENT's readers ignore).
 CLAM (`patches/<slide>.h5`, create_patches_fp.py): dataset `coords` (n, 2), level-0 (x, y), with
 attributes patch_size (pixels at patch_level), patch_level, downsample ((dx, dy) of that level),
 downsampled_level_dim and level_dim (both that level's (w, h)), name, save_path; some forks add
@@ -31,20 +36,64 @@ class CoordsFileError(ProAlignError):
         super().__init__(f"{path}: {problem}")
 
 
-def trident_coords_path(job_dir: str | os.PathLike, name: str) -> Path:
-    """Where TRIDENT puts a slide's coords: `<job_dir>/patches/<name>_patches.h5`."""
-    return Path(job_dir) / "patches" / f"{name}_patches.h5"
+LAYOUTS = ("flat", "trident")
+
+
+def trident_job_name(magnification: float, patch_size: int, overlap: int = 0) -> str:
+    """TRIDENT's folder for one patching setting, e.g. `20x_256px_0px_overlap` (an integral
+    magnification without decimals, others in short form: `2.5x_...`)."""
+    m = float(magnification)
+    mag = str(round(m)) if abs(m - round(m)) < 1e-9 else f"{m:g}"
+    return f"{mag}x_{int(patch_size)}px_{int(overlap)}px_overlap"
+
+
+def trident_coords_path(job_dir: str | os.PathLike, name: str, job_name: str | None = None) -> Path:
+    """Where TRIDENT puts a slide's coords: `<job_dir>/[<job_name>/]patches/<name>_patches.h5`
+    (job_name: `trident_job_name(...)`; without it, the folder given is that one)."""
+    d = Path(job_dir) / job_name if job_name else Path(job_dir)
+    return d / "patches" / f"{name}_patches.h5"
+
+
+def encoder_folder_name(encoder: str) -> str:
+    """An encoder name made safe for a folder name (`open_clip:ViT-B-16` -> `open_clip_ViT-B-16`)."""
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(encoder)).strip("._")
+    return safe or "encoder"
+
+
+def trident_features_dir(job_dir: str | os.PathLike, job_name: str, encoder: str) -> Path:
+    """Where TRIDENT puts a job's features: `<job_dir>/<job_name>/features_<encoder>/`."""
+    return Path(job_dir) / job_name / f"features_{encoder_folder_name(encoder)}"
+
+
+def trident_coords_attrs(grid: PatchGrid, *, name: str, savetodir: str) -> dict:
+    """The `coords` attributes with the dtypes TRIDENT writes: patch_size, overlap, level0_width /
+    level0_height int64; patch_size_level0 and target_magnification float64; level0_magnification
+    int64 when integral; name and savetodir str; an unknown value the string 'None'. Our own extra
+    attributes (level0_mpp, target_mpp, edge, min_tissue) follow."""
+    attrs = grid.trident_attrs()
+    attrs["patch_size"] = np.int64(attrs["patch_size"])
+    attrs["overlap"] = np.int64(attrs["overlap"])
+    attrs["patch_size_level0"] = np.float64(attrs["patch_size_level0"])
+    if attrs["target_magnification"] != "None":
+        attrs["target_magnification"] = np.float64(attrs["target_magnification"])
+    for k in ("level0_width", "level0_height"):
+        if k in attrs:
+            attrs[k] = np.int64(attrs[k])
+    attrs["name"], attrs["savetodir"] = str(name), str(savetodir)
+    return attrs
 
 
 def write_coords_h5(path: str | os.PathLike, grid: PatchGrid, *, name: str | None = None,
                     savetodir: str | None = None) -> Path:
-    """Write `grid` as a TRIDENT coords file (replacing `path` atomically); returns the path."""
+    """Write `grid` as a TRIDENT coords file (replacing `path` atomically); returns the path.
+    savetodir: recorded as TRIDENT does (default: the grid's, else the folder holding `patches/`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     coords = np.ascontiguousarray(grid.coords, dtype=np.int64).reshape(-1, 2)
-    attrs = grid.trident_attrs()
-    attrs["name"] = name if name is not None else (grid.name or path.stem.removesuffix("_patches"))
-    attrs["savetodir"] = savetodir if savetodir is not None else (grid.savetodir or str(path.parent))
+    job = path.parent.parent if path.parent.name == "patches" else path.parent
+    attrs = trident_coords_attrs(
+        grid, name=name if name is not None else (grid.name or path.stem.removesuffix("_patches")),
+        savetodir=savetodir if savetodir is not None else (grid.savetodir or str(job)))
     tmp = path.with_name(path.name + ".tmp")
     try:
         with h5py.File(tmp, "w") as f:

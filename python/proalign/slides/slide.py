@@ -92,16 +92,20 @@ class Slide:
         ds = self.downsamples[level]
         return int(math.floor(x / ds + 0.5)), int(math.floor(y / ds + 0.5))
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """uint8 RGB (h, w, 3) of `size` pixels at `level`, top-left at level-0 `location`."""
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int], *,
+                    fill: int = 255) -> np.ndarray:
+        """uint8 RGB (h, w, 3) of `size` pixels at `level`, top-left at level-0 `location`. Pixels
+        outside the image get the grey value `fill`: 255 white (default), 0 black (what OpenSlide's
+        RGBA converted to RGB gives, as TRIDENT reads)."""
         if not 0 <= level < len(self.levels):
             raise SlideError(self.path, f"level {level} does not exist (the slide has {len(self.levels)})")
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise SlideError(self.path, f"region size must be positive, got {size}")
-        return self._read_level(level, *self.level_origin(int(location[0]), int(location[1]), level), w, h)
+        return self._read_level(level, *self.level_origin(int(location[0]), int(location[1]), level), w, h,
+                                fill=fill)
 
-    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int, fill: int = 255) -> np.ndarray:
         raise NotImplementedError
 
     def get_thumbnail(self, max_size: int) -> np.ndarray:
@@ -269,11 +273,17 @@ class TiffSlide(Slide):
             self._last_row = (level, {t: img for t, (_, r), img in zip(idx, tiles, out) if r == last})
         return out
 
-    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int, fill: int = 255) -> np.ndarray:
         p = self.pages[level]
-        # tiles the writer left empty are background, already white in `out`
-        tiles = [(c, r) for c, r in self.tiles_for_rect(level, lx, ly, w, h) if p.bytecounts[r * p.tiles_across + c]]
-        out = np.full((h, w, 3), _OPENSLIDE_WHITE, np.uint8)
+        # tiles the writer left empty are background: white whatever `fill` (outside the image) is
+        covered = self.tiles_for_rect(level, lx, ly, w, h)
+        tiles = [(c, r) for c, r in covered if p.bytecounts[r * p.tiles_across + c]]
+        out = np.full((h, w, 3), fill, np.uint8)
+        if fill != _OPENSLIDE_WHITE and len(tiles) < len(covered):
+            white = np.full((p.tile_height, p.tile_width, 3), _OPENSLIDE_WHITE, np.uint8)
+            for c, r in covered:
+                if not p.bytecounts[r * p.tiles_across + c]:
+                    paste_tile(out, white, lx, ly, c, r, p)
         # decoded a chunk at a time: memory holds `out` plus at most _DECODE_CHUNK_BYTES of tiles (or one)
         step = max(1, _DECODE_CHUNK_BYTES // (p.tile_width * p.tile_height * 3))
         for s in range(0, len(tiles), step):
@@ -356,7 +366,8 @@ class OpenSlideSlide(Slide):
             objective_power=objective, tile_size=(int(tw), int(th)) if tw and th else None, codec=None,
             mpp_source="metadata" if mpp else "none", properties=props, resolution_note=note)
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int], *,
+                    fill: int = 255) -> np.ndarray:
         import openslide
 
         if not 0 <= level < len(self.levels):
@@ -368,11 +379,13 @@ class OpenSlideSlide(Slide):
             rgba = np.asarray(self._os.read_region((x, y), level, (w, h)))
         except openslide.OpenSlideError as e:
             raise SlideError(self.path, f"OpenSlide read failed at level {level} ({x}, {y}) {w}x{h}: {e}") from None
-        return composite_on_white(rgba)
+        if fill == 0:  # RGBA -> RGB dropping alpha (PIL's convert, TRIDENT's read): transparent is black
+            return np.ascontiguousarray(rgba[..., :3])
+        return composite_on_white(rgba) if fill == _OPENSLIDE_WHITE else composite_on(rgba, fill)
 
-    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+    def _read_level(self, level: int, lx: int, ly: int, w: int, h: int, fill: int = 255) -> np.ndarray:
         ds = self.downsamples[level]
-        return self.read_region((round(lx * ds), round(ly * ds)), level, (w, h))
+        return self.read_region((round(lx * ds), round(ly * ds)), level, (w, h), fill=fill)
 
     def close(self) -> None:
         self._os.close()
@@ -384,6 +397,15 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     if alpha.min() == 255:
         return np.ascontiguousarray(rgb)
     out = rgb.astype(np.uint16) + (255 - alpha.astype(np.uint16))  # premultiplied: c + (1 - a) * white
+    return np.minimum(out, 255).astype(np.uint8)
+
+
+def composite_on(rgba: np.ndarray, fill: int) -> np.ndarray:
+    """As composite_on_white, on the grey value `fill` (0-255) instead of white."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    out = rgb.astype(np.uint32) + (255 - alpha.astype(np.uint32)) * int(fill) // 255
     return np.minimum(out, 255).astype(np.uint8)
 
 
