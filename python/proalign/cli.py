@@ -210,6 +210,13 @@ def _with(options):
 @click.option("--grid-preset", type=click.Choice(["trident"]), default=None,
               help="--archive: trident = TRIDENT's grid: edge patches kept (corner inside), no minimum tissue "
                    "(--min-tissue 0); an explicit --min-tissue wins.")
+@click.option("--qc", "qc_dir", type=click.Path(file_okay=False), default=None,
+              help="--archive: per slide, a thumbnail with tissue contours, excluded regions and the patch grid "
+                   "(QC/<slide>.png) and the contours as QuPath GeoJSON (QC/<slide>.geojson).")
+@click.option("--tissue-geojson", type=click.Path(exists=True, file_okay=False), default=None,
+              help="--archive: use the (edited) contours DIR/<slide>.geojson instead of tissue detection.")
+@click.option("--keep-penmarks", is_flag=True,
+              help="--archive: keep the patches under pen ink and blank/blurred tissue (excluded by default).")
 @click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "dali-cpu", "dali-gpu"]))
 @click.option("--shrink-on-load", is_flag=True, help="--archive: half-size DCT decode of JPEG tiles when patches "
                                                      "are downsampled 2x or more (faster; mean |diff| ~0.5).")
@@ -270,7 +277,8 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
           device, coords_dir, save_features, decoder, shrink_on_load, batch_size, prototypes, out, method, tau, over,
           moments, prior, dtype, backend, panther_eps, panther_prior, encoder_id, overwrite, on_change, report, progress,
           shard, workers, gpus, scheduler, retries, threads_per_worker, slide_timeout, ray_address, ray_cpus, ray_gpus,
-          cache_dir, cache_ahead, keep_cache, layout, edge_fill, grid_preset):
+          cache_dir, cache_ahead, keep_cache, layout, edge_fill, grid_preset, qc_dir, tissue_geojson,
+          keep_penmarks):
     """Embed every slide's patch features (--features/--manifest), or every slide file of --archive
     (or of a slide manifest from `proalign-engine manifest`, given as --manifest) through
     --encoder/--weights, into the store at --out (resumable, idempotent).
@@ -326,13 +334,15 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
             sopts = SlideOptions(magnification=mag, patch_size=patch_size, min_tissue=min_tissue, edge=edge,
                                  decoder=decoder, shrink_on_load=shrink_on_load, batch_size=batch_size,
                                  coords_dir=coords_dir, features_dir=save_features, layout=layout,
-                                 edge_fill=edge_fill)
+                                 edge_fill=edge_fill, keep_penmarks=keep_penmarks, tissue_geojson=tissue_geojson,
+                                 qc_dir=qc_dir)
             rep = embed_archive(archive, encoder, weights, prototypes, out, options=opts, slide_options=sopts,
                                 encoder_kwargs=_encoder_kwargs(encoder_args), device=device, mpp=mpp,
                                 mpp_keys=rule.keys, overwrite=overwrite, **scheduling)
         else:
-            if layout != "flat" or edge_fill != "white" or grid_preset:
-                raise click.UsageError("--layout, --edge-fill and --grid-preset are for slide files (--archive)")
+            if layout != "flat" or edge_fill != "white" or grid_preset or qc_dir or tissue_geojson or keep_penmarks:
+                raise click.UsageError("--layout, --edge-fill, --grid-preset, --qc, --tissue-geojson and "
+                                       "--keep-penmarks are for slide files (--archive)")
             rep = embed_features(_entries(features, manifest), prototypes, out, opts, overwrite=overwrite,
                                  **scheduling)
     except (ValueError, RuntimeError) as e:
@@ -647,8 +657,18 @@ def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
 @click.option("--layout", type=click.Choice(["flat", "trident"]), default="flat", show_default=True,
               help="Job folder: flat OUT/patches/<slide>_patches.h5; trident OUT/<mag>x_<patch>px_<overlap>px_overlap/"
                    "patches/<slide>_patches.h5, TRIDENT's folders (what PANTHER and other TRIDENT-based code read).")
+@click.option("--qc", "qc_dir", type=click.Path(file_okay=False), default=None,
+              help="Per slide, a thumbnail with tissue contours, excluded regions and the patch grid (QC/<slide>.png) "
+                   "and the contours as QuPath GeoJSON (QC/<slide>.geojson).")
+@click.option("--tissue-geojson", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Use the (edited) contours DIR/<slide>.geojson instead of tissue detection (holes respected).")
+@click.option("--keep-penmarks", is_flag=True,
+              help="Keep the patches under pen ink and blank/blurred tissue (excluded by default).")
+@click.option("--dump-patches", default=0, show_default=True, type=click.IntRange(0), metavar="N",
+              help="Write a sample of N patch images per slide (PNG): QC/<slide>_patches/ with --qc, else "
+                   "<job>/dump_patches/<slide>/.")
 def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_mpp, mpp_csv, out, grid_preset,
-          layout):
+          layout, qc_dir, tissue_geojson, keep_penmarks, dump_patches):
     """Tissue detection and a patch grid per slide, written as TRIDENT coords .h5. Exit 1 when a
     slide failed (the others are still written)."""
     from .slides.coords_io import trident_coords_path, trident_job_name, write_coords_h5
@@ -672,9 +692,16 @@ def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_
         try:
             slide, grid = patch_slide(p, mpp=mpp, patch_size=patch_size, target_magnification=mag,
                                       target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue, edge=edge,
-                                      mpp_keys=rule.keys)
+                                      mpp_keys=rule.keys, keep_penmarks=keep_penmarks, tissue_geojson=tissue_geojson,
+                                      qc_dir=qc_dir, slide_id=p.stem)
             dest = Path(out) if single else trident_coords_path(job, p.stem)
             write_coords_h5(dest, grid, name=p.stem)
+            if dump_patches:
+                from .slides.qc import dump_patches as _dump
+
+                ddir = (Path(qc_dir) / f"{p.stem}_patches" if qc_dir
+                        else (dest.parent if single else job) / "dump_patches" / p.stem)
+                _dump(slide, grid, dump_patches, ddir)
             slide.close()
         except ProAlignError as e:
             from .slides.mpp import is_missing_mpp, without_fix

@@ -48,6 +48,9 @@ class SlideOptions:
     features_dir: str | None = None  # also write TRIDENT-style per-slide features .h5
     layout: str = "flat"  # features_dir as <dir>/<slide>.h5 (flat) or TRIDENT's job folders (trident)
     edge_fill: str = "white"  # pixels beyond the slide's edge: white, or black as TRIDENT reads them
+    keep_penmarks: bool = False  # keep the patches under pen ink / blank or blurred tissue
+    tissue_geojson: str | None = None  # contours (folder of <slide>.geojson) instead of tissue detection
+    qc_dir: str | None = None  # write <slide>.png (thumbnail, contours, grid) and <slide>.geojson here
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -62,6 +65,10 @@ class SlideOptions:
                "coords": bool(self.coords_dir), "shrink_on_load": self.shrink_on_load}
         if self.edge_fill != "white":  # only when set, so the records of earlier stores still match
             key["edge_fill"] = self.edge_fill
+        if self.keep_penmarks:
+            key["keep_penmarks"] = True
+        if self.tissue_geojson:
+            key["tissue_geojson"] = True
         return key
 
 
@@ -149,7 +156,9 @@ def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "pr
         else:
             grid = slide_grid(slide, patch_size=patch_size,
                               target_magnification=options.magnification or encoder.magnification,
-                              overlap=options.overlap, min_tissue=options.min_tissue, edge=options.edge)
+                              overlap=options.overlap, min_tissue=options.min_tissue, edge=options.edge,
+                              keep_penmarks=options.keep_penmarks, tissue_geojson=options.tissue_geojson,
+                              qc_dir=options.qc_dir, slide_id=slide_id)
         if len(grid) == 0:
             raise SlideError(path, "no tissue patches (empty grid): check --min-tissue or the slide")
         timing["grid_s"] = time.perf_counter() - t0

@@ -19,6 +19,10 @@ Geometry (all in level-0 pixels unless said otherwise):
   exactly from the mask's summed-area table (the mask is piecewise constant on its pixel cells;
   parts beyond the mask or the slide count as background). Kept: fraction >= min_tissue; with
   min_tissue=0, any overlap with tissue (TRIDENT's threshold=0 rule).
+- Exclusions (optional, same pixel grid as the mask: pen ink, blank/blurred tissue): a patch
+  whose excluded area is above `max_excluded` of its square is dropped, whatever its tissue.
+- Holes (optional, same pixel grid; the interior rings of GeoJSON contours): a patch whose
+  centre falls in a hole is dropped, whatever its tissue fraction (CLAM/TRIDENT's rule).
 - Order: row-major (y, then x), which follows the tile order of tiled TIFFs (TRIDENT lists its
   grid column by column; the set of patches is what matters to feature files).
 - Read level: the level with the largest downsample <= ds * (1 + level_tolerance) (like
@@ -240,7 +244,9 @@ def patch_grid(mask: np.ndarray | None, mask_scale_xy: tuple[float, float] | Non
                patch_size: int = 256, target_mpp: float | None = None, target_magnification: float | None = None,
                slide_mpp: float | None = None, slide_magnification: float | None = None, overlap: int = 0,
                min_tissue: float = 0.1, level_downsamples: Sequence[float] = (1.0,), edge: str = "inside",
-               level_tolerance: float = 0.01, name: str = "", savetodir: str = "") -> PatchGrid:
+               level_tolerance: float = 0.01, name: str = "", savetodir: str = "",
+               exclude: np.ndarray | None = None, max_excluded: float = 0.05,
+               holes: np.ndarray | None = None) -> PatchGrid:
     """Square patches of `patch_size` target pixels at `target_mpp` (or `target_magnification`),
     over the tissue in `mask` (None: every grid position). See the module notes for the rules.
 
@@ -254,6 +260,8 @@ def patch_grid(mask: np.ndarray | None, mask_scale_xy: tuple[float, float] | Non
         raise ValueError(f"overlap must be an int in [0, patch_size={patch_size}), got {overlap!r}")
     if not (0.0 <= float(min_tissue) <= 1.0):
         raise ValueError(f"min_tissue must be a fraction in [0, 1], got {min_tissue}")
+    if not (0.0 <= float(max_excluded) <= 1.0):
+        raise ValueError(f"max_excluded must be a fraction in [0, 1], got {max_excluded}")
     w0, h0 = (int(v) for v in level0_size)
     if w0 < 0 or h0 < 0:
         raise ValueError(f"level0_size must be non-negative (width, height), got {level0_size}")
@@ -286,6 +294,16 @@ def patch_grid(mask: np.ndarray | None, mask_scale_xy: tuple[float, float] | Non
         frac = tissue_fractions(mask, mask_scale_xy, xs.astype(np.float64), ys.astype(np.float64), size0).ravel()
         # a hair of slack: the summed-area arithmetic is float64, the threshold a user's decimal
         keep = frac > 1e-12 if min_tissue == 0 else frac >= float(min_tissue) - 1e-9
+        if exclude is not None and bool(np.any(exclude)):
+            ex = tissue_fractions(_same_shape(exclude, mask, "exclude"), mask_scale_xy, xs.astype(np.float64),
+                                  ys.astype(np.float64), size0).ravel()
+            keep &= ex <= float(max_excluded) + 1e-9
+        if holes is not None and bool(np.any(holes)):
+            hm = _same_shape(holes, mask, "holes")
+            sx, sy = (float(v) for v in mask_scale_xy)
+            ci = np.clip(((coords[:, 1] + size0 / 2) // sy).astype(np.int64), 0, hm.shape[0] - 1)
+            cj = np.clip(((coords[:, 0] + size0 / 2) // sx).astype(np.int64), 0, hm.shape[1] - 1)
+            keep &= ~hm[ci, cj]
         coords, frac = coords[keep], frac[keep]
     return PatchGrid(coords=coords, patch_size=int(patch_size), patch_size_level0=size0, level=level,
                      level_downsample=lds, read_size=read_size, downsample=res.downsample, overlap=int(overlap),
@@ -294,6 +312,13 @@ def patch_grid(mask: np.ndarray | None, mask_scale_xy: tuple[float, float] | Non
                      target_magnification=res.target_magnification, edge=edge,
                      min_tissue=float(min_tissue) if mask is not None else None, tissue_fraction=frac,
                      name=name, savetodir=savetodir)
+
+
+def _same_shape(a: np.ndarray, mask: np.ndarray, what: str) -> np.ndarray:
+    a = np.asarray(a, dtype=bool)
+    if a.shape != np.shape(mask):
+        raise ValueError(f"{what} must have the mask's shape {np.shape(mask)}, got {a.shape}")
+    return a
 
 
 def grid_for_slide(slide: Any, mask: np.ndarray | None, mask_scale_xy: tuple[float, float] | None, *,

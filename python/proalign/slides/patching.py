@@ -3,12 +3,15 @@ Shared by `proalign-engine patch` and the slides-to-embeddings pipeline."""
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import SlideError
 from .grid import GridError, MissingResolutionError, PatchGrid, grid_for_slide
+from .contours import TissueGeoJSONError
 from .slide import Slide, open_slide
-from .tissue import mask_from_slide
 
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm"}
@@ -52,17 +55,86 @@ def read_mpp_csv(path: str | Path) -> dict[str, float]:
     return out
 
 
+@dataclass
+class SlideTissue:
+    """What the grid is cut from: tissue, exclusions and holes on one pixel grid (the
+    thumbnail's), its scale (level-0 pixels per mask pixel) and where it came from."""
+
+    mask: np.ndarray
+    excluded: np.ndarray | None
+    holes: np.ndarray | None
+    scale: tuple[float, float]
+    source: str  # "auto" or the GeoJSON file
+    thumbnail: np.ndarray | None = None
+
+
+def slide_tissue(slide: Slide, *, thumbnail_size: int = 2048, keep_penmarks: bool = False,
+                 tissue_geojson: str | Path | None = None, slide_id: str | None = None,
+                 thumbnail: bool = False) -> SlideTissue:
+    """The tissue of a slide: detected on its thumbnail (slides/tissue.py; pen ink and
+    blank/blurred tissue as exclusions unless `keep_penmarks`), or read from a GeoJSON file
+    (`tissue_geojson`: the file, or a folder holding <slide>.geojson) at the thumbnail's pixel
+    grid. `thumbnail=True` keeps the thumbnail (for the QC picture)."""
+    from .contours import geojson_path, read_tissue_geojson, thumbnail_shape
+    from .tissue import tissue_masks
+
+    sid = slide_id or _slide_id(slide)
+    w0, h0 = (int(v) for v in slide.levels[0])
+    thumb = None
+    if tissue_geojson is not None:
+        gj = Path(tissue_geojson)
+        if gj.is_dir():
+            gj = geojson_path(gj, sid)
+        if not gj.is_file():
+            raise SlideError(slide.path, f"no tissue GeoJSON {gj} (--tissue-geojson: a folder of <slide>.geojson "
+                                         "files, as --qc writes them)")
+        if thumbnail:
+            thumb = np.asarray(slide.get_thumbnail(thumbnail_size))
+        h, w = thumb.shape[:2] if thumb is not None else thumbnail_shape((w0, h0), thumbnail_size)
+        scale = (w0 / w, h0 / h)
+        mask, excluded, holes = read_tissue_geojson(gj, (h, w), scale)
+        return SlideTissue(mask, None if keep_penmarks else excluded, holes, scale, str(gj), thumb)
+    thumb = np.asarray(slide.get_thumbnail(thumbnail_size))
+    if thumb.ndim != 3 or thumb.shape[0] == 0 or thumb.shape[1] == 0:
+        raise ValueError(f"slide thumbnail has shape {thumb.shape}, expected (h, w, 3)")
+    scale = (w0 / thumb.shape[1], h0 / thumb.shape[0])
+    if keep_penmarks:  # the grid as before pen-mark exclusion: no exclusions, no blur rule
+        mask, excluded = tissue_masks(thumb, use_gpu=None, artifact_rejection=False)
+        excluded = None
+    else:
+        mask, excluded = tissue_masks(thumb, use_gpu=None)
+    return SlideTissue(mask, excluded, None, scale, "auto", thumb if thumbnail else None)
+
+
+def _slide_id(slide) -> str:
+    return getattr(slide, "name", None) or Path(str(slide.path)).stem
+
+
 def slide_grid(slide: Slide, *, patch_size: int = 256, target_magnification: float | None = None,
                target_mpp: float | None = None, overlap: int = 0, min_tissue: float = 0.1,
-               edge: str = "inside", thumbnail_size: int = 2048) -> PatchGrid:
+               edge: str = "inside", thumbnail_size: int = 2048, keep_penmarks: bool = False,
+               max_excluded: float = 0.05, tissue_geojson: str | Path | None = None,
+               qc_dir: str | Path | None = None, slide_id: str | None = None) -> PatchGrid:
     """Tissue mask + patch grid of an open slide. A slide with no mpp/magnification (and none given
-    with open_slide(path, mpp=...)) raises SlideError saying how to supply one."""
+    with open_slide(path, mpp=...)) raises SlideError saying how to supply one.
+
+    Patches with more than `max_excluded` of their area in pen ink or blank/blurred tissue are
+    left out (`keep_penmarks=True`: not). `tissue_geojson`: contours to use instead of the
+    detector (a file, or a folder of <slide>.geojson). `qc_dir`: write <slide>.png (thumbnail,
+    contours, exclusions, grid) and <slide>.geojson there (slides/qc.py)."""
     if target_magnification is None and target_mpp is None:
         target_magnification = 20.0
-    mask, scale = mask_from_slide(slide, max_size=thumbnail_size)
+    sid = slide_id or _slide_id(slide)
     try:
-        return grid_for_slide(slide, mask, scale, patch_size=patch_size, target_magnification=target_magnification,
-                              target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue, edge=edge)
+        t = slide_tissue(slide, thumbnail_size=thumbnail_size, keep_penmarks=keep_penmarks,
+                         tissue_geojson=tissue_geojson, slide_id=sid, thumbnail=qc_dir is not None)
+    except TissueGeoJSONError as e:
+        raise SlideError(slide.path, str(e)) from None
+    try:
+        grid = grid_for_slide(slide, t.mask, t.scale, patch_size=patch_size,
+                              target_magnification=target_magnification, target_mpp=target_mpp, overlap=overlap,
+                              min_tissue=min_tissue, edge=edge, exclude=t.excluded, max_excluded=max_excluded,
+                              holes=t.holes)
     except MissingResolutionError as e:
         from .mpp import MPP_FIX, mpp_like_properties
 
@@ -72,6 +144,11 @@ def slide_grid(slide: Slide, *, patch_size: int = 256, target_magnification: flo
         raise SlideError(slide.path, f"{e}{f' ({note})' if note else ''}.{hint} {MPP_FIX}") from None
     except GridError as e:
         raise SlideError(slide.path, str(e)) from None
+    if qc_dir is not None:
+        from .qc import write_qc
+
+        write_qc(qc_dir, sid, t.thumbnail, t.scale, t.mask, t.excluded, grid)
+    return grid
 
 
 def patch_slide(path: str | Path, *, mpp: float | None = None, mpp_keys: tuple[str, ...] = (),

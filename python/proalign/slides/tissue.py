@@ -25,6 +25,15 @@ Steps (thresholds are fractions of full scale, hue in degrees; defaults in `Tiss
    stain, e.g. the dark maroon where red and black ink mix) go too. Ink pixels are then removed
    everywhere (after hole filling, so enclosed ink is not filled back in).
 7. Components smaller than max(`min_area_px`, `min_area_frac` * h * w) (16 px, 0.01%) removed.
+8. Exclusions (`tissue_masks`, for the patch grid and the QC picture): the ink found in steps 3
+   and 6 (pure black left out: scanner borders), in pieces at least the minimum area, plus
+   blank/blurred tissue: pixels of the mask whose local texture (RMS of grey minus its 3x3 mean,
+   over a window of `blur_window` px, default 1% of the longer side) is below `blur_ratio` (0.15)
+   times the median texture of the slide's tissue, in pieces at least `blur_min_frac` (2%) of
+   the tissue area (an out-of-focus band, a smear, a bubble; a thumbnail shows gross blur only).
+   The grid drops the patches whose excluded area is above its `max_excluded` fraction, so a
+   stroke thinner than a patch takes the patches under it out too (the mask alone keeps them:
+   the tissue beside the ink reaches the minimum tissue fraction).
 
 Pen rules (eosin is pink to magenta, hue ~250-345 with S below ~0.55 near 340; hematoxylin is
 blue-purple, hue ~250-315):
@@ -66,6 +75,10 @@ class TissueParams:
     pen_rejection: bool = True
     pen_grow: int | None = None  # None: 1% of the longer side, at least 2 px
     pen_component_frac: float = 0.5
+    artifact_rejection: bool = True  # blank/blurred tissue into the exclusions (tissue_masks)
+    blur_ratio: float = 0.15
+    blur_window: int | None = None  # None: 1% of the longer side, at least 5 px
+    blur_min_frac: float = 0.02
 
 
 def _hue_in(xp, h, lo: float, hi: float):
@@ -114,14 +127,17 @@ def _component_sizes(xp, ndi, mask):
     return labels, int(n), sizes
 
 
-def _tissue_mask_impl(xp, ndi, rgb, p: TissueParams):
+def _tissue_mask_impl(xp, ndi, rgb, p: TissueParams, exclusions: bool = False):
+    """The tissue mask; with `exclusions`, (mask, excluded) where excluded marks ink and
+    blank/blurred tissue (step 8 of the module notes)."""
     if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
         raise ValueError(f"thumbnail must be (h, w, 3) RGB or (h, w, 4) RGBA, got shape {tuple(rgb.shape)}")
     if rgb.dtype != xp.uint8:
         raise ValueError(f"thumbnail must be uint8, got {rgb.dtype}")
     hgt, wid = rgb.shape[:2]
     if hgt == 0 or wid == 0:
-        return xp.zeros((hgt, wid), dtype=bool)
+        z = xp.zeros((hgt, wid), dtype=bool)
+        return (z, z.copy()) if exclusions else z
     transparent = None
     if rgb.shape[2] == 4:
         transparent = rgb[..., 3] == 0
@@ -167,6 +183,7 @@ def _tissue_mask_impl(xp, ndi, rgb, p: TissueParams):
         fg = ndi.binary_dilation(ndi.binary_erosion(fg, structure=st, border_value=1), structure=st)
     fg = _fill_holes(xp, ndi, fg, p.max_hole_frac)
 
+    ink_out = None
     if p.pen_rejection:
         # blobs of tissue + coloured ink (pure black left out: a black scanner border touching
         # tissue must not turn a whole tissue piece into an "ink blob")
@@ -176,17 +193,50 @@ def _tissue_mask_impl(xp, ndi, rgb, p: TissueParams):
             pen_count = xp.bincount(labels[ink].ravel(), minlength=n + 1)
             ink_blob = pen_count >= p.pen_component_frac * xp.maximum(sizes, 1)
             ink_blob[0] = False
+            if exclusions:
+                ink_out = ink | (fg & ink_blob[labels])
             fg &= ~ink_blob[labels]
     fg &= ~pen
 
     min_area = max(int(p.min_area_px), int(np.ceil(p.min_area_frac * hgt * wid)))
-    if min_area > 1:
-        labels, n, sizes = _component_sizes(xp, ndi, fg)
-        if n:
-            keep = sizes >= min_area
-            keep[0] = False
-            fg = keep[labels]
-    return fg
+    fg = _drop_small(xp, ndi, fg, min_area)
+    if not exclusions:
+        return fg
+    excluded = xp.zeros_like(fg)
+    if ink_out is not None:
+        excluded |= _drop_small(xp, ndi, ink_out & ~white, min_area)
+    if p.artifact_rejection and bool(fg.any()):
+        blurred = _blurred(xp, ndi, v, fg, p)
+        fg &= ~blurred
+        excluded |= blurred
+    return fg, excluded
+
+
+def _drop_small(xp, ndi, m, min_area: int):
+    if min_area <= 1:
+        return m
+    labels, n, sizes = _component_sizes(xp, ndi, m)
+    if not n:
+        return m
+    keep = sizes >= min_area
+    keep[0] = False
+    return keep[labels]
+
+
+def _blurred(xp, ndi, v, fg, p: TissueParams):
+    """Tissue pixels with little local texture for this slide (blank or out-of-focus areas)."""
+    hgt, wid = fg.shape
+    win = p.blur_window if p.blur_window is not None else max(5, round(0.01 * max(hgt, wid)))
+    hp = v - ndi.uniform_filter(v, size=3, mode="reflect")
+    energy = xp.sqrt(ndi.uniform_filter(hp * hp, size=win, mode="reflect"))
+    inner = ndi.binary_erosion(fg, structure=_disk(xp, 1), iterations=max(1, win // 2))
+    ref_px = energy[inner] if bool(inner.any()) else energy[fg]
+    ref = float(xp.median(ref_px))
+    if not ref > 0:
+        return xp.zeros_like(fg)
+    low = fg & (energy < p.blur_ratio * ref)
+    low = ndi.binary_opening(low, structure=_disk(xp, 1), iterations=2)
+    return _drop_small(xp, ndi, low, max(int(p.min_area_px), int(np.ceil(p.blur_min_frac * float(fg.sum())))))
 
 
 def _fill_holes(xp, ndi, fg, max_hole_frac: float | None):
@@ -216,6 +266,26 @@ def tissue_mask(thumb_rgb: np.ndarray, **options: Any) -> np.ndarray:
     import scipy.ndimage as ndi
 
     return _tissue_mask_impl(np, ndi, np.asarray(thumb_rgb), _params(options))
+
+
+def tissue_masks(thumb_rgb: np.ndarray, *, use_gpu: bool | None = False,
+                 **options: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue, excluded) boolean masks (h, w) of a thumbnail: the tissue mask without the
+    blank/blurred pieces, and the exclusions (ink, blank/blurred tissue: step 8 of the module
+    notes), which the patch grid keeps its patches out of. With `pen_rejection=False` the ink is
+    tissue and nothing is excluded for it (`--keep-penmarks`); `artifact_rejection=False` keeps
+    blurred tissue. `use_gpu=None`: the GPU when one is usable."""
+    if use_gpu is None:
+        use_gpu = gpu_available()
+    if use_gpu:
+        import cupy
+        import cupyx.scipy.ndimage as cndi
+
+        m, e = _tissue_mask_impl(cupy, cndi, cupy.asarray(thumb_rgb), _params(options), exclusions=True)
+        return cupy.asnumpy(m), cupy.asnumpy(e)
+    import scipy.ndimage as ndi
+
+    return _tissue_mask_impl(np, ndi, np.asarray(thumb_rgb), _params(options), exclusions=True)
 
 
 def gpu_available() -> bool:

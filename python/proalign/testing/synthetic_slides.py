@@ -163,6 +163,17 @@ class SyntheticSlide:
                               mpp=self.mpp or 0.25, background=self.background,
                               pens=self._pens_by_region.get(index, []), seed=self.seed)
 
+    def pen_mask(self, min_alpha: float = 0.1) -> np.ndarray:
+        """Level-0 boolean (height, width): where a pen stroke's ink opacity is at least `min_alpha`
+        (strokes are drawn at up to 0.9; their edges are blurred by about a pixel). All False
+        without pen marks. The ground truth for tests of pen-mark removal."""
+        out = np.zeros((self.height, self.width), dtype=bool)
+        for i, plist in self._pens_by_region.items():
+            r = self.regions[i]
+            for _, k in plist:
+                out[r.y:r.y + r.height, r.x:r.x + r.width] |= _pen_alpha(r.height, r.width, k, self.seed) >= min_alpha
+        return out
+
     def level0(self, max_pixels: int = 200_000_000) -> np.ndarray:
         """The whole level-0 RGB image (only for slides up to ``max_pixels``)."""
         return self.render(1.0, (self.width, self.height), max_pixels=max_pixels)
@@ -416,21 +427,26 @@ def _pen_path(h: int, w: int, rng: np.random.Generator
     return pts, (x0, y0, x1, y1), width
 
 
+def _pen_alpha(h: int, w: int, k: int, seed: int) -> np.ndarray:
+    """Ink opacity (h, w) float32 in [0, 0.9] of stroke `k` over a region of h x w pixels."""
+    pts, _, width = _pen_path(h, w, np.random.default_rng([seed, 2, k]))
+    mask = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(mask)
+    xy = np.asarray(pts)
+    seg = np.hypot(*np.diff(xy, axis=0).T)
+    dist = np.concatenate([[0.0], np.cumsum(seg)])
+    s = np.arange(0.0, dist[-1] + 1.0, 1.5)  # a round nib every 1.5 px: no gaps at the joints
+    r = width / 2
+    for x, y in zip(np.interp(s, dist, xy[:, 0]), np.interp(s, dist, xy[:, 1])):
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
+    return np.asarray(mask.filter(ImageFilter.GaussianBlur(1.0)), np.float32) * (0.9 / 255.0)
+
+
 def _draw_pens(rgb: np.ndarray, pens: list[tuple[str, int]], seed: int) -> np.ndarray:
     """Translucent ink over float RGB, then round to uint8."""
     h, w = rgb.shape[:2]
     for colour, k in pens:
-        pts, _, width = _pen_path(h, w, np.random.default_rng([seed, 2, k]))
-        mask = Image.new("L", (w, h), 0)
-        draw = ImageDraw.Draw(mask)
-        xy = np.asarray(pts)
-        seg = np.hypot(*np.diff(xy, axis=0).T)
-        dist = np.concatenate([[0.0], np.cumsum(seg)])
-        s = np.arange(0.0, dist[-1] + 1.0, 1.5)  # a round nib every 1.5 px: no gaps at the joints
-        r = width / 2
-        for x, y in zip(np.interp(s, dist, xy[:, 0]), np.interp(s, dist, xy[:, 1])):
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
-        alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(1.0)), np.float32) * (0.9 / 255.0)
+        alpha = _pen_alpha(h, w, k, seed)
         ink = np.asarray(PEN_COLOURS[colour], np.float32) / 255.0
         rgb *= 1.0 - alpha[..., None] * (1.0 - ink)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)

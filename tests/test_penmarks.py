@@ -1,0 +1,112 @@
+"""Pen marks and blank/blurred tissue out of the patch grid (slides/tissue.py step 8, the grid's
+max_excluded rule), on generated slides whose writer knows where it drew the ink."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from click.testing import CliRunner
+
+from proalign.cli import main
+from proalign.slides.coords_io import read_coords_h5
+from proalign.slides.patching import patch_slide
+from proalign.testing.synthetic_slides import synthetic_slide, write_aperio_svs
+
+
+def ink_fractions(pen: np.ndarray, grid) -> np.ndarray:
+    s = grid.patch_size_level0
+    return np.array([pen[y:y + s, x:x + s].mean() for x, y in grid.coords.tolist()])
+
+
+def coord_set(grid) -> set:
+    return {tuple(c) for c in grid.coords.tolist()}
+
+
+@pytest.fixture(scope="module")
+def demo_slide(tmp_path_factory):
+    """The demo's first slide (demo.py: 4000 x 3000, 20x, seed 0, green/blue/red strokes)."""
+    p = tmp_path_factory.mktemp("pen") / "DEMO-00.svs"
+    info = write_aperio_svs(p, 4000, 3000, tile=256, levels=(1, 4), seed=0, mpp=0.5, app_mag=20, pen_marks=True)
+    return p, info["slide"].pen_mask()
+
+
+@pytest.mark.parametrize("patch_size", [128, 256])
+def test_demo_slide_ink_leaves_the_grid_tissue_stays(demo_slide, patch_size):
+    path, pen = demo_slide
+    assert 0.01 < pen.mean() < 0.1
+    _, kept = patch_slide(path, patch_size=patch_size, target_magnification=20, keep_penmarks=True)
+    _, grid = patch_slide(path, patch_size=patch_size, target_magnification=20)
+    before, after = ink_fractions(pen, kept), ink_fractions(pen, grid)
+    # before: the tissue beside a stroke thinner than a patch keeps the patches under the ink
+    # (measured: 21% of 128 px patches and 30% of 256 px patches have more than 1% ink)
+    assert (before > 0.01).mean() > 0.15
+    assert (after > 0.01).mean() < 0.05, (after > 0.01).mean()
+    assert after.max() <= 0.08  # the grid's 5% rule, on a mask at thumbnail resolution
+    # the tissue away from the ink stays: every clean patch of the old grid but a few at a stroke's fringe
+    clean = {tuple(c) for c, f in zip(kept.coords.tolist(), before) if f == 0}
+    assert len(clean - coord_set(grid)) <= 0.03 * len(clean)
+    assert coord_set(grid) <= coord_set(kept)
+
+
+def test_black_and_green_ink(tmp_path):
+    p = tmp_path / "pens.svs"
+    info = write_aperio_svs(p, 3000, 2200, tile=256, levels=(1, 4), seed=7, mpp=0.5, app_mag=20,
+                            pen_marks=["black", "green"])
+    pen = info["slide"].pen_mask()
+    _, kept = patch_slide(p, patch_size=128, target_magnification=20, keep_penmarks=True)
+    _, grid = patch_slide(p, patch_size=128, target_magnification=20)
+    assert (ink_fractions(pen, kept) > 0.01).mean() > 0.1
+    assert (ink_fractions(pen, grid) > 0.01).mean() < 0.05
+
+
+@pytest.mark.parametrize("kw", [dict(seed=1), dict(seed=3), dict(seed=4, tissue="dense"),
+                                dict(seed=5, tissue="sparse"), dict(seed=6, compression="jpeg2000")])
+def test_clean_he_slides_lose_nothing(tmp_path, kw):
+    p = tmp_path / "clean.svs"
+    write_aperio_svs(p, 3000, 2200, tile=256, levels=(1, 4), mpp=0.5, app_mag=20, **kw)
+    _, kept = patch_slide(p, patch_size=128, target_magnification=20, keep_penmarks=True)
+    _, grid = patch_slide(p, patch_size=128, target_magnification=20)
+    assert len(kept) > 20
+    assert coord_set(grid) == coord_set(kept)
+
+
+def test_blurred_region_is_excluded(tmp_path):
+    # a generated slide with one of its tissue pieces out of focus (a strong blur)
+    s = synthetic_slide(3000, 2200, tile=256, seed=2, mpp=0.5)
+    img = s.level0().copy()
+    boxes = s.tissue_boxes
+    assert len(boxes) >= 2
+    x0, y0, x1, y1 = boxes[0]
+    img[y0:y1, x0:x1] = ndi.gaussian_filter(img[y0:y1, x0:x1], sigma=(12, 12, 0), mode="nearest")
+    p = tmp_path / "blur.svs"
+    write_aperio_svs(p, 3000, 2200, tile=256, levels=(1, 4), mpp=0.5, app_mag=20, image=img)
+    _, kept = patch_slide(p, patch_size=128, target_magnification=20, keep_penmarks=True)
+    _, grid = patch_slide(p, patch_size=128, target_magnification=20)
+
+    def inside(g, box):
+        bx0, by0, bx1, by1 = box
+        c = g.coords + g.patch_size_level0 // 2
+        return int(((c[:, 0] >= bx0) & (c[:, 0] < bx1) & (c[:, 1] >= by0) & (c[:, 1] < by1)).sum())
+
+    assert inside(kept, boxes[0]) > 5
+    assert inside(grid, boxes[0]) <= 0.2 * inside(kept, boxes[0])
+    for b in boxes[1:]:  # the pieces in focus keep every patch
+        assert inside(grid, b) == inside(kept, b)
+
+
+def test_cli_keep_penmarks(demo_slide, tmp_path):
+    path, _ = demo_slide
+    r = CliRunner()
+    for flag, out in (([], "a.h5"), (["--keep-penmarks"], "b.h5")):
+        res = r.invoke(main, ["patch", str(path), "--out", str(tmp_path / out), "--patch-size", "128", *flag])
+        assert res.exit_code == 0, res.output
+    assert len(read_coords_h5(tmp_path / "a.h5")) < len(read_coords_h5(tmp_path / "b.h5"))
+
+
+def test_max_excluded_is_checked():
+    from proalign.slides.grid import patch_grid
+
+    m = np.ones((10, 10), bool)
+    with pytest.raises(ValueError, match="max_excluded"):
+        patch_grid(m, (100.0, 100.0), (1000, 1000), patch_size=64, target_mpp=0.5, slide_mpp=0.5,
+                   exclude=m, max_excluded=1.5)
