@@ -15,6 +15,16 @@ def _softmax(a, axis):
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def rows_prior(prior, n_rows):
+    """A prior given as one number (every row) or one per tau, as a list of n_rows numbers."""
+    return [float(prior)] * n_rows if np.ndim(prior) == 0 else [float(p) for p in prior]
+
+
+def proalign_rows(x, c, taus, prior=0.0, **opts):
+    """One `proalign` row per tau, each with its own prior (a number applies to every row)."""
+    return np.stack([proalign(x, c, t, prior=p, **opts) for t, p in zip(taus, rows_prior(prior, len(taus)))])
+
+
 def proalign(x, c, tau, over="patches", keys=None, queries=None, moments=1, prior=0.0):
     x = np.asarray(x, np.float64)
     c = np.asarray(c, np.float64)
@@ -91,6 +101,6 @@ def default_reading(x, c):
     computed by `proalign` above."""
     from proalign.defaults import DEFAULT_PROALIGN, default_taus
 
-    opts = {k: DEFAULT_PROALIGN[k] for k in ("over", "moments", "prior")}
-    rows = [proalign(x, c, t, **opts) for t in default_taus()]
-    return np.stack(rows) if len(rows) > 1 else rows[0]
+    opts = {k: DEFAULT_PROALIGN[k] for k in ("over", "moments")}
+    rows = proalign_rows(x, c, default_taus(), DEFAULT_PROALIGN["prior"], **opts)
+    return rows if len(rows) > 1 else rows[0]

@@ -51,15 +51,19 @@ def test_reading_options(rng, opts):
 
 
 def test_unset_options_take_the_default_reading(rng):
-    from proalign.defaults import DEFAULT_PROALIGN, default_prior
+    from proalign.defaults import DEFAULT_PROALIGN, ROW_PRIOR, default_prior
 
     x, c = _data(rng, 80, 16, 5)
     np.testing.assert_allclose(proalign.aggregate(x, c), ref.default_reading(x, c), rtol=2e-5, atol=2e-6)
-    # over given, prior not: the default prior with over=prototypes only (it is not an option of patches)
-    got = proalign.aggregate(x, c, tau=0.3, over="prototypes")
-    want = ref.proalign(x, c, 0.3, over="prototypes", prior=default_prior("prototypes"),
-                        moments=DEFAULT_PROALIGN["moments"])
+    # over given, prior and tau not: the default temperatures with their per-row priors
+    got = proalign.aggregate(x, c, over="prototypes")
+    np.testing.assert_allclose(got, ref.default_reading(x, c), rtol=2e-5, atol=2e-6)
+    # temperatures of one's own, prior not given: ROW_PRIOR on every row (over=prototypes only)
+    got = proalign.aggregate(x, c, tau=[0.3, 0.1], over="prototypes")
+    want = ref.proalign_rows(x, c, [0.3, 0.1], over="prototypes", prior=ROW_PRIOR, moments=DEFAULT_PROALIGN["moments"])
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert default_prior("prototypes", [0.3, 0.1]) == ROW_PRIOR
+    assert default_prior("prototypes") == DEFAULT_PROALIGN["prior"]
     assert default_prior("patches") == 0.0
 
 

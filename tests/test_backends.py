@@ -81,14 +81,34 @@ def test_fused_cpu_variants_match_float64(rng, backend, opts, n, d, k):
     taus = [0.02, 0.1, 1.0]
     got = proalign.aggregate(x, c, tau=taus, backend=backend, **opts)
     assert got.shape == (3, k + opts.get("moments", 1) * k * d)
-    for row, t in zip(got, taus):
-        np.testing.assert_allclose(row, ref.proalign(x, c, t, **opts), **_tol(opts))
+    np.testing.assert_allclose(got, ref.proalign_rows(x, c, taus, **opts), **_tol(opts))
+
+
+# A tau may repeat with another prior (the default reading's sharpest row does): computed once,
+# finished once per row; moments=2 and one row without prior included.
+ROW_PRIORS = dict(tau=[0.05, 0.02, 0.05, 1.0], prior=[0.5, 1.0, 0.0, 0.25], over="prototypes")
+
+
+@pytest.mark.parametrize("backend", ["torch", *CPU_FUSED])
+@pytest.mark.parametrize("moments", [1, 2])
+def test_per_row_priors_match_float64(rng, backend, moments):
+    xs = [_data(rng, n, 64, 7)[0] for n in (1, 40, 2003)]
+    c = _data(rng, 1, 64, 7)[1]
+    opts = dict(ROW_PRIORS, moments=moments)
+    got = proalign.aggregate_batch(xs, c, backend=backend, **opts)
+    taus = opts.pop("tau")
+    for x, e in zip(xs, got):
+        assert e.shape == (4, 7 + moments * 7 * 64)
+        np.testing.assert_allclose(e, ref.proalign_rows(x, c, taus, **opts), **_tol(opts))
 
 
 def test_variant_options_are_checked():
     x, c = np.ones((3, 4), np.float32), np.ones((2, 4), np.float32)
     for bad, match in ((dict(over="both"), "over must"), (dict(moments=3), "moments must"),
-                       (dict(over="patches", prior=1.0), "prior"), (dict(over="prototypes", prior=-1.0), "prior")):
+                       (dict(over="patches", prior=1.0), "prior"), (dict(over="prototypes", prior=-1.0), "prior"),
+                       (dict(tau=[0.1, 0.2], over="patches", prior=[0.0, 1.0]), "prior"),
+                       (dict(tau=[0.1, 0.2], over="prototypes", prior=[1.0]), "one prior per tau"),
+                       (dict(tau=[0.1, 0.2], over="prototypes", prior=[1.0, -0.5]), "prior must be >= 0")):
         with pytest.raises(ValueError, match=match):
             proalign.aggregate(x, c, **bad)
 
@@ -160,8 +180,20 @@ def test_gpu_kernels_variants_match_float64(rng, poisoned, backend, opts, dtype)
     xts = [torch.from_numpy(x).to(dtype) for x in xs]
     got = proalign.aggregate_batch([x.to(_device()) for x in xts], c, tau=[0.05, 1.0], backend=backend, **opts)
     for x, e in zip(xts, got):
-        for row, t in zip(e.cpu().numpy(), [0.05, 1.0]):
-            np.testing.assert_allclose(row, ref.proalign(x.double().numpy(), c, t, **opts), **_tol(opts))
+        np.testing.assert_allclose(e.cpu().numpy(), ref.proalign_rows(x.double().numpy(), c, [0.05, 1.0], **opts),
+                                   **_tol(opts))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("moments", [1, 2])
+def test_gpu_kernels_per_row_priors_match_float64(rng, poisoned, backend, moments):
+    xs = [_data(rng, n, 96, 11)[0] for n in (1, 300, 1300)]
+    c = _data(rng, 1, 96, 11)[1]
+    opts = dict(ROW_PRIORS, moments=moments)
+    got = proalign.aggregate_batch([torch.from_numpy(x).to(_device()) for x in xs], c, backend=backend, **opts)
+    taus = opts.pop("tau")
+    for x, e in zip(xs, got):
+        np.testing.assert_allclose(e.cpu().numpy(), ref.proalign_rows(x, c, taus, **opts), **_tol(opts))
 
 
 def _count_launches(monkeypatch, backend):

@@ -11,7 +11,7 @@ import pytest
 import float64_reference as ref
 import proalign
 from proalign.aggregate import live_backends
-from proalign.defaults import DEFAULT_PROALIGN, default_taus
+from proalign.defaults import DEFAULT_PROALIGN, ROW_PRIOR, default_taus
 from proalign.features import read_features
 from proalign.prototypes.io import prototype_hash, save_prototypes
 from proalign.testing.synthetic_features import write_cohort
@@ -43,8 +43,8 @@ def test_embed_stores_reference_values_with_provenance(tmp_path, cli, cohort):
             m = s.meta(sid)
             assert m["n_patches"] == len(x) and m["prototypes"]["hash"] == prototype_hash(protos)
             assert m["taus"] == taus and m["encoder"] == "conch_v1" and m["engine_version"] == proalign.__version__
-            assert {k: m["options"][k] for k in ("over", "moments", "prior")} == {
-                k: DEFAULT_PROALIGN[k] for k in ("over", "moments", "prior")}
+            assert {k: m["options"][k] for k in ("over", "moments")} == {k: DEFAULT_PROALIGN[k] for k in ("over", "moments")}
+            assert m["options"]["prior"] == list(DEFAULT_PROALIGN["prior"])  # one per row
             assert m["feature_source"]["path"] == str((feats / f"{sid}.h5").resolve()) and m["backend"] in live_backends()
     # an explicit reading: two temperatures of attention over patches
     out2 = tmp_path / "s2.lmdb"
@@ -104,13 +104,15 @@ def test_rerun_skips_and_overwrite_redoes(tmp_path, cli, cohort):
             assert meta["time"] > old_meta["time"], (sid, meta["time"], old_meta["time"])
             assert meta["taus"] == [0.2] and meta["options"]["taus"] == [0.2]
             x = read_features(feats / f"{sid}.h5").features
-            np.testing.assert_allclose(s[sid].astype(np.float64), ref.proalign(x, protos, 0.2, **{
-                k: DEFAULT_PROALIGN[k] for k in ("over", "moments", "prior")}), rtol=2e-3, atol=2e-3)  # float16 store
+            np.testing.assert_allclose(s[sid].astype(np.float64), ref.proalign(x, protos, 0.2, prior=ROW_PRIOR, **{
+                k: DEFAULT_PROALIGN[k] for k in ("over", "moments")}), rtol=2e-3, atol=2e-3)  # float16 store
             # nothing else changed: same source, prototypes, patch count, method and the other options
             same = ("method", "prototypes", "feature_source", "encoder", "n_patches", "engine_version")
             assert {k: meta[k] for k in same} == {k: old_meta[k] for k in same}, sid
-            assert ({k: v for k, v in meta["options"].items() if k != "taus"}
-                    == {k: v for k, v in old_meta["options"].items() if k != "taus"}), sid
+            # (own temperatures, no --prior: ROW_PRIOR on every row instead of the default's per-row priors)
+            assert meta["options"]["prior"] == ROW_PRIOR
+            assert ({k: v for k, v in meta["options"].items() if k not in ("taus", "prior")}
+                    == {k: v for k, v in old_meta["options"].items() if k not in ("taus", "prior")}), sid
 
 
 def test_records_name_their_variant_and_old_records_stay_resumable(tmp_path, cli, cohort):
@@ -208,6 +210,23 @@ def test_undefined_reading_is_refused_before_any_slide(cli, cohort, tmp_path):
     r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", tmp_path / "s.lmdb", "--over", "patches",
             "--prior", 1, check=2)
     assert "option of over=prototypes" in r.stderr and not (tmp_path / "s.lmdb").exists()
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", tmp_path / "s.lmdb", "--tau", 0.1,
+            "--prior", 1, "--prior", 0, check=2)
+    assert "one prior per tau" in r.stderr and not (tmp_path / "s.lmdb").exists()
+
+
+def test_per_row_priors_from_the_cli(cli, cohort, tmp_path):
+    """--prior once per --tau (a tau may repeat): one row each, recorded as the list."""
+    feats, ppath, protos = cohort
+    out = tmp_path / "s.lmdb"
+    cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--dtype", "float32", "--tau", 0.1,
+        "--tau", 0.1, "--prior", 2, "--prior", 0, check=0)
+    with proalign.open_store(out) as s:
+        for sid in s:
+            x = read_features(feats / f"{sid}.h5").features
+            np.testing.assert_allclose(s[sid], ref.proalign_rows(x, protos, [0.1, 0.1], prior=[2.0, 0.0], over="prototypes"),
+                                       rtol=1e-5, atol=1e-6)
+            assert s.meta(sid)["options"]["prior"] == [2.0, 0.0]
 
 
 def test_demo_runs(tmp_path, capsys):

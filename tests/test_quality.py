@@ -49,8 +49,10 @@ def test_rare_type_missed_by_kmeans():
 
 
 def test_rare_type_covered_by_text_prototypes():
-    s = _scores("rare", "text", [DEFAULT, "mean"])
-    assert s[DEFAULT] >= 0.88 and s[DEFAULT] > s["mean"] + 0.15, s
+    """The row without pseudo-patches tells an absent type from a present one; the reading before
+    it (every row with the prior) trailed PANTHER here on every seed of the full suite."""
+    s = _scores("rare", "text", [DEFAULT, "panther", "mean"])
+    assert s[DEFAULT] >= 0.95 and s[DEFAULT] >= s["panther"] - 0.03 and s[DEFAULT] > s["mean"] + 0.15, s
 
 
 def test_morphology_shift():

@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .defaults import DEFAULT_PROALIGN, default_taus
+from .defaults import DEFAULT_PROALIGN, ROW_PRIOR, default_taus
 from .errors import ProAlignError, StoreWriteError
 
 
@@ -232,9 +232,11 @@ def _with(options):
               help="proalign: softmax over patches (attention per prototype) or over prototypes (soft assignment).")
 @click.option("--moments", default=DEFAULT_PROALIGN["moments"], show_default=True, type=click.IntRange(1, 2),
               help="proalign: 2 also stores each prototype's weighted variance (length K + 2Kd).")
-@click.option("--prior", default=None, type=click.FloatRange(0),
-              help="proalign --over prototypes: pseudo-patches at each prototype (shrinks rarely used ones) "
-                   f"[{DEFAULT_PROALIGN['prior']} with --over prototypes, else 0].")
+@click.option("--prior", multiple=True, type=click.FloatRange(0),
+              help="proalign --over prototypes: pseudo-patches at each prototype (shrinks rarely used ones); "
+                   "one value for every row or one per --tau, in order [with the default temperatures "
+                   f"{', '.join(map(str, DEFAULT_PROALIGN['prior']))}; with your own {ROW_PRIOR} per row; "
+                   "with --over patches 0].")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored embedding dtype.")
 @click.option("--backend", default=None,
@@ -298,11 +300,12 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
     if backend == "ray":
         scheduler, backend = "ray", None
     if method != "proalign" and (tau or over != DEFAULT_PROALIGN["over"] or moments != DEFAULT_PROALIGN["moments"]
-                                 or prior is not None):
+                                 or prior):
         raise click.UsageError(f"--tau/--over/--moments/--prior are proalign options, not {method}'s")
     try:
         opts = EmbedOptions(method=method, taus=tuple(tau) or default_taus(), over=over, moments=moments,
-                            prior=prior, dtype=dtype, backend=backend,
+                            prior=(prior[0] if len(prior) == 1 else prior) if prior else None, dtype=dtype,
+                            backend=backend,
                             encoder_id=encoder_id, panther_eps=panther_eps, panther_prior=panther_prior)
     except ValueError as e:  # e.g. --prior without --over prototypes
         raise click.UsageError(str(e)) from e

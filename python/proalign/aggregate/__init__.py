@@ -138,14 +138,19 @@ def resolve_backend(method: str, backend: str | None, x: torch.Tensor | None = N
 
 def with_defaults(method: str, tau, options: dict):
     """(tau, options) with the default reading's value for every ProAlign option not given (the
-    prior only with over=prototypes), checked. Other methods: unchanged."""
+    prior only with over=prototypes; one number, or a list with one per tau), checked. Other
+    methods: unchanged."""
     if method != "proalign":
         return (0.1 if tau is None else tau), options
+    tau = DEFAULT_PROALIGN["tau"] if tau is None else tau
+    taus = [tau] if isinstance(tau, (int, float)) else list(tau)
     full = {k: v for k, v in DEFAULT_PROALIGN.items() if k not in ("tau", "prior")}
     full.update(options)
-    full.setdefault("prior", default_prior(full["over"]))
+    if full.get("prior") is None:
+        full["prior"] = default_prior(full["over"], taus)
     reference.check_options(**{k: full[k] for k in ("over", "moments", "prior")})
-    return (DEFAULT_PROALIGN["tau"] if tau is None else tau), full
+    full["prior"] = reference.compact_prior(full["prior"], len(taus))  # one per row, or one number
+    return tau, full
 
 
 def _as_tensor(a) -> torch.Tensor:

@@ -14,6 +14,7 @@ moments. The N x K matrix is never stored; per-item partials are combined per sl
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -273,27 +274,28 @@ def _check(x: np.ndarray, lengths) -> np.ndarray:
 
 
 def proalign_ragged(x: np.ndarray, lengths, prototypes: np.ndarray, taus, over: str = "patches",
-                    moments: int = 1, prior: float = 0.0) -> np.ndarray:
+                    moments: int = 1, prior: float | Sequence[float] = 0.0) -> np.ndarray:
     """(S, T, K + moments*K*d) float64 ProAlign embeddings of S slides stacked in x (sum N, d), per
     tau (reference.proalign's options); the items' partials are merged by aggregate.partials."""
-    from .partials import combine, finish, second_moment_shift
+    from .partials import combine, distinct_taus, finish, rows_of, second_moment_shift
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     lengths = _check(x, lengths)
     c = torch.from_numpy(np.asarray(prototypes, dtype=np.float64))
     cn = np.ascontiguousarray(torch.nn.functional.normalize(c, dim=1).numpy(), dtype=np.float32)
-    inv_taus = 1.0 / np.asarray(taus, dtype=np.float64)
+    distinct, rows = distinct_taus(taus)
+    inv_taus = 1.0 / np.asarray(distinct, dtype=np.float64)
     item_start, item_end, item_slide, _ = plan(lengths)
     shift = second_moment_shift(c)
     m, l, pi, acc, acc2 = _partials(x, cn, inv_taus, item_start, item_end, over == "prototypes", shift.numpy(),
                                     moments == 2)
     parts = [torch.from_numpy(v) for v in (m, l, pi, acc)] + [torch.from_numpy(acc2) if moments == 2 else None]
     sums = combine(torch.from_numpy(item_slide), *parts, len(lengths))
-    return finish(*sums, torch.from_numpy(lengths), c, shift, over, prior).numpy()
+    return finish(*rows_of(sums, rows), torch.from_numpy(lengths), c, shift, over, prior).numpy()
 
 
 def proalign(x: np.ndarray, prototypes: np.ndarray, taus, over: str = "patches", moments: int = 1,
-             prior: float = 0.0) -> np.ndarray:
+             prior: float | Sequence[float] = 0.0) -> np.ndarray:
     """(T, K + moments*K*d) float64 ProAlign embeddings of one slide x (N, d) for each tau."""
     return proalign_ragged(x, [x.shape[0]], prototypes, taus, over, moments, prior)[0]
 

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .reference import row_priors
+
 
 def plan(lengths: torch.Tensor, rows_per_prog: int):
     """(slide of each program int32, its first row int64, each slide's end row int64)."""
@@ -51,12 +53,27 @@ def combine(prog_slide, m, l, pi, acc, acc2, n_slides: int):
     return pi_sum, denom, s1, s2
 
 
-def finish(pi_sum, denom, s1, s2, lengths, prototypes, shift, over: str, prior: float) -> torch.Tensor:
-    """Merged sums (S, T, K[, d]) -> (S, T, K + moments*K*d) float64 embeddings."""
+def distinct_taus(taus: Sequence[float]) -> tuple[list[float], list[int]]:
+    """(each tau once, the distinct tau of each row): a tau that repeats with another prior (the
+    default reading's sharpest) is computed once and finished twice."""
+    distinct = list(dict.fromkeys(float(t) for t in taus))
+    return distinct, [distinct.index(float(t)) for t in taus]
+
+
+def rows_of(sums: tuple, rows: Sequence[int]) -> tuple:
+    """Merged sums per distinct tau -> per embedding row."""
+    return tuple(None if v is None else v[:, list(rows)] for v in sums)
+
+
+def finish(pi_sum, denom, s1, s2, lengths, prototypes, shift, over: str,
+           prior: float | Sequence[float]) -> torch.Tensor:
+    """Merged sums (S, T, K[, d]) -> (S, T, K + moments*K*d) float64 embeddings; `prior` one
+    number or one per row."""
     n_slides, t, k = pi_sum.shape
     c = prototypes.to(s1.device, torch.float64)
-    rho = float(prior) if over == "prototypes" else 0.0
-    mass = (denom + rho).clamp_min(torch.finfo(torch.float64).tiny)[..., None]  # as reference.proalign
+    rho = torch.tensor(row_priors(prior, t) if over == "prototypes" else (0.0,) * t, dtype=torch.float64,
+                       device=s1.device)[None, :, None, None]  # (1, T, 1, 1)
+    mass = (denom[..., None] + rho).clamp_min(torch.finfo(torch.float64).tiny)  # as reference.proalign
     h = (s1 + rho * c) / mass
     parts = [pi_sum / lengths.to(pi_sum.device, torch.float64)[:, None, None], h.reshape(n_slides, t, -1)]
     if s2 is not None:
@@ -71,7 +88,7 @@ Launch = Callable[..., tuple]
 
 def proalign_ragged(launch: Launch, rows_per_prog: int, k_multiple: int, x: torch.Tensor, lengths: torch.Tensor,
                     prototypes: torch.Tensor, taus: Sequence[float], over: str = "patches", moments: int = 1,
-                    prior: float = 0.0) -> torch.Tensor:
+                    prior: float | Sequence[float] = 0.0) -> torch.Tensor:
     """x (sum N, d): the slides' patches one after another; lengths (S,). Returns (S, T, K + moments*K*d)."""
     n_slides, k, d = len(lengths), prototypes.shape[0], x.shape[1]
     lengths = lengths.to(x.device, torch.int64)
@@ -80,11 +97,12 @@ def proalign_ragged(launch: Launch, rows_per_prog: int, k_multiple: int, x: torc
     k_pad = max(16, 1 << (k - 1).bit_length()) if k_multiple == 0 else -(-k // k_multiple) * k_multiple
     cn = torch.zeros((k_pad, d), dtype=torch.float32, device=x.device)
     cn[:k] = torch.nn.functional.normalize(prototypes.to(x.device, torch.float64), dim=1).float()
-    inv_taus = torch.tensor([1.0 / t for t in taus], dtype=torch.float32, device=x.device)
+    distinct, rows = distinct_taus(taus)
+    inv_taus = torch.tensor([1.0 / t for t in distinct], dtype=torch.float32, device=x.device)
     shift = second_moment_shift(prototypes).to(x.device)
     prog_slide, prog_start, ends = plan(lengths, rows_per_prog)
     m, l, pi, acc, acc2 = launch(x.contiguous(), cn, inv_taus, prog_slide, prog_start, ends, k, k_pad,
                                  over == "prototypes", shift, moments == 2)
     sums = combine(prog_slide, m[..., :k], l[..., :k], pi[..., :k], acc[:, :, :k],
                    None if acc2 is None else acc2[:, :, :k], n_slides)
-    return finish(*sums, lengths, prototypes, shift, over, prior)
+    return finish(*rows_of(sums, rows), lengths, prototypes, shift, over, prior)

@@ -1,7 +1,7 @@
 """Benchmark of the aggregation backends against torch eager and the memory limit.
 
     python -m proalign.bench.aggregate [--method proalign|panther] [--n 100000] [--d 512] [--k 16] [--dtype float32]
-        [--tau T ...] [--over patches|prototypes] [--moments 1|2] [--prior P]   (default: the default reading)
+        [--tau T ...] [--over patches|prototypes] [--moments 1|2] [--prior P ...]   (default: the default reading)
 
 On one set of inputs, measured in one run: each live backend's time, its speed-up over torch
 eager (the reference in the input dtype, unfused), and its share of the memory limit (bytes of
@@ -78,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"proalign: temperature(s) in one pass [default reading: {default_taus()}]")
     ap.add_argument("--over", default=DEFAULT_PROALIGN["over"], choices=["patches", "prototypes"])
     ap.add_argument("--moments", type=int, default=DEFAULT_PROALIGN["moments"], choices=[1, 2])
-    ap.add_argument("--prior", type=float, default=None, help="over=prototypes [the default reading's]")
+    ap.add_argument("--prior", type=float, nargs="+", default=None,
+                    help="over=prototypes: one, or one per tau [the default reading's]")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--check", action="store_true", help="Exit 1 when a backend differs from float64 (rtol 1e-3).")
     args = ap.parse_args(argv)
     taus = args.tau or list(default_taus())
-    prior = default_prior(args.over) if args.prior is None else args.prior
+    prior = default_prior(args.over, taus) if args.prior is None else args.prior
     opts = {"over": args.over, "moments": args.moments, "prior": prior} if args.method == "proalign" else {}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "auto":

@@ -39,6 +39,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "protos τ0.2+0.05+0.025 prior1": ("proalign", {"over": "prototypes", "tau": [0.2, 0.05, 0.025], "prior": 1.0}),
     "protos τ0.2+0.05+0.025 prior0.5 m2": ("proalign", {"over": "prototypes", "tau": [0.2, 0.05, 0.025], "prior": 0.5, "moments": 2}),
     "protos τ0.2+0.05+0.025 prior0.25": ("proalign", {"over": "prototypes", "tau": [0.2, 0.05, 0.025], "prior": 0.25}),
+    "protos τ0.2+0.05+0.025 prior0.5 +τ0.025 prior0": ("proalign", {"over": "prototypes", "tau": [0.2, 0.05, 0.025, 0.025],
+                                                                    "prior": [0.5, 0.5, 0.5, 0.0]}),
     "panther": ("panther", {}),
     "h2t": ("h2t", {}),
     "protocount": ("protocount", {}),
@@ -52,7 +54,8 @@ def default_variant() -> str | None:
     """The METHODS name of the engine's default ProAlign reading."""
     def reading(o: dict) -> dict:
         full = {**DEFAULT_PROALIGN, **o}
-        return {**full, "tau": tuple(np.atleast_1d(full["tau"]).tolist())}
+        return {**full, "tau": tuple(np.atleast_1d(full["tau"]).tolist()),
+                "prior": tuple(np.atleast_1d(full["prior"]).tolist())}
     want = reading({})
     return next((n for n, (m, o) in METHODS.items() if m == "proalign" and reading(o) == want), None)
 

@@ -35,7 +35,8 @@ class EmbedOptions:
     taus: tuple[float, ...] = default_taus()
     over: str = DEFAULT_PROALIGN["over"]
     moments: int = DEFAULT_PROALIGN["moments"]  # 2: also each prototype's weighted variance
-    prior: float | None = None  # over=prototypes: pseudo-patches per prototype (None: the default's)
+    # over=prototypes: pseudo-patches per prototype, one number or one per tau (None: the default's)
+    prior: float | tuple[float, ...] | None = None
     dtype: str = "float16"  # how embeddings are stored
     backend: str | None = None  # None: fastest live backend
     encoder_id: str | None = None  # default: the feature file's `encoder` attribute
@@ -44,11 +45,13 @@ class EmbedOptions:
 
     def __post_init__(self):
         if self.prior is None:
-            object.__setattr__(self, "prior", default_prior(self.over))
+            object.__setattr__(self, "prior", default_prior(self.over, self.taus))
         if self.method == "proalign":  # a clear error now, not one per slide
-            from ..aggregate.reference import check_options
+            from ..aggregate.reference import check_options, compact_prior
 
             check_options(self.over, self.moments, self.prior)
+            # as records store it (one number, or a list per row): the resume check compares like with like
+            object.__setattr__(self, "prior", compact_prior(self.prior, len(self.taus)))
 
     def key(self, prototypes_hash: str) -> dict:
         """What a stored record must match to count as done (the backend does not change it)."""
