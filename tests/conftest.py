@@ -56,3 +56,17 @@ def run_cli(*args, check=None, timeout=300, env=None):
 def cli():
     return run_cli
 
+
+@pytest.fixture(scope="module")
+def conch(tmp_path_factory):
+    """A small random-weight CONCH v1 folder (it records its architecture), 5 prototypes for it, the
+    --encoder-arg flags that restate that architecture, and the overrides: (folder, args, prototypes, over)."""
+    from proalign.prototypes.io import save_prototypes
+    from proalign.testing.random_weights import write_random_conch
+
+    root = tmp_path_factory.mktemp("conch")
+    over = write_random_conch(root / "conch")
+    c = np.random.default_rng(3).standard_normal((5, over["embed_dim"])).astype(np.float32)
+    save_prototypes(root / "p.safetensors", c, {})
+    args = [a for k, v in over.items() for a in ("--encoder-arg", f"{k}={v}")]
+    return root / "conch", args, root / "p.safetensors", over

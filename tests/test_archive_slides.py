@@ -16,7 +16,6 @@ import pytest
 from conftest import run_cli
 
 from proalign import open_store
-from proalign.testing.random_weights import write_random_conch
 from proalign.features import list_slides
 from proalign.features.io import SlideEntry
 from proalign.pipeline import run_archive
@@ -33,15 +32,6 @@ def _slide(path: Path, seed: int, mpp: float | None = 0.5) -> Path:
     write_aperio_svs(path, 1800, 1500, tile=256, levels=(1, 4), seed=seed, mpp=mpp, app_mag=20 if mpp else None)
     return path
 
-
-@pytest.fixture(scope="module")
-def conch(tmp_path_factory):
-    root = tmp_path_factory.mktemp("conch")
-    over = write_random_conch(root / "conch")
-    c = np.random.default_rng(3).standard_normal((5, over["embed_dim"])).astype(np.float32)
-    save_prototypes(root / "p.safetensors", c, {})
-    args = [a for k, v in over.items() for a in ("--encoder-arg", f"{k}={v}")]
-    return root / "conch", args, root / "p.safetensors", over
 
 
 def _embed(conch, out, *src, extra=()):

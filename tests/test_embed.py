@@ -235,3 +235,21 @@ def test_demo_runs(tmp_path, capsys):
 
     assert main(["--out", str(tmp_path / "demo"), "--slides", "4", "--slide-files", "0"]) == 0
     assert "4 slides stored" in capsys.readouterr().out
+
+
+def test_error_inside_a_run_is_a_runtime_error_not_a_usage_error(cohort, tmp_path, monkeypatch):
+    """Exit 2 is for the command line; an error from inside the run (here the RuntimeError torch
+    raises on a failed CUDA kernel, from the run itself) is exit 4 with one line, no 'Usage:' text."""
+    from click.testing import CliRunner
+
+    import proalign.pipeline as pipeline
+    from proalign.cli import RUNTIME_ERROR_EXIT, main
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(pipeline, "embed_features", broken)
+    feats, ppath, _ = cohort
+    r = CliRunner().invoke(main, ["embed", "--features", str(feats), "--prototypes", str(ppath),
+                                  "--out", str(tmp_path / "s.lmdb")])
+    assert r.exit_code == RUNTIME_ERROR_EXIT == 4, r.output
+    assert "error: the run stopped: CUDA error" in r.output and "Usage:" not in r.output

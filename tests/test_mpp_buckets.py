@@ -8,17 +8,14 @@ import csv
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 
 from conftest import run_cli
 
-from proalign.prototypes.io import save_prototypes
 from proalign.slides.grid import nominal_magnification
 from proalign.slides.manifest import level0_magnification, read_slide_manifest
 from proalign.slides.mpp import MPP_FIX, mpp_from_keys, mpp_rule, parse_mpp_keys
 from proalign.slides.slide import open_slide
-from proalign.testing.random_weights import write_random_conch
 from proalign.testing.synthetic_slides import write_aperio_svs, write_pyramidal_tiff
 
 FIX_MARK = "--custom-mpp-keys KEY when"  # a phrase of MPP_FIX
@@ -116,20 +113,12 @@ def test_custom_mpp_keys_and_missing_mpp_reported_once(tmp_path):
     assert {e.slide_id: e.mpp for e in m.entries} == {"a": 0.5, "b": 0.5, "c": None, "t": 0.25}
 
 
-@pytest.fixture(scope="module")
-def conch(tmp_path_factory):
-    root = tmp_path_factory.mktemp("conch")
-    over = write_random_conch(root / "conch")  # records its architecture: no --encoder-arg needed
-    c = np.random.default_rng(3).standard_normal((5, over["embed_dim"])).astype(np.float32)
-    save_prototypes(root / "p.safetensors", c, {})
-    return root / "conch", root / "p.safetensors"
-
 
 def test_embed_nested_archive_keys_duplicates_and_missing_mpp(tmp_path, conch):
     """embed --archive searches nested folders; a second file with a taken slide id is reported
     (not embedded); --custom-mpp-keys reaches the workers; slides without an mpp fail and the fix
     is said once."""
-    weights, protos = conch
+    weights, _, protos, _ = conch  # its folder records the architecture: no --encoder-arg needed
     arch = tmp_path / "archive"
     _svs(arch / "site1" / "2024" / "deep.svs", 1)
     _svs(arch / "site2" / "keyed.svs", 2, mpp=None, app_mag=None, extra_fields={"ScanMPP": "0.5"})

@@ -25,10 +25,8 @@ from proalign.decode.patches import read_patches
 from proalign.encoders import create_encoder
 from proalign.features.io import read_features
 from proalign.pipeline.embed_slides import SlideOptions, embed_slide, find_coords
-from proalign.prototypes.io import save_prototypes
 from proalign.slides.coords_io import read_coords_h5, trident_job_name
 from proalign.slides.slide import open_slide
-from proalign.testing.random_weights import write_random_conch
 from proalign.testing.synthetic_slides import write_aperio_svs
 
 W, H = 1000, 900  # not multiples of the 128 px patches: the pad grid has partial edge patches
@@ -47,15 +45,6 @@ def archive(tmp_path_factory):
         _slide(d / f"{sid}.svs", 20 + i)
     return d
 
-
-@pytest.fixture(scope="module")
-def conch(tmp_path_factory):
-    root = tmp_path_factory.mktemp("conch")
-    over = write_random_conch(root / "conch")
-    c = np.random.default_rng(3).standard_normal((5, over["embed_dim"])).astype(np.float32)
-    save_prototypes(root / "p.safetensors", c, {})
-    args = [a for k, v in over.items() for a in ("--encoder-arg", f"{k}={v}")]
-    return root / "conch", args, root / "p.safetensors", over
 
 
 def _attrs(ds: h5py.Dataset) -> dict:

@@ -28,6 +28,9 @@ def _entries(features, manifest):
     return entries
 
 
+RUNTIME_ERROR_EXIT = 4  # an error inside a run (what is stored stays); 2 is for the command line's
+
+
 class _Group(click.Group):
     """Turns our own errors into one clear line instead of a traceback: exit code 3 for a store that
     could not be written (a full disk: rerun the same command once there is room), else 2."""
@@ -86,6 +89,21 @@ archive_opts = [
     click.option("--patch-size", type=click.IntRange(1), default=None, help="Patch px at --mag (default: encoder's)."),
     click.option("--min-tissue", default=0.1, show_default=True, type=click.FloatRange(0, 1)),
 ]
+
+
+def qc_opts(scope: str) -> list:
+    """Quality-control options of every command that makes a grid (`patch`, `embed --archive`);
+    `scope` prefixes the help ("--archive: ")."""
+    return [
+        click.option("--qc", "qc_dir", type=click.Path(file_okay=False), default=None,
+                     help=f"{scope}Per slide, a thumbnail with tissue contours, excluded regions and the patch grid "
+                          "(QC/<slide>.png) and the contours as QuPath GeoJSON (QC/<slide>.geojson)."),
+        click.option("--tissue-geojson", type=click.Path(exists=True, file_okay=False), default=None,
+                     help=f"{scope}Use the (edited) contours DIR/<slide>.geojson instead of tissue detection "
+                          "(holes respected)."),
+        click.option("--keep-penmarks", is_flag=True,
+                     help=f"{scope}Keep the patches under pen ink and blank/blurred tissue (excluded by default)."),
+    ]
 
 
 def _grid_preset(preset: str | None, edge: str, min_tissue: float) -> tuple[str, float]:
@@ -210,13 +228,7 @@ def _with(options):
 @click.option("--grid-preset", type=click.Choice(["trident"]), default=None,
               help="--archive: trident = TRIDENT's grid: edge patches kept (corner inside), no minimum tissue "
                    "(--min-tissue 0); an explicit --min-tissue wins.")
-@click.option("--qc", "qc_dir", type=click.Path(file_okay=False), default=None,
-              help="--archive: per slide, a thumbnail with tissue contours, excluded regions and the patch grid "
-                   "(QC/<slide>.png) and the contours as QuPath GeoJSON (QC/<slide>.geojson).")
-@click.option("--tissue-geojson", type=click.Path(exists=True, file_okay=False), default=None,
-              help="--archive: use the (edited) contours DIR/<slide>.geojson instead of tissue detection.")
-@click.option("--keep-penmarks", is_flag=True,
-              help="--archive: keep the patches under pen ink and blank/blurred tissue (excluded by default).")
+@_with(qc_opts("--archive: "))
 @click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "dali-cpu", "dali-gpu"]))
 @click.option("--shrink-on-load", is_flag=True, help="--archive: half-size DCT decode of JPEG tiles when patches "
                                                      "are downsampled 2x or more (faster; mean |diff| ~0.5).")
@@ -240,7 +252,7 @@ def _with(options):
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Stored embedding dtype.")
 @click.option("--backend", default=None,
-              help="Aggregation backend (default: fastest live; see `doctor`); `ray` means --scheduler ray.")
+              help="Aggregation backend (default: fastest live; see `doctor`).")
 @click.option("--panther-eps", default=1.0, show_default=True, type=float, help="panther: prior variance.")
 @click.option("--panther-prior", default=1.0, show_default=True, type=float, help="panther: prior strength tau.")
 @click.option("--encoder-id", default=None, help="Encoder name recorded in provenance (default: the file's attribute).")
@@ -297,7 +309,9 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
         raise click.UsageError("--cache-dir is for slide files (--archive or a slide manifest), not feature files")
     if (cache_ahead != 2 or keep_cache) and not cache_dir:
         raise click.UsageError("--cache-ahead/--keep-cache go with --cache-dir")
-    if backend == "ray":
+    if backend == "ray":  # an older spelling: Ray schedules slides, it is no aggregation backend
+        click.echo("note: --backend ray means --scheduler ray (the aggregation backend stays automatic); "
+                   "write --scheduler ray", err=True)
         scheduler, backend = "ray", None
     if method != "proalign" and (tau or over != DEFAULT_PROALIGN["over"] or moments != DEFAULT_PROALIGN["moments"]
                                  or prior):
@@ -348,8 +362,11 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
                                        "--keep-penmarks are for slide files (--archive)")
             rep = embed_features(_entries(features, manifest), prototypes, out, opts, overwrite=overwrite,
                                  **scheduling)
-    except (ValueError, RuntimeError) as e:
+    except ValueError as e:  # the inputs or options, found unusable before or while starting the run
         raise click.UsageError(str(e)) from e
+    except RuntimeError as e:  # inside the run (torch, Ray, the machine): not the command line's fault
+        click.echo(f"error: the run stopped: {e}", err=True)
+        sys.exit(RUNTIME_ERROR_EXIT)
     click.echo(f"store: {Path(out).resolve()}")
     click.echo(rep.summary())
     for sid, what in rep.changed_sources.items():
@@ -660,13 +677,7 @@ def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
 @click.option("--layout", type=click.Choice(["flat", "trident"]), default="flat", show_default=True,
               help="Job folder: flat OUT/patches/<slide>_patches.h5; trident OUT/<mag>x_<patch>px_<overlap>px_overlap/"
                    "patches/<slide>_patches.h5, TRIDENT's folders (what PANTHER and other TRIDENT-based code read).")
-@click.option("--qc", "qc_dir", type=click.Path(file_okay=False), default=None,
-              help="Per slide, a thumbnail with tissue contours, excluded regions and the patch grid (QC/<slide>.png) "
-                   "and the contours as QuPath GeoJSON (QC/<slide>.geojson).")
-@click.option("--tissue-geojson", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Use the (edited) contours DIR/<slide>.geojson instead of tissue detection (holes respected).")
-@click.option("--keep-penmarks", is_flag=True,
-              help="Keep the patches under pen ink and blank/blurred tissue (excluded by default).")
+@_with(qc_opts(""))
 @click.option("--dump-patches", default=0, show_default=True, type=click.IntRange(0), metavar="N",
               help="Write a sample of N patch images per slide (PNG): QC/<slide>_patches/ with --qc, else "
                    "<job>/dump_patches/<slide>/.")
