@@ -330,7 +330,7 @@ def test_jpeg_tiles_of_the_wrong_size(tmp_path, jpeg, size):
     s = open_slide(path)
     with pytest.raises(SlideError, match=message):
         s.read_region((0, 0), 0, (256, 256))
-    from proalign.decode.patches import read_patches
+    from proalign.slides.patches import read_patches
     with pytest.raises(SlideError, match=message):
         read_patches(s, np.array([[0, 0]]), 256, 224)
     with pytest.raises(SlideError, match=message):  # the engine's libjpeg, at half size (shrink on load)

@@ -12,7 +12,7 @@ import torch
 from test_encoders import conch_folder, conch_tokenizer_file  # noqa: F401 (pytest fixtures)
 
 from proalign import aggregate
-from proalign.decode.patches import read_patches
+from proalign.slides.patches import read_patches
 from proalign.encoders import create_encoder
 from proalign.errors import SlideError
 from proalign.pipeline.embed_slides import SlideOptions, embed_slide
@@ -156,7 +156,7 @@ def test_embed_archive_cli_resumes_and_reports(tmp_path, rng):
 
 def test_worker_threads_size_the_cpu_decoders():
     """N workers on one node: each worker's CPU decoders use its share of the cores, not every core."""
-    from proalign.decode.patches import _make_decoder, set_decode_threads
+    from proalign.slides.patches import _make_decoder, set_decode_threads
     from proalign.pipeline.worker import set_threads
 
     import numba

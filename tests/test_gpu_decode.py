@@ -9,7 +9,7 @@ import torch
 from test_slides import CMU, TCGA, needs_data
 
 from proalign.decode.cpu import CpuDecoder
-from proalign.decode.patches import PatchStats, read_patches
+from proalign.slides.patches import PatchStats, read_patches
 from proalign.slides.slide import open_slide
 
 pytestmark = [

@@ -8,7 +8,7 @@ import numpy as np
 from conftest import run_cli
 from test_slides import CMU, TCGA, TESTDATA, needs_data
 
-from proalign.decode.patches import read_patches
+from proalign.slides.patches import read_patches
 from proalign.slides.coords_io import read_coords_h5
 from proalign.slides.slide import open_slide
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from proalign.decode.cpu import CpuDecoder, TileFormat, decode_tile
-from proalign.decode.patches import PatchStats, iter_patches, read_patches, read_patches_openslide
+from proalign.slides.patches import PatchStats, iter_patches, read_patches, read_patches_openslide
 from proalign.errors import SlideError
 from proalign.slides.slide import OpenSlideSlide, TiffSlide, open_slide
 from proalign.slides.tiff_index import read_tiff_pages

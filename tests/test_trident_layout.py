@@ -21,7 +21,7 @@ import torch
 from conftest import run_cli
 
 from proalign import open_store
-from proalign.decode.patches import read_patches
+from proalign.slides.patches import read_patches
 from proalign.encoders import create_encoder
 from proalign.features.io import read_features
 from proalign.pipeline.embed_slides import SlideOptions, embed_slide, find_coords
@@ -223,7 +223,7 @@ def test_black_edge_fill_is_what_openslide_rgba_to_rgb_gives(tmp_path):
     """TRIDENT reads OpenSlide's RGBA region and converts it to RGB: the outside is black. Our
     engine with edge_fill="black", and our OpenSlide path, give those pixels."""
     openslide = pytest.importorskip("openslide")
-    from proalign.decode.patches import read_patches_openslide
+    from proalign.slides.patches import read_patches_openslide
     from proalign.slides.slide import OpenSlideSlide
 
     path = _slide(tmp_path / "o.svs", 8)

@@ -1,53 +1,53 @@
-"""proalign-engine: ProAlign slide embeddings for whole-slide-image archives."""
+"""proalign-engine: ProAlign slide embeddings for whole-slide-image archives.
+
+The facade is lazy (PEP 562): `import proalign` loads only the version; each name below imports its
+defining module on first use and is that module's own object (real signature and docstring). Nothing
+inside the package imports this module: they import the defining modules (and `_version`).
+"""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+import sys
+import types
 
-from .aggregate import aggregate, aggregate_batch  # noqa: E402
-from .prototypes.io import load_prototypes  # noqa: E402
+from ._version import __version__
 
+# name -> the module that defines it
+_LAZY = {
+    "aggregate": "proalign.aggregate",
+    "aggregate_batch": "proalign.aggregate",
+    "create_encoder": "proalign.encoders",
+    "embed_archive": "proalign.pipeline.slide_worker",
+    "embed_slide": "proalign.pipeline.embed_slides",
+    "load_prototypes": "proalign.prototypes.io",
+    "open_slide": "proalign.slides.slide",
+    "open_store": "proalign.store",  # lmdb loads on first use: GPU hosts may lack it
+    "read_patches": "proalign.slides.patches",
+}
 
-def open_slide(path, mpp: float | None = None):
-    """Open a whole-slide image (TIFF fast path or OpenSlide); see proalign.slides.slide."""
-    from .slides.slide import open_slide as _open
-
-    return _open(path, mpp=mpp)
-
-
-def read_patches(slide, coords, patch_size_level0: int, out_size: int):
-    """uint8 (n, out_size, out_size, 3) patches at level-0 `coords`, through the tile engine."""
-    from .decode.patches import read_patches as _read
-
-    return _read(slide, coords, patch_size_level0, out_size)
-
-
-def embed_slide(path, encoder, prototypes, **kwargs):
-    """One slide file -> its embedding (tissue, grid, engine, encoder, streaming aggregation); see
-    proalign.pipeline.embed_slides.embed_slide."""
-    from .pipeline.embed_slides import embed_slide as _embed
-
-    return _embed(path, encoder, prototypes, **kwargs)
+__all__ = ["__version__", *sorted(_LAZY)]
 
 
-def embed_archive(archive, encoder: str, weights, prototypes, store, **kwargs):
-    """Every slide file under `archive` -> the LMDB `store`; returns the run report."""
-    from .pipeline.slide_worker import embed_archive as _embed
-
-    return _embed(archive, encoder, weights, prototypes, store, **kwargs)
-
-
-def create_encoder(name: str, weights, **kwargs):
-    """A patch encoder from local weights (conch_v1, open_clip:<arch>, timm:<name>)."""
-    from .encoders import create_encoder as _create
-
-    return _create(name, weights, **kwargs)
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
 
 
-def open_store(path, write: bool = False):
-    """Open an embedding store (read-only unless `write=True`); see proalign.store."""
-    from .store import open_store as _open  # lmdb loads on first use: GPU hosts may lack it
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
-    return _open(path, write=write)
 
-__all__ = ["__version__", "aggregate", "aggregate_batch", "create_encoder", "embed_archive", "embed_slide",
-           "load_prototypes", "open_slide", "open_store", "read_patches"]
+class _Facade(types.ModuleType):
+    """`proalign.aggregate` is the function, also after the `proalign.aggregate` subpackage was
+    imported by some other route (the import system then binds the subpackage to the attribute)."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Facade

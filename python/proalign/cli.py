@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import __version__
+from ._version import __version__
+from .cli_common import encoder_kwargs, load_encoder
 from .defaults import DEFAULT_PROALIGN, ROW_PRIOR, default_taus
 from .errors import ProAlignError, StoreWriteError
 
@@ -139,30 +140,6 @@ def _parse_gpus(text: str | None, scheduler: str, device: str | None = None) -> 
         return parse_gpus(text, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-
-
-def _encoder_kwargs(encoder_args) -> dict:
-    kwargs = {}
-    for item in encoder_args:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.UsageError(f"--encoder-arg wants KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    return kwargs
-
-
-def _load_encoder(encoder, weights, encoder_args, device):
-    import torch
-
-    from .encoders import create_encoder
-
-    if not encoder:
-        raise click.UsageError("this needs --encoder and --weights")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return create_encoder(encoder, weights, device=dev, **_encoder_kwargs(encoder_args)), dev
 
 
 def _sample_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, patch_size, min_tissue, slide_mpp,
@@ -354,7 +331,7 @@ def embed(features, manifest, archive, slide_mpp, mpp_csv, mag, patch_size, min_
                                  edge_fill=edge_fill, keep_penmarks=keep_penmarks, tissue_geojson=tissue_geojson,
                                  qc_dir=qc_dir)
             rep = embed_archive(archive, encoder, weights, prototypes, out, options=opts, slide_options=sopts,
-                                encoder_kwargs=_encoder_kwargs(encoder_args), device=device, mpp=mpp,
+                                encoder_kwargs=encoder_kwargs(encoder_args), device=device, mpp=mpp,
                                 mpp_keys=rule.keys, overwrite=overwrite, **scheduling)
         else:
             if layout != "flat" or edge_fill != "white" or grid_preset or qc_dir or tissue_geojson or keep_penmarks:
@@ -518,7 +495,7 @@ def prototypes_build(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
 
     enc = dev = None
     if encoder or archive:
-        enc, dev = _load_encoder(encoder, weights, encoder_args, device)
+        enc, dev = load_encoder(encoder, weights, encoder_args, device)
     pool = _sample_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, patch_size, min_tissue,
                         slide_mpp, mpp_csv)
     meta_extra: dict = {}
@@ -599,7 +576,7 @@ def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
         raise click.UsageError(f"--out {out}: use a .safetensors or .npz file")
     enc = dev = None
     if encoder or archive:
-        enc, dev = _load_encoder(encoder, weights, encoder_args, device)
+        enc, dev = load_encoder(encoder, weights, encoder_args, device)
     init, init_meta = read_prototype_file(from_file)
     # what the file says about its types, from the initialisation, then the teacher (which wins)
     meta: dict = {k: init_meta[k] for k in ("descriptions", "descriptions_hash", "type_names", "encoder")

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
 
-    from ..decode.patches import iter_patches
+    from ..slides.patches import iter_patches
     from ..encoders import create_encoder
     from ..testing.random_weights import write_random_conch
     from ..pipeline.embed_slides import SlideOptions, embed_slide

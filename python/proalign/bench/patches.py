@@ -61,7 +61,7 @@ def _one_pass(mode, path, slide, grid, out_size, decoder, workers):
     if mode in ("ours", "ours-shrink"):
         import torch
 
-        from ..decode.patches import PatchStats, iter_patches
+        from ..slides.patches import PatchStats, iter_patches
         torch.set_num_threads(workers)
         stats = PatchStats()
         batch = None

@@ -222,10 +222,10 @@ def register(main: click.Group) -> None:
                 raise click.UsageError("--encoder computes features from SLIDE: give the slide file")
             if not weights:
                 raise click.UsageError("--encoder needs --weights (a local weights file or folder)")
-            from ..cli import _load_encoder
+            from ..cli_common import load_encoder
             from ..pipeline.embed_slides import SlideOptions
 
-            enc, dev = _load_encoder(encoder, weights, encoder_args, device)
+            enc, dev = load_encoder(encoder, weights, encoder_args, device)
             kw = dict(encoder=enc, device=dev, mpp=slide_mpp, save_features=save_features,
                       slide_options=SlideOptions(magnification=mag, patch_size=patch_size,
                                                  min_tissue=0.1 if min_tissue is None else min_tissue))

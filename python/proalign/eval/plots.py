@@ -508,7 +508,7 @@ def slide_pictures(slide_path: str | os.PathLike | None, prototypes_path: str | 
     ps = patch_size_level0(ff.attrs, ff.coords)
     thumb = size = None
     if slide_path:
-        from .. import open_slide
+        from ..slides.slide import open_slide
 
         with open_slide(slide_path, mpp=mpp) as sl:
             thumb, size = sl.get_thumbnail(thumbnail_size), sl.dimensions
@@ -530,7 +530,8 @@ def slide_heatmap(slide_path: str | None, features_path: str, prototypes_path: s
 
 
 def _montage(slide_path, ff, att, names, ps, out, n, patch_px, dpi, mpp=None) -> Path:
-    from .. import open_slide, read_patches
+    from ..slides.patches import read_patches
+    from ..slides.slide import open_slide
 
     k = att.shape[1]
     n_eff = min(n, len(att))

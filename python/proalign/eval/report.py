@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from . import plots
 from .evaluate import describe_head
 

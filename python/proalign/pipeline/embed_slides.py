@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..aggregate.streaming import StreamingAggregator
-from ..decode.patches import PatchStats, iter_patches
+from ..slides.patches import PatchStats, iter_patches
 from ..errors import SlideError
 from ..slides.coords_io import (LAYOUTS, read_coords_h5, trident_coords_attrs, trident_coords_path,
                                 trident_features_dir, trident_job_name, write_coords_h5)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from .embed_slides import SlideOptions, embed_slide
 from .worker import EmbedOptions, set_threads
 

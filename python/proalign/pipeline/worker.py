@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..defaults import DEFAULT_PROALIGN, default_prior, default_taus
 from ..errors import FeatureFileError, ProAlignError
 
@@ -123,7 +123,7 @@ def set_threads(threads: int | None) -> int:
     slide into work items by its length alone)."""
     import torch
 
-    from ..decode.patches import set_decode_threads
+    from ..slides.patches import set_decode_threads
 
     try:
         import numba

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..decode.patches import iter_patches
+from ..slides.patches import iter_patches
 from ..errors import PrototypeError, ProAlignError
 from ..slides.mpp import without_fix
 from ..slides.patching import slide_grid

@@ -1,1 +1,1 @@
-"""Whole-slide image readers, writers and helpers."""
+"""Whole-slide image readers (slide.py), patch reading (patches.py), writers and helpers."""

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..decode.cpu import CpuDecoder, NativeJpegDecoder, TileDecodeError, native_jpeg_available
 from ..errors import SlideError
-from ..slides.slide import OpenSlideSlide, Slide, TiffSlide, paste_tile, tiles_for_rect
-from ..slides.tiff_index import TiffPage
-from ..slides.tile_engine import stream_batches
-from .cpu import CpuDecoder, NativeJpegDecoder, TileDecodeError, native_jpeg_available
+from .slide import OpenSlideSlide, Slide, TiffSlide, paste_tile, tiles_for_rect
+from .tiff_index import TiffPage
+from .tile_engine import stream_batches
 
 
 @dataclass
@@ -167,13 +167,13 @@ def _make_decoder(decoder: str | object, codec: str):
     if decoder == "cpu":
         return CpuDecoder(threads=_decode_threads or os.cpu_count() or 1)
     if decoder in ("dali-gpu", "dali-cpu"):
-        from .dali_decode import DaliDecoder
+        from ..decode.dali_decode import DaliDecoder
         return DaliDecoder(device=decoder.split("-")[1])
     raise ValueError(f"unknown decoder {decoder!r}: auto, cpu, dali-cpu or dali-gpu")
 
 
 def _has_dali() -> bool:
-    from .dali_decode import dali_available
+    from ..decode.dali_decode import dali_available
     return dali_available() is None
 
 
