@@ -332,7 +332,7 @@ def test_list_encoders_names_and_filter():
     assert list_encoders("timm:*") == [n for n in names if n.startswith("timm:")]
     assert all(n.startswith("timm:") for n in list_encoders("timm:*"))
     desc = list_encoders("conch*", descriptions=True)
-    assert list(desc) == ["conch_v1"] and "CONCH" in desc["conch_v1"]
+    assert list(desc) == ["conch_v1", "conch_v15"] and "CONCH" in desc["conch_v1"]
 
 
 @pytest.mark.parametrize("name", ["conch_v2", "uni", "clip:ViT-B-16", "timm:", ""])

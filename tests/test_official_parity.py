@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from conftest import optional_import
 from proalign.encoders import create_encoder, list_encoders
+from proalign.encoders.presets import PRESETS
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -145,10 +146,13 @@ def preprocess_parity(enc, official_transform, patches: np.ndarray) -> dict:
     sd = torch.tensor(enc.std).view(1, 3, 1, 1)
     ours_px, theirs_px = (ours * sd + m) * 255.0, (theirs * sd + m) * 255.0
     s = enc.input_size
+    r = getattr(enc, "resize_size", s)  # resize (square patches), then the centre crop: GigaPath 256 -> 224
     resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[enc.interpolation]
     pil_float = torch.from_numpy(np.stack([
-        np.stack([np.asarray(Image.fromarray(p[..., c].astype(np.float32), mode="F").resize((s, s), resample))
+        np.stack([np.asarray(Image.fromarray(p[..., c].astype(np.float32), mode="F").resize((r, r), resample))
                   for c in range(3)]) for p in patches])).clamp(0, 255)
+    o = int(round((r - s) / 2.0))
+    pil_float = pil_float[:, :, o:o + s, o:o + s]
     return {"preprocess_max_uint8_steps": _max_diff(ours_px, theirs_px),
             "preprocess_mean_uint8_steps": float((ours_px - theirs_px).abs().mean()),
             "preprocess_vs_pil_float_max": _max_diff(ours_px, pil_float)}
@@ -177,6 +181,8 @@ def _kind(name: str) -> str:
         return "conch"
     if name in ("uni_v1", "uni_v2"):
         return "timm_preset"
+    if name in PRESETS:  # the other presets (presets.py): their cases are in "encoder presets" below
+        return {"timm": "timm_card", "hf_dinov2": "hf_dinov2", "conch_v15": "conch_v15"}[PRESETS[name].family]
     if name.startswith("timm:"):
         return "timm"
     if name.startswith("open_clip:"):
@@ -379,6 +385,245 @@ def test_open_clip_equals_open_clip(arch, scratch, clip_tokenizer_json):
         if bad:
             failures.append(f"{name}: {'; '.join(bad)}")
     assert not failures, failures
+
+
+# ---------------------------------------------------------------------------------------------
+# encoder presets (presets.py): Virchow2, H-optimus-0/1, Prov-GigaPath (timm), Phikon-v2
+# (transformers), CONCH v1.5 (timm parts wired as TRIDENT's conchv1_5 code wires them)
+# ---------------------------------------------------------------------------------------------
+# Each official model is built here from the model card's (or the lab's loader's) own arguments,
+# written out below independently of presets.py, at its real size, with seeded random weights;
+# the file is saved under the released name and loaded by `create_encoder(name, folder)` with no
+# overrides. Compared: features on the official eval transform's pixels of one tissue-like patch
+# (the preset's patch size + 32 px, so that the resize runs), and our `preprocess` against that
+# transform and PIL's float resampling (preprocess_parity): the two halves of the pipeline, so
+# the whole-pipeline forward (one more giant-ViT forward each) is left out. One image, batch 1:
+# the stage's time budget.
+
+
+def _card_timm(name: str, timm):
+    """(timm architecture, create_model kwargs, official transform, output rule) per model card."""
+    T = optional_import("torchvision.transforms")
+    bicubic = T.InterpolationMode.BICUBIC
+    glu = dict(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)
+    hopt = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
+    if name == "virchow2":  # hf-hub:paige-ai/Virchow2 config + model card; class token + mean of patch tokens
+        return ("vit_huge_patch14_224",
+                dict(img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, reg_tokens=4, global_pool="",
+                     dynamic_img_size=True, **glu),
+                T.Compose([T.Resize(224, interpolation=bicubic), T.CenterCrop(224), T.ToTensor(),
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
+                lambda out: torch.cat([out[:, 0], out[:, 5:].mean(1)], dim=-1))
+    if name in ("h_optimus_0", "h_optimus_1"):  # hf-hub:bioptimus/H-optimus-* config + model card
+        return ("vit_giant_patch14_reg4_dinov2",
+                dict(img_size=224, num_classes=0, global_pool="token", init_values=1e-5, dynamic_img_size=False),
+                T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), T.Normalize(*hopt)]), None)
+    if name == "gigapath":  # hf_hub:prov-gigapath/prov-gigapath config; gigapath/pipeline.py's transform
+        return ("vit_giant_patch14_dinov2",
+                dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
+                     init_values=1e-5, mlp_ratio=5.33334, num_classes=0),
+                T.Compose([T.Resize(256, interpolation=bicubic), T.CenterCrop(224), T.ToTensor(),
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]), None)
+    raise KeyError(name)
+
+
+# H-optimus-1 is H-optimus-0's architecture: one official model and checkpoint serve both names.
+CARD_GROUPS = [("virchow2",), ("h_optimus_0", "h_optimus_1"), ("gigapath",)]
+
+
+def test_every_card_preset_is_in_a_group():
+    cards = sorted(n for n in list_encoders() if _kind(n) == "timm_card")
+    assert sorted(n for g in CARD_GROUPS for n in g) == cards
+
+
+def _preset_patches(name: str) -> np.ndarray:
+    return tissue_like_patches(1, PRESETS[name].patch_px + 32, seed=3)
+
+
+@pytest.mark.parametrize("group", CARD_GROUPS, ids=lambda g: "+".join(g))
+def test_timm_card_preset_equals_timm(group, scratch):
+    timm = optional_import("timm")
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    arch, kwargs, official_tf, rule = _card_timm(group[0], timm)
+    with no_init():
+        official = timm.create_model(arch, pretrained=False, weight_init="skip", **kwargs)
+    randomize_(official, seed=len(group[0]))
+    ckpt = scratch / PRESETS[group[0]].weight_files[0]
+    _save(official.state_dict(), ckpt)
+    n_params = sum(p.numel() for p in official.parameters())
+    patches = _preset_patches(group[0])
+    px = torch.stack([official_tf(Image.fromarray(p)) for p in patches])
+    with torch.inference_mode():
+        out = official(px)
+        want = rule(out) if rule else out
+    del official, out
+    gc.collect()
+    setup = time.perf_counter() - t0
+    failures = []
+    for name in group:
+        t1 = time.perf_counter()
+        _, _, tf, _ = _card_timm(name, timm)
+        enc = create_encoder(name, scratch)
+        p = PRESETS[name]
+        assert (enc.input_size, enc.feature_dim, enc.resize_size) == (p.img_size, p.feature_dim, p.resize)
+        rec = {"params_M": round(n_params / 1e6, 1), "input": enc.input_size,
+               "image_max_abs": _max_diff(enc.encode_image(px), want)}
+        rec.update(preprocess_parity(enc, tf, patches))
+        rec["seconds"] = round(time.perf_counter() - t1 + (setup if name == group[0] else 0.0), 1)
+        _record(name, **rec)
+        print(name, rec)
+        del enc
+        gc.collect()
+        if rec["image_max_abs"] >= FEATURE_TOL:
+            failures.append(f"{name}: {rec}")
+        try:
+            check_preprocess(name, rec)
+        except AssertionError as e:
+            failures.append(f"{name}: preprocessing: {e}")
+    assert not failures, failures
+
+
+def test_phikon_v2_equals_transformers(scratch):
+    transformers = optional_import("transformers")
+    T = optional_import("torchvision.transforms")
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    # owkin/phikon-v2's config.json (Dinov2Model, ViT-L/16 at 224 px)
+    cfg = transformers.Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16,
+                                    image_size=224, mlp_ratio=4, layer_norm_eps=1e-6, layerscale_value=1.0,
+                                    hidden_act="gelu", qkv_bias=True, use_swiglu_ffn=False)
+    with no_init():
+        official = transformers.Dinov2Model(cfg)
+    randomize_(official, seed=11)
+    official.save_pretrained(scratch, safe_serialization=True)  # config.json + model.safetensors, as released
+    assert (scratch / "model.safetensors").is_file() and (scratch / "config.json").is_file()
+    n_params = sum(p.numel() for p in official.parameters())
+    # TRIDENT's Phikonv2InferenceEncoder transform; the model card's feature last_hidden_state[:, 0]
+    official_tf = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    patches = _preset_patches("phikon_v2")
+    px = torch.stack([official_tf(Image.fromarray(p)) for p in patches])
+    px256 = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = official(pixel_values=px).last_hidden_state[:, 0]
+        want256 = official(pixel_values=px256).last_hidden_state[:, 0]  # transformers resamples the positions
+    del official
+    gc.collect()
+    enc = create_encoder("phikon_v2", scratch)
+    assert (enc.input_size, enc.feature_dim) == (224, 1024)
+    rec = {"params_M": round(n_params / 1e6, 1), "input": 224, "image_max_abs": _max_diff(enc.encode_image(px), want),
+           "image_256px_max_abs": _max_diff(enc.encode_image(px256), want256)}
+    rec.update(preprocess_parity(enc, official_tf, patches))
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    rec["reference"] = "transformers Dinov2Model"
+    _record("phikon_v2", **rec)
+    print("phikon_v2", rec)
+    assert rec["image_max_abs"] < FEATURE_TOL and rec["image_256px_max_abs"] < FEATURE_TOL, rec
+    check_preprocess("phikon_v2", rec)
+
+
+def _dino_interpolate_pos(pos: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
+    """The iBOT / DINO interpolate_pos_encoding of CONCH v1.5's trunk (TRIDENT model_zoo/conchv1_5):
+    patch rows resampled bicubic at the scale factor (new grid + 0.1) / old grid."""
+    n = pos.shape[1] - 1
+    g = int(math.sqrt(n))
+    d = pos.shape[-1]
+    h0, w0 = height // patch + 0.1, width // patch + 0.1
+    grid = F.interpolate(pos[:, 1:].reshape(1, g, g, d).permute(0, 3, 1, 2),
+                         scale_factor=(h0 / math.sqrt(n), w0 / math.sqrt(n)), mode="bicubic")
+    assert int(h0) == grid.shape[-2] and int(w0) == grid.shape[-1]
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, d)], dim=1)
+
+
+def _conch_v15_from_official_parts():
+    """CONCH v1.5's vision tower as TRIDENT's conchv1_5.py builds it: the trunk is timm's
+    VisionTransformer with the iBOT `vit_large` settings (ViT-L/16, 224 px position table, qkv bias,
+    LayerScale init 1.0, no head), `attn_pool_contrast` its AttentionalPooler (768-d, keys 1024-d,
+    8 heads, 1 query; to_q / to_kv / to_out without bias, LayerNorms ln_q / ln_k), `ln_contrast` a
+    LayerNorm. The pooler (einops in TRIDENT, not on the parity environment) is written out here
+    step for step as that code computes it."""
+    timm = optional_import("timm")
+    from torch import nn
+
+    class Pooler(nn.Module):
+        def __init__(self, d_model=768, context_dim=1024, n_head=8, n_queries=1):
+            super().__init__()
+            self.query = nn.Parameter(torch.zeros(n_queries, d_model))
+            self.heads, self.scale = n_head, (d_model // n_head) ** -0.5
+            self.ln_k, self.ln_q = nn.LayerNorm(context_dim), nn.LayerNorm(d_model)
+            self.to_q = nn.Linear(d_model, d_model, bias=False)
+            self.to_kv = nn.Linear(context_dim, 2 * d_model, bias=False)
+            self.to_out = nn.Linear(d_model, d_model, bias=False)
+
+        def forward(self, x):  # x (b, n, d) -> (b, n_queries, d_model)
+            b, h = x.shape[0], self.heads
+            x = self.ln_k(x.unsqueeze(1))                                     # b 1 n d
+            q = self.ln_q(self.query.expand(b, 1, -1, -1))                     # b 1 q d
+            q = self.to_q(q)
+            k, v = self.to_kv(x).chunk(2, dim=-1)
+
+            def split(t):  # 'b t n (h d) -> b h t n d'
+                return t.reshape(*t.shape[:3], h, -1).permute(0, 3, 1, 2, 4)
+
+            q, k, v = split(q) * self.scale, split(k), split(v)
+            sim = q @ k.transpose(-1, -2)
+            attn = (sim - sim.amax(dim=-1, keepdim=True)).softmax(dim=-1)
+            out = (attn @ v).permute(0, 2, 3, 1, 4).flatten(3)                # b t n (h d)
+            return self.to_out(out).squeeze(1)
+
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = timm.models.vision_transformer.VisionTransformer(
+                img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4, qkv_bias=True,
+                init_values=1.0, num_classes=0, weight_init="skip")
+            self.attn_pool_contrast = Pooler()
+            self.ln_contrast = nn.LayerNorm(768)
+
+        def forward(self, px):  # the trunk's forward_features with its own position interpolation
+            t = self.trunk
+            x = F.conv2d(px, t.patch_embed.proj.weight, t.patch_embed.proj.bias, stride=16).flatten(2).transpose(1, 2)
+            x = torch.cat([t.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            x = x + _dino_interpolate_pos(t.pos_embed, px.shape[-2], px.shape[-1], 16)
+            x = t.norm(t.blocks(t.norm_pre(x)))
+            return self.ln_contrast(self.attn_pool_contrast(x)[:, 0])
+
+    with no_init():
+        return Tower()
+
+
+def test_conch_v15_equals_official_parts(scratch):
+    T = optional_import("torchvision.transforms")
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    official = randomize_(_conch_v15_from_official_parts(), seed=15)
+    keys = set(official.state_dict())
+    assert {"trunk.pos_embed", "trunk.blocks.23.ls2.gamma", "attn_pool_contrast.to_kv.weight", "ln_contrast.bias"} <= keys
+    assert not any(k.startswith("trunk.head") or k.startswith("trunk.fc_norm") for k in keys)
+    torch.save(official.state_dict(), scratch / "pytorch_model_vision.bin")  # the released file name
+    n_params = sum(p.numel() for p in official.parameters())
+    # TRIDENT's create_model_from_pretrained transform (img_size 448)
+    official_tf = T.Compose([T.Resize(448, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(448),
+                             T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    patches = _preset_patches("conch_v15")
+    px = torch.stack([official_tf(Image.fromarray(p)) for p in patches])
+    with torch.inference_mode():
+        want = official(px)
+    del official
+    gc.collect()
+    enc = create_encoder("conch_v15", scratch)
+    assert (enc.input_size, enc.feature_dim, enc.patch_size) == (448, 768, 512)
+    rec = {"params_M": round(n_params / 1e6, 1), "input": 448, "image_max_abs": _max_diff(enc.encode_image(px), want)}
+    rec.update(preprocess_parity(enc, official_tf, patches))
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    rec["reference"] = "timm trunk + pooler wired as TRIDENT conchv1_5"
+    _record("conch_v15", **rec)
+    print("conch_v15", rec)
+    assert rec["image_max_abs"] < FEATURE_TOL, rec
+    check_preprocess("conch_v15", rec)
 
 
 # ---------------------------------------------------------------------------------------------

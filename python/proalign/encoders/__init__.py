@@ -6,7 +6,8 @@
     z = enc.project(x)                                     # (n, 512) unit-norm joint-space embeddings
     t = enc.encode_text(["tumor epithelium", "stroma"])    # (2, 512) unit-norm text embeddings
 
-Names: `conch_v1`, `uni_v1`, `uni_v2`, `open_clip:<arch>` (e.g. `open_clip:ViT-B-32-quickgelu` for
+Names: the presets (presets.py: `conch_v1`, `conch_v15`, `uni_v1`, `uni_v2`, `virchow2`,
+`h_optimus_0`, `h_optimus_1`, `phikon_v2`, `gigapath`), `open_clip:<arch>` (e.g. `open_clip:ViT-B-32-quickgelu` for
 QuiltNet-B-32), `timm:<arch>` (e.g. `timm:vit_large_patch16_224`). The model definitions are
 this package's own, reading the official checkpoints' key layouts; timm, open_clip and conch are
 not needed (conch_v1 uses the conch package when it is installed and imports; the CI's parity

@@ -209,18 +209,25 @@ class Encoder:
     Attributes: `name`, `input_size` (pixels the model sees), `mean`/`std` (RGB, 0-1 scale),
     `feature_dim` (d of x), `joint_dim` (D of z; None without a text tower), `magnification` and
     `patch_size` (the preferred patch grid: `patch_size` pixels at `magnification`x, resized to
-    `input_size`), `logit_scale` (float or None), `interpolation`, `device`, `dtype`, `weights`."""
+    `input_size`), `resize_size` (the shortest side patches are resized to before the centre crop
+    to `input_size`; equal to it unless the model's eval transform crops, e.g. GigaPath's
+    Resize(256) + CenterCrop(224)), `logit_scale` (float or None), `interpolation`, `device`,
+    `dtype`, `weights`."""
 
     def __init__(self, backbone: nn.Module, *, name: str, input_size: int, mean: Sequence[float],
                  std: Sequence[float], feature_dim: int, joint_dim: Optional[int], magnification: float,
                  patch_size: int, logit_scale: Optional[float], interpolation: str = "bicubic",
                  tokenizer: Optional[Callable[[], Callable[[list[str]], torch.Tensor]]] = None,
                  text_help: str = "", device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 compile: bool | str = False, weights: Optional[str | os.PathLike] = None, impl: str = "native"):
+                 compile: bool | str = False, weights: Optional[str | os.PathLike] = None, impl: str = "native",
+                 resize_size: Optional[int] = None):
         if interpolation not in ("bicubic", "bilinear"):
             raise EncoderError(f"{name}: interpolation {interpolation!r} is not supported (bicubic, bilinear)")
         self.name = name
         self.input_size = int(input_size)
+        self.resize_size = self.input_size if resize_size is None else int(resize_size)
+        if self.resize_size < self.input_size:
+            raise EncoderError(f"{name}: resize_size {self.resize_size} is smaller than the input size {self.input_size}")
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.feature_dim = int(feature_dim)
@@ -272,9 +279,10 @@ class Encoder:
 
     def preprocess(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 RGB patches (n, H, W, 3) -> normalised float32 (n, 3, S, S), S = input_size, on the
-        tensor's own device (no host copy). Other sizes are resized (shortest side to S with
-        antialiasing, the model's interpolation, clamped to [0, 1] like an 8-bit resize) and
-        centre-cropped, as the models' own eval transforms do."""
+        tensor's own device (no host copy). Other sizes are resized (shortest side to
+        `resize_size`, S unless the model's transform crops, with antialiasing, the model's
+        interpolation, clamped to [0, 1] like an 8-bit resize) and centre-cropped to S, as the
+        models' own eval transforms do (torchvision Resize + CenterCrop)."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
@@ -283,19 +291,21 @@ class Encoder:
                    else type(images).__name__)
             raise EncoderError(f"{self.name}: preprocess takes uint8 (n, H, W, 3) RGB patches, got {got}")
         x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        s = self.input_size
+        s, r = self.input_size, self.resize_size
         h, w = x.shape[-2:]
         if (h, w) != (s, s):
             short, long = (h, w) if h <= w else (w, h)
-            new_long = int(s * long / short)
-            size = (s, new_long) if h <= w else (new_long, s)
-            if x.shape[0] > 0:
-                x = F.interpolate(x, size=size, mode=self.interpolation, antialias=True, align_corners=False)
-            else:
-                x = x.new_empty((0, 3) + size)
-            if self.interpolation == "bicubic":
-                x = x.clamp_(0.0, 1.0)  # bicubic overshoots; an 8-bit resize saturates
-            top, left = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
+            if short != r:  # torchvision's Resize leaves an image of the asked size as it is
+                new_long = int(r * long / short)
+                size = (r, new_long) if h <= w else (new_long, r)
+                if x.shape[0] > 0:
+                    x = F.interpolate(x, size=size, mode=self.interpolation, antialias=True, align_corners=False)
+                else:
+                    x = x.new_empty((0, 3) + size)
+                if self.interpolation == "bicubic":
+                    x = x.clamp_(0.0, 1.0)  # bicubic overshoots; an 8-bit resize saturates
+            h, w = x.shape[-2:]
+            top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
             x = x[:, :, top:top + s, left:left + s]
         m, sd = self._norm_tensors(x.device)
         return ((x - m) / sd).contiguous()
@@ -423,6 +433,7 @@ class Encoder:
     def info(self) -> dict[str, Any]:
         """What to record in provenance (JSON-able)."""
         return {"encoder": self.name, "impl": self.impl, "weights": self.weights, "input_size": self.input_size,
+                "resize_size": self.resize_size,
                 "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
                 "feature_dim": self.feature_dim, "joint_dim": self.joint_dim, "magnification": self.magnification,
                 "patch_size": self.patch_size, "logit_scale": self.logit_scale, "dtype": str(self.dtype).split(".")[-1],

@@ -131,16 +131,34 @@ class PatchEmbed(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)
 
 
+POS_INTERP = ("timm", "hf", "dino", "bilinear")
+
+
 def resample_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                       n_prefix: int) -> torch.Tensor:
-    """Absolute position table (1, n_prefix + gh*gw, D) resized to another grid, bicubic with
-    antialiasing in float32 (timm's `dynamic_img_size` rule); prefix rows are kept as they are."""
+                       n_prefix: int, mode: str = "timm") -> torch.Tensor:
+    """Absolute position table (1, n_prefix + gh*gw, D) resized to another grid in float32; prefix
+    rows are kept as they are. The official codes differ, and so do their numbers:
+    - "timm": bicubic to the new size with antialiasing (timm's `dynamic_img_size` rule);
+    - "hf": bicubic to the new size without antialiasing (transformers' Dinov2 `interpolate_pos_encoding`);
+    - "dino": bicubic by the scale factor (new + 0.1) / old, without antialiasing (the DINO / iBOT
+      rule, used by CONCH v1.5's trunk): the kernel samples at that scale, not at new / old;
+    - "bilinear": bilinear to the new size without antialiasing (timm's `resample_abs_pos_embed` as
+      CONCH v1.5's loader calls it on checkpoints)."""
     if tuple(old_grid) == tuple(new_grid):
         return pos
+    if mode not in POS_INTERP:
+        raise ValueError(f"position interpolation {mode!r} is not supported {POS_INTERP}")
     prefix, grid = pos[:, :n_prefix], pos[:, n_prefix:]
     d = grid.shape[-1]
     g = grid.float().reshape(1, old_grid[0], old_grid[1], d).permute(0, 3, 1, 2)
-    g = F.interpolate(g, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
+    if mode == "dino":
+        scale = ((new_grid[0] + 0.1) / old_grid[0], (new_grid[1] + 0.1) / old_grid[1])
+        g = F.interpolate(g, scale_factor=scale, mode="bicubic", align_corners=False)
+        if tuple(g.shape[-2:]) != tuple(new_grid):
+            raise ValueError(f"dino position interpolation gave {tuple(g.shape[-2:])}, not {tuple(new_grid)}")
+    else:
+        g = F.interpolate(g, size=tuple(new_grid), mode="bilinear" if mode == "bilinear" else "bicubic",
+                          antialias=(mode == "timm"), align_corners=False)
     g = g.permute(0, 2, 3, 1).reshape(1, -1, d).to(pos.dtype)
     return torch.cat([prefix, g], dim=1)
 
@@ -149,23 +167,33 @@ class TimmViT(nn.Module):
     """timm `VisionTransformer` as used by pathology encoders: class token, optional register
     tokens, learned absolute positions (with or without rows for the prefix tokens), optional
     LayerScale and SwiGLU-packed MLP, final `norm` (or `fc_norm` after average pooling).
-    `forward_tokens` returns all tokens after the final norm (timm `forward_features`)."""
+    `forward_tokens` returns all tokens after the final norm (timm `forward_features`).
+
+    `global_pool`: the image feature `forward_features` returns: "token" (the class token), "avg"
+    (mean of the patch tokens, then `fc_norm`) or "cls+mean" (Virchow's: the class token and the
+    mean of the patch tokens, register tokens left out, concatenated: 2 x embed_dim).
+    `pos_interp`: how the position table follows another input size (`resample_pos_embed`)."""
+
+    POOLS = ("token", "avg", "cls+mean")
 
     def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, init_values: Optional[float] = None,
                  class_token: bool = True, reg_tokens: int = 0, no_embed_class: bool = False,
                  pre_norm: bool = False, global_pool: str = "token", fc_norm: Optional[bool] = None,
-                 act: str = "gelu", mlp: str = "mlp", eps: float = 1e-6):
+                 act: str = "gelu", mlp: str = "mlp", eps: float = 1e-6, pos_interp: str = "timm"):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool {global_pool!r} is not supported (token, avg)")
-        if global_pool == "token" and not class_token:
-            raise ValueError("global_pool='token' needs the class token")
+        if global_pool not in self.POOLS:
+            raise ValueError(f"global_pool {global_pool!r} is not supported {self.POOLS}")
+        if global_pool in ("token", "cls+mean") and not class_token:
+            raise ValueError(f"global_pool={global_pool!r} needs the class token")
         if mlp not in ("mlp", "swiglu_packed"):
             raise ValueError(f"mlp {mlp!r} is not supported (mlp, swiglu_packed)")
+        if pos_interp not in POS_INTERP:
+            raise ValueError(f"pos_interp {pos_interp!r} is not supported {POS_INTERP}")
         self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
         self.num_heads, self.mlp_ratio, self.depth = num_heads, mlp_ratio, depth
-        self.global_pool, self.no_embed_class = global_pool, no_embed_class
+        self.global_pool, self.no_embed_class, self.pos_interp = global_pool, no_embed_class, pos_interp
+        self.num_features = 2 * embed_dim if global_pool == "cls+mean" else embed_dim
         self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         self.grid = (img_size // patch_size, img_size // patch_size)
         use_fc_norm = (global_pool == "avg") if fc_norm is None else fc_norm
@@ -194,7 +222,7 @@ class TimmViT(nn.Module):
         x = self.patch_embed(pixels)
         n, gh, gw, d = x.shape
         pos = resample_pos_embed(self.pos_embed, self.grid, (gh, gw),
-                                 0 if self.no_embed_class else self.num_prefix_tokens)
+                                 0 if self.no_embed_class else self.num_prefix_tokens, self.pos_interp)
         x = x.reshape(n, gh * gw, d)
         prefix = [t.expand(n, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         if self.no_embed_class:
@@ -208,6 +236,8 @@ class TimmViT(nn.Module):
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.forward_tokens(pixels)
+        if self.global_pool == "cls+mean":
+            return torch.cat([x[:, 0], x[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
         return self.fc_norm(x)
 
@@ -318,6 +348,6 @@ class AttentionalPooler(nn.Module):
         return self.attn(q, kv)
 
 
-__all__ = ["AttentionalPooler", "CrossAttention", "LayerScale", "PackedAttention", "PatchEmbed", "QuickGELU",
-           "ResidualAttentionBlock", "TimmBlock", "TimmMlp", "TimmViT", "Transformer", "causal_mask", "make_act",
+__all__ = ["AttentionalPooler", "CrossAttention", "LayerScale", "POS_INTERP", "PackedAttention", "PatchEmbed",
+           "QuickGELU", "ResidualAttentionBlock", "TimmBlock", "TimmMlp", "TimmViT", "Transformer", "causal_mask", "make_act",
            "resample_pos_embed"]

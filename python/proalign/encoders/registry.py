@@ -1,8 +1,10 @@
 """The encoder registry: one factory, `create_encoder(name, weights)`, in the timm/open_clip style.
 
-Names: exact ones (`conch_v1`, `uni_v1`, `uni_v2`, and whatever `register_encoder` adds) and two
-families, `open_clip:<arch>` and `timm:<arch>`. Weights always come from a local path the user
-gives (a file, or a Hugging Face style folder); nothing is downloaded.
+Names: exact ones (the presets of presets.py: `conch_v1`, `conch_v15`, `uni_v1`, `uni_v2`,
+`virchow2`, `h_optimus_0`, `h_optimus_1`, `phikon_v2`, `gigapath`; and whatever
+`register_encoder` adds) and two families, `open_clip:<arch>` and `timm:<arch>`. Weights always
+come from a local path the user gives (a file, or a Hugging Face style folder); nothing is
+downloaded.
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from .base import CheckpointMismatchError, Encoder, read_encoder_config
 from .clip import ARCHS as CLIP_ARCHS
 from .clip import build_open_clip
 from .conch import build_conch_v1
+from .conch_v15 import build_conch_v15
+from .dinov2 import build_hf_dinov2
+from .presets import PRESETS, EncoderPreset
 from .vit import ARCHS as VIT_ARCHS
-from .vit import PRESETS, build_vit
+from .vit import build_vit
 
 Builder = Callable[..., Encoder]
 _EXACT: dict[str, tuple[Builder, str]] = {}
@@ -39,19 +44,29 @@ def register_encoder(name: str, builder: Builder, description: str = "", *, over
 
 def _preset_builder(key: str) -> Builder:
     preset = PRESETS[key]
-
-    def build(weights: Any, **kwargs: Any) -> Encoder:
-        return build_vit(key, preset.arch, weights, preset=preset, **kwargs)
-
+    if preset.family == "timm":
+        def build(weights: Any, **kwargs: Any) -> Encoder:
+            return build_vit(key, preset.arch, weights, preset=preset, **kwargs)
+    elif preset.family == "hf_dinov2":
+        def build(weights: Any, **kwargs: Any) -> Encoder:
+            return build_hf_dinov2(preset, weights, **kwargs)
+    elif preset.family == "conch_v15":
+        def build(weights: Any, **kwargs: Any) -> Encoder:
+            return build_conch_v15(preset, weights, **kwargs)
+    else:
+        raise KeyError(f"no builder for preset family {preset.family!r}")
     return build
 
 
-register_encoder("conch_v1", build_conch_v1,
-                 "CONCH v1 (MahmoodLab/CONCH): ViT-B/16 448 px, 512-d features, text tower; 512 px at 20x")
-register_encoder("uni_v1", _preset_builder("uni_v1"),
-                 "UNI (MahmoodLab/UNI): ViT-L/16 224 px, 1024-d features, vision only; 256 px at 20x")
-register_encoder("uni_v2", _preset_builder("uni_v2"),
-                 "UNI2-h (MahmoodLab/UNI2-h): ViT/14, 24 layers, 224 px, 1536-d features, vision only; 256 px at 20x")
+def _description(p: EncoderPreset) -> str:
+    parts = [f"{p.model} ({p.repo}): {p.arch}", f"{p.img_size} px", f"{p.feature_dim}-d features"]
+    parts.append("text tower" if p.joint_dim else "vision only")
+    return ", ".join(parts) + f"; {p.patch_px} px at {p.magnification:g}x"
+
+
+# One registered name per preset (presets.py: the data; README: its table).
+for _name, _p in PRESETS.items():
+    register_encoder(_name, build_conch_v1 if _p.family == "conch_v1" else _preset_builder(_name), _description(_p))
 
 
 def list_encoders(pattern: Optional[str] = None, *, descriptions: bool = False) -> list[str] | dict[str, str]:

@@ -1,4 +1,5 @@
-"""Vision-only ViT encoders in timm's checkpoint layout (`timm:<arch>`, and the UNI presets).
+"""Vision-only ViT encoders in timm's checkpoint layout (`timm:<arch>`, and the timm-layout presets
+of presets.py: UNI, UNI2-h, Virchow2, H-optimus-0/1, Prov-GigaPath).
 
 The `timm` package itself is not imported (PyPI's timm needs torchvision, which does not import
 beside the CPU torch wheel these machines use); `layers.TimmViT` reads timm's state dicts. The
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import EncoderError
 from .base import IMAGENET_MEAN, IMAGENET_STD, Encoder, build_on_meta, find_weights, load_checkpoint, read_state_dict
 from .layers import TimmViT
+from .presets import PRESETS as ALL_PRESETS
+from .presets import EncoderPreset
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.safetensors")
 
@@ -46,47 +48,17 @@ _KWARGS: dict[str, Optional[str]] = {
     "num_heads": "num_heads", "mlp_ratio": "mlp_ratio", "qkv_bias": "qkv_bias", "init_values": "init_values",
     "class_token": "class_token", "reg_tokens": "reg_tokens", "no_embed_class": "no_embed_class",
     "pre_norm": "pre_norm", "global_pool": "global_pool", "fc_norm": "fc_norm", "act_layer": "act",
-    "act": "act", "mlp_layer": "mlp", "mlp": "mlp",
+    "act": "act", "mlp_layer": "mlp", "mlp": "mlp", "pos_interp": "pos_interp",
     "num_classes": None, "dynamic_img_size": None, "in_chans": None, "drop_rate": None, "pos_drop_rate": None,
     "proj_drop_rate": None, "attn_drop_rate": None, "drop_path_rate": None, "patch_drop_rate": None,
     "weight_init": None,
 }
 # Encoder-level overrides (not model kwargs).
-_META_KEYS = ("mean", "std", "interpolation", "magnification", "patch_px")
+_META_KEYS = ("mean", "std", "interpolation", "magnification", "patch_px", "resize_size")
 
 
-@dataclass
-class Preset:
-    arch: str
-    kwargs: dict[str, Any]
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bicubic"
-    magnification: float = 20
-    patch_px: int = 256
-    files: tuple[str, ...] = ("pytorch_model.bin",)
-    howto: str = ""
-    aliases: tuple[str, ...] = field(default_factory=tuple)
-
-
-PRESETS: dict[str, Preset] = {
-    # UNI (Chen et al., Nat Med 2024): timm ViT-L/16 with LayerScale; TRIDENT runs it on 256 px
-    # patches at 20x, Resize(224) (torchvision's default bilinear, antialiased) + ImageNet mean/std.
-    "uni_v1": Preset("vit_large_patch16_224", dict(img_size=224, patch_size=16, init_values=1e-5),
-                     interpolation="bilinear", howto="""UNI weights are gated: request access at
-https://huggingface.co/MahmoodLab/UNI (CC-BY-NC-ND-4.0), then download its `pytorch_model.bin`, e.g.
-    hf download MahmoodLab/UNI pytorch_model.bin --local-dir ~/models/uni
-and pass the folder or the file: create_encoder("uni_v1", "~/models/uni")."""),
-    # UNI2-h: ViT-giant/14 variant (24 layers, width 1536, SwiGLU, 8 register tokens).
-    "uni_v2": Preset("vit_giant_patch14_224",
-                     dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
-                          mlp_ratio=2.66667 * 2, no_embed_class=True, mlp="swiglu_packed", act="silu",
-                          reg_tokens=8),
-                     interpolation="bilinear", howto="""UNI2-h weights are gated: request access at
-https://huggingface.co/MahmoodLab/UNI2-h (CC-BY-NC-ND-4.0), then download its `pytorch_model.bin`, e.g.
-    hf download MahmoodLab/UNI2-h pytorch_model.bin --local-dir ~/models/uni2-h
-and pass the folder or the file: create_encoder("uni_v2", "~/models/uni2-h")."""),
-}
+# The named presets (uni_v1, uni_v2, virchow2, h_optimus_0/1, gigapath) are records of presets.py.
+PRESETS: dict[str, EncoderPreset] = {k: p for k, p in ALL_PRESETS.items() if p.family == "timm"}
 
 
 def _howto(arch: str) -> str:
@@ -130,17 +102,26 @@ def _config_json(weights: Path, weights_file: Path) -> Optional[dict[str, Any]]:
         raise EncoderError(f"{p}: unreadable config.json ({e})") from e
 
 
+def preset_vit_kwargs(preset: EncoderPreset) -> dict[str, Any]:
+    """TimmViT keyword arguments of a timm-family preset: timm's defaults for its architecture
+    name, then the preset's published create_model arguments, then its output rule."""
+    kwargs: dict[str, Any] = dict(ARCHS.get(preset.arch, {}))
+    kwargs.update(_translate({k: v for k, v in preset.arch_kwargs.items() if k != "global_pool"}, preset.name))
+    kwargs["global_pool"] = {"cls": "token", "cls+mean": "cls+mean"}[preset.output]
+    return kwargs
+
+
 def build_vit(name: str, arch: str, weights: Optional[str | os.PathLike], *, device: Any = "cpu",
-              dtype: Any = None, compile: bool | str = False, preset: Optional[Preset] = None,
+              dtype: Any = None, compile: bool | str = False, preset: Optional[EncoderPreset] = None,
               **overrides: Any) -> Encoder:
     meta = {k: overrides.pop(k) for k in _META_KEYS if k in overrides}
-    howto = preset.howto if preset else _howto(arch)
-    files = preset.files + WEIGHT_FILES if preset else WEIGHT_FILES
+    howto = preset.howto() if preset else _howto(arch)
+    files = tuple(dict.fromkeys(preset.weight_files + WEIGHT_FILES)) if preset else WEIGHT_FILES
     path = find_weights(weights, files, what=name, howto=howto)
     pretrained: dict[str, Any] = {}
     kwargs: dict[str, Any] = dict(ARCHS.get(arch, {}))
     if preset:
-        kwargs.update(preset.kwargs)
+        kwargs = preset_vit_kwargs(preset)
     else:
         cfg = _config_json(Path(weights).expanduser(), path)
         if cfg is not None:
@@ -176,12 +157,20 @@ def build_vit(name: str, arch: str, weights: Optional[str | os.PathLike], *, dev
                                                              preset.interpolation if preset else "bicubic"))
     if interpolation not in ("bicubic", "bilinear"):
         interpolation = "bicubic"
-    return Encoder(model, name=name, input_size=kwargs["img_size"], mean=mean, std=std,
-                   feature_dim=kwargs["embed_dim"], joint_dim=None,
-                   magnification=meta.get("magnification", preset.magnification if preset else 20),
-                   patch_size=meta.get("patch_px", preset.patch_px if preset else kwargs["img_size"]),
+    s = int(kwargs["img_size"])
+    resize = meta.get("resize_size", preset_resize(preset, s) if preset else s)
+    return Encoder(model, name=name, input_size=s, mean=mean, std=std, feature_dim=model.num_features,
+                   joint_dim=None, magnification=meta.get("magnification", preset.magnification if preset else 20),
+                   patch_size=meta.get("patch_px", preset.patch_px if preset else s),
                    logit_scale=None, interpolation=interpolation, device=device, dtype=dtype, compile=compile,
-                   weights=path, impl="native")
+                   weights=path, impl="native", resize_size=resize)
 
 
-__all__ = ["ARCHS", "PRESETS", "Preset", "build_vit"]
+def preset_resize(preset: EncoderPreset, input_size: int) -> int:
+    """The preset's resize-before-crop, scaled when the input size is overridden (small test models)."""
+    if input_size == preset.img_size:
+        return preset.resize
+    return max(input_size, int(round(preset.resize * input_size / preset.img_size)))
+
+
+__all__ = ["ARCHS", "PRESETS", "build_vit", "preset_resize", "preset_vit_kwargs"]
