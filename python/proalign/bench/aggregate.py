@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="Exit 1 when a backend differs from float64 (rtol 1e-3).")
     args = ap.parse_args(argv)
     taus = args.tau or list(default_taus())
-    prior = default_prior(args.over, taus) if args.prior is None else args.prior
+    prior = default_prior(args.over, taus) if args.prior is None else (
+        args.prior[0] if len(args.prior) == 1 else args.prior)  # one value: every row
     opts = {"over": args.over, "moments": args.moments, "prior": prior} if args.method == "proalign" else {}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "auto":
