@@ -38,7 +38,7 @@ def unavailable() -> str | None:
 if numba is not None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _partials(x, cn, inv_taus, item_start, item_end, over_prototypes, shift, second):
+    def _partials(x, cn, inv_taus, item_start, item_end, over_prototypes, shift, second, acc_out, acc2_out):
         d = x.shape[1]
         k = cn.shape[0]
         nt = inv_taus.shape[0]
@@ -47,9 +47,6 @@ if numba is not None:
         m_out = np.zeros((nblocks, nt, k)) if over_prototypes else np.full((nblocks, nt, k), -np.inf)
         l_out = np.zeros((nblocks, nt, k))
         pi_out = np.zeros((nblocks, nt, k))
-        acc_out = np.zeros((nblocks, nt, k, d), dtype=np.float32)
-        n2 = nblocks if second else 0
-        acc2_out = np.zeros((n2, nt, k, d), dtype=np.float32)  # sum_r w_rk (x_r - shift)^2
         for b in prange(nblocks):
             start = item_start[b]
             end = item_end[b]
@@ -132,10 +129,10 @@ if numba is not None:
                                 scale = math.exp(m[t, kk] - mt)  # 0 on the first tile (m = -inf)
                                 l[t, kk] *= scale
                                 for j in range(d):
-                                    acc[t, kk, j] *= np.float32(scale)
+                                    acc[t, kk, j] *= scale
                                 if second:
                                     for j in range(d):
-                                        acc2[0, t, kk, j] *= np.float32(scale)
+                                        acc2[0, t, kk, j] *= scale
                                 m[t, kk] = mt
                             col_scale = math.exp(-m[t, kk])
                             for r in range(rows):
@@ -160,7 +157,15 @@ if numba is not None:
                                 wr = w[r, kk]
                                 for j in range(d):
                                     acc[t, kk, j] += wr * x[r0 + r, j]
-                    if second:
+                    if second and rows == TILE:
+                        for kk in range(k):
+                            w0, w1, w2, w3 = w[0, kk], w[1, kk], w[2, kk], w[3, kk]
+                            w4, w5, w6, w7 = w[4, kk], w[5, kk], w[6, kk], w[7, kk]
+                            for j in range(d):
+                                acc2[0, t, kk, j] += (w0 * xsq[0, j] + w1 * xsq[1, j] + w2 * xsq[2, j]
+                                                      + w3 * xsq[3, j] + w4 * xsq[4, j] + w5 * xsq[5, j]
+                                                      + w6 * xsq[6, j] + w7 * xsq[7, j])
+                    elif second:
                         for kk in range(k):
                             for r in range(rows):
                                 wr = w[r, kk]
@@ -287,8 +292,17 @@ def proalign_ragged(x: np.ndarray, lengths, prototypes: np.ndarray, taus, over: 
     inv_taus = 1.0 / np.asarray(distinct, dtype=np.float64)
     item_start, item_end, item_slide, _ = plan(lengths)
     shift = second_moment_shift(c)
+    # acc: sum_r w_rk x_r; acc2 (moments=2): sum_r w_rk (x_r - shift)^2. The variance is acc2/l
+    # minus (acc/l - shift)^2, a difference that float32 running sums over thousands of rows left
+    # up to ~3e-4 off (relative) at sharp tau; moments=2 accumulates both in float64 (fed by float32
+    # sums of 8 rows), moments=1 keeps float32 (half the accumulator traffic, the default's speed).
+    second = moments == 2
+    acc_dtype = np.float64 if second else np.float32
+    nt, k, d = len(distinct), cn.shape[0], x.shape[1]
+    acc_out = np.zeros((len(item_start), nt, k, d), dtype=acc_dtype)
+    acc2_out = np.zeros((len(item_start) if second else 0, nt, k, d), dtype=acc_dtype)
     m, l, pi, acc, acc2 = _partials(x, cn, inv_taus, item_start, item_end, over == "prototypes", shift.numpy(),
-                                    moments == 2)
+                                    second, acc_out, acc2_out)
     parts = [torch.from_numpy(v) for v in (m, l, pi, acc)] + [torch.from_numpy(acc2) if moments == 2 else None]
     sums = combine(torch.from_numpy(item_slide), *parts, len(lengths))
     return finish(*rows_of(sums, rows), torch.from_numpy(lengths), c, shift, over, prior).numpy()
