@@ -66,6 +66,9 @@ setup(
     extras_require={
         "gpu": ["triton>=3.0", "cupy-cuda13x", "nvidia-dali-cuda130"],
         "ray": ["ray[data]>=2.40"],
+        # cuCIM, the patch benchmark's second peer: its CPU reader needs only `pip install --no-deps
+        # cucim-cu13 lazy-loader` (what CI does); this extra also pulls CuPy and the CUDA 13 wheels
+        "cucim": ["cucim-cu13>=26.10"],
         # triton: interpreter tests + AOT check; DALI: its CPU decoder is tested against imagecodecs
         "dev": ["pytest>=8", "numba>=0.60", "triton>=3.0", "nvidia-dali-cuda130", "ray[data]>=2.40",
                 "scikit-learn>=1.4"],  # ray: 11 s install, tests under a timeout

@@ -1,8 +1,18 @@
 """Benchmark of slides -> patches: our engine path against OpenSlide read_region + PIL resize
-(the TRIDENT-style reader), over the same tissue grid, both on all cores, and peak host memory.
+(the TRIDENT-style reader) and, when it imports, cuCIM's CPU reader (its batch read_region on
+the same workers + the same PIL resize), over the same tissue grid, all on all cores, and peak
+host memory.
 
     python -m proalign.bench.patches [--size 20000] [--large 100000] [--mag 20] [--patch-size 256]
                                      [--out-size 224] [--decoder cpu|dali-gpu] [--workdir DIR]
+                                     [--no-cucim] [--formats-size 2048]
+
+cuCIM (``pip install --no-deps cucim-cu13 lazy-loader``: the CPU reader needs neither CuPy nor
+the CUDA wheels) is also checked against our reader, pixel by pixel: on a sample of each grid
+(regions at the grid's level, and patches after our resize), and on every level of small
+generated slides of each format (SVS JPEG RGB/YCbCr/JPEG 2000, TIFF JPEG/LZW/Deflate) and of the
+real samples; what cuCIM cannot read is reported (each check runs in its own process: cuCIM
+crashes on a Deflate TIFF).
 
 Our path runs twice: exact (pixels equal OpenSlide + the same resize) and with shrink-on-load (JPEG
 tiles decoded at half size in the DCT domain by the engine's libjpeg decoder where the patches are
@@ -47,7 +57,10 @@ def _child(mode: str, path: str, mag: float, patch_size: int, out_size: int, sli
     best = float("inf")
     for _ in range(3):  # best of 3 passes, both readers: the file is in the page cache for both
         t0 = time.perf_counter()
-        checksum, extra = _one_pass(mode, path, slide, grid, out_size, decoder, workers)
+        if mode == "cucim":
+            checksum, extra = _one_pass_cucim(path, grid, out_size, workers)
+        else:
+            checksum, extra = _one_pass(mode, path, slide, grid, out_size, decoder, workers)
         best = min(best, time.perf_counter() - t0)
     print(json.dumps({"mode": mode, "slide": Path(path).name, "patches": len(coords), "seconds": best,
                       "patches_per_s": len(coords) / best, "peak_rss_mb": _peak_rss_mb(),
@@ -93,6 +106,86 @@ def _one_pass(mode, path, slide, grid, out_size, decoder, workers):
     return checksum, extra
 
 
+def _one_pass_cucim(path, grid, out_size, workers):
+    """cuCIM's batch read_region (num_workers threads, batches prefetched) + PIL bilinear resize on a
+    thread pool of the same size: the OpenSlide peer's resize, so the two checksums must agree."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cucim import CuImage
+    from PIL import Image
+
+    from .cucim_peer import cucim_version, iter_regions
+    img = CuImage(str(path))
+
+    def one(a):
+        return np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((out_size, out_size), Image.BILINEAR))
+
+    checksum = 0
+    with ThreadPoolExecutor(workers) as pool:
+        for batch in iter_regions(img, grid.coords, grid.level, grid.read_size, workers):
+            for p in pool.map(one, batch):
+                checksum += int(p[::37, ::37].sum())
+    return checksum, {"cucim": cucim_version()}
+
+
+def _agree_child(path: str, mag: float, patch_size: int, out_size: int, slide_mpp: float | None) -> None:
+    from ..slides.slide import open_slide
+    from .cucim_peer import agreement
+    try:
+        slide, grid = _grid(path, mag, patch_size, slide_mpp)
+    except Exception as e:  # no mpp, no tissue: the levels are still compared
+
+        class _NoGrid:
+            coords = np.zeros((0, 2), np.int64)
+        slide, grid = open_slide(path, mpp=slide_mpp), _NoGrid()
+        print(f"no grid on {path}: {type(e).__name__}: {e}", file=sys.stderr)
+    print(json.dumps({"slide": Path(path).name, **agreement(path, slide, grid, out_size)}))
+
+
+def _agree(path, args, slide_mpp=None) -> dict:
+    """The agreement check in its own process; a crash or refusal comes back as {"error": ...}."""
+    cmd = [sys.executable, "-m", "proalign.bench.patches", "--child", "agree", str(path), "--mag", str(args.mag),
+           "--patch-size", str(args.patch_size), "--out-size", str(args.out_size)]
+    if slide_mpp:
+        cmd += ["--slide-mpp", str(slide_mpp)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or [""]
+        how = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
+        return {"slide": Path(path).name, "error": f"{how}: {last[0][-200:]}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _fmt_diff(d: dict | None) -> str:
+    if not d:
+        return "-"
+    if "error" in d:
+        return "cannot: " + d["error"][:60]
+    return f"{d['max']} / {d['mean']:.3f}"
+
+
+def _fmt_level(v: dict) -> str:
+    if "error" in v:
+        return "cannot: " + v["error"][:60]
+    t = f"{v['max']} / {v['mean']:.3f}"
+    if v["shifted"]:
+        t += f" ({v['shifted']}/{v['n']} 1px off; aligned {v['aligned_max']} / {v['aligned_mean']:.3f})"
+    return t + f", edge {v['edge']}"
+
+
+def _print_agree(kind: str, name: str, a: dict) -> None:
+    print(json.dumps({"format": kind, **a}), file=sys.stderr)
+    if "error" in a:
+        print(f"{kind:16s} {name:36s} cuCIM cannot read it: {a['error']}")
+        return
+    gr = a.get("grid_region")
+    grid = _fmt_diff(gr) if "grid_error" not in a else "cannot: " + a["grid_error"][:40]
+    if gr and gr.get("shifted"):
+        grid += f" ({gr['shifted']}/{gr['n']} 1px off; aligned {gr['aligned_max']} / {gr['aligned_mean']:.3f})"
+    lv = "  ".join(f"L{k}: {_fmt_level(v)}" for k, v in a.get("levels", {}).items())
+    print(f"{kind:16s} {name:36s} {grid:>14s} {_fmt_diff(a.get('grid_patch')):>14s}  {lv}")
+
+
 def _run(mode, path, args, slide_mpp=None) -> dict:
     cmd = [sys.executable, "-m", "proalign.bench.patches", "--child", mode, str(path), "--mag", str(args.mag),
            "--patch-size", str(args.patch_size), "--out-size", str(args.out_size), "--decoder", args.decoder,
@@ -118,12 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--testdata", default=os.environ.get("PROALIGN_TESTDATA",
                                                          str(Path(__file__).resolve().parents[3].parent / "shared" /
                                                              "testdata")))
+    ap.add_argument("--no-cucim", action="store_true", help="Leave cuCIM out even when it imports.")
+    ap.add_argument("--formats-size", type=int, default=2048,
+                    help="Side of the small generated slides of each format for the cuCIM pixel check (0: skip).")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "SLIDE"), help=argparse.SUPPRESS)
     ap.add_argument("--slide-mpp", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        _child(args.child[0], args.child[1], args.mag, args.patch_size, args.out_size, args.slide_mpp,
-               args.decoder, args.workers)
+        if args.child[0] == "agree":
+            _agree_child(args.child[1], args.mag, args.patch_size, args.out_size, args.slide_mpp)
+        else:
+            _child(args.child[0], args.child[1], args.mag, args.patch_size, args.out_size, args.slide_mpp,
+                   args.decoder, args.workers)
         return 0
 
     from ..testing.synthetic_slides import write_aperio_svs
@@ -142,21 +241,73 @@ def main(argv: list[str] | None = None) -> int:
         if (testdata / name).exists():
             slides.append((testdata / name, mpp))
 
-    print(f"# patches: ours ({args.decoder}) vs OpenSlide read_region + PIL resize, {args.workers} workers, "
+    from .cucim_peer import cucim_missing, cucim_version
+    why_no_cucim = "--no-cucim" if args.no_cucim else cucim_missing()
+    peers = "OpenSlide read_region + PIL resize" + (
+        f", cuCIM {cucim_version()} CPU batch read_region + PIL resize" if not why_no_cucim else "")
+    print(f"# patches: ours ({args.decoder}) vs {peers}, {args.workers} workers, "
           f"{args.mag:g}x, {args.patch_size} px -> {args.out_size} px")
-    rows = []
+    if why_no_cucim:
+        print(f"# cuCIM left out: {why_no_cucim}")
+    rows, agree_rows = [], []
     for path, mpp in slides:
-        ours, fast, base = (_run(m, path, args, mpp) for m in ("ours", "ours-shrink", "openslide"))
-        for r in (ours, fast, base):
-            print(json.dumps(r))
+        modes = ("ours", "ours-shrink", "openslide") + (() if why_no_cucim else ("cucim",))
+        res = {}
+        for m in modes:
+            try:
+                res[m] = _run(m, path, args, mpp)
+            except RuntimeError as e:  # a peer that cannot read this slide is reported, not fatal
+                if m != "cucim":
+                    raise
+                res[m] = {"error": str(e).splitlines()[-1][-200:]}
+            print(json.dumps(res[m]))
+        ours, fast, base, cc = res["ours"], res["ours-shrink"], res["openslide"], res.get("cucim")
+        if cc is not None:
+            agree_rows.append((path.name, _agree(path, args, mpp)))
         rows.append((path.name, ours["patches"], ours["patches_per_s"], fast["patches_per_s"], fast["shrink"],
-                     base["patches_per_s"], ours["peak_rss_mb"], base["peak_rss_mb"]))
+                     base["patches_per_s"], ours["peak_rss_mb"], base["peak_rss_mb"], cc, base["checksum"]))
     print(f"\n{'slide':34s} {'patches':>8s} {'exact/s':>8s} {'shrink/s':>9s} {'openslide/s':>12s} "
-          f"{'ratio exact':>11s} {'ratio shrink':>12s} {'RSS ours':>9s} {'RSS osl':>8s}")
-    for name, n, a, f, shrink, b, ra, rb in rows:
-        print(f"{name:34s} {n:8d} {a:8.0f} {f:9.0f} {b:12.0f} {a / b:10.2f}x {f / b:10.2f}x"
-              f"{'' if shrink > 1 else '*'} {ra:8.0f}M {rb:7.0f}M")
+          f"{'ratio exact':>11s} {'ratio shrink':>12s} {'RSS ours':>9s} {'RSS osl':>8s}"
+          + ("" if why_no_cucim else f" {'cucim/s':>8s} {'exact/cucim':>11s} {'cucim/osl':>9s} {'RSS cucim':>9s}"
+                                     f" {'=osl px':>7s}"))
+    for name, n, a, f, shrink, b, ra, rb, cc, bsum in rows:
+        line = (f"{name:34s} {n:8d} {a:8.0f} {f:9.0f} {b:12.0f} {a / b:10.2f}x {f / b:10.2f}x"
+                f"{'' if shrink > 1 else '*'} {ra:8.0f}M {rb:7.0f}M")
+        if cc is not None and "error" in cc:
+            line += f" cuCIM cannot read it: {cc['error'][:80]}"
+        elif cc is not None:
+            c = cc["patches_per_s"]
+            line += (f" {c:8.0f} {a / c:10.2f}x {c / b:8.2f}x {cc['peak_rss_mb']:8.0f}M"
+                     f" {'yes' if cc['checksum'] == bsum else 'NO':>7s}")
+        print(line)
     print("* shrink-on-load did not apply (not JPEG, or less than a 2.2x downsample): same path as exact")
+    if not why_no_cucim:
+        print("=osl px: the cuCIM and OpenSlide passes (same PIL resize) give the same patch checksum")
+
+    if not why_no_cucim and args.formats_size:
+        from ..testing.synthetic_slides import write_aperio_svs, write_pyramidal_tiff
+        s = args.formats_size
+        kinds = {"svs-jpeg-rgb": (write_aperio_svs, {}), "svs-jpeg-ycbcr": (write_aperio_svs, {"photometric": "ycbcr"}),
+                 "svs-jpeg2000": (write_aperio_svs, {"compression": "jpeg2000"}),
+                 "tiff-jpeg-ycbcr": (write_pyramidal_tiff, {}),
+                 "tiff-lzw": (write_pyramidal_tiff, {"compression": "lzw"}),
+                 "tiff-deflate": (write_pyramidal_tiff, {"compression": "deflate"})}
+        checks = []
+        for kind, (writer, kw) in kinds.items():
+            f = work / f"format_{kind}_{s}.{'svs' if writer is write_aperio_svs else 'tif'}"
+            if not f.exists():
+                writer(f, s + 37, s * 3 // 4 + 11, levels=(1, 4, 16), seed=2, **kw)  # odd sides: partial edge tiles
+            checks.append((kind, f, None))
+        for sub in ("svs", "tiff"):
+            for f in sorted((testdata / sub).glob("*")) if (testdata / sub).is_dir() else []:
+                checks.append((f"real {sub}", f, 0.25 if f.name.startswith("tcga") else None))
+        print(f"\n# cuCIM vs our reader, max / mean |diff| (uint8); grid: {args.mag:g}x tissue grid, a sample of up to "
+              f"64 patches; levels: 256 px interior regions and what cuCIM puts outside the image (edge)")
+        print(f"{'format':16s} {'slide':36s} {'grid regions':>14s} {'grid patches':>14s}  levels")
+        for kind, f, mpp in checks:
+            _print_agree(kind, f.name, _agree(f, args, mpp))
+        for name, a in agree_rows:
+            _print_agree("benchmark grid", name, a)
 
     if args.large:
         large = work / f"aperio_sparse_{args.large}.svs"
