@@ -1,7 +1,10 @@
 import importlib
+import logging
 import os
+import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +45,55 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
-def run_cli(*args, check=None, timeout=300, env=None):
-    """Run the installed `proalign-engine` console script in a subprocess."""
-    exe = Path(sys.executable).parent / "proalign-engine"
-    p = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})})
+class _LiveStderrHandler(logging.StreamHandler):
+    """A log handler writing to whatever sys.stderr is when a record comes (CliRunner swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def run_cli(*args, check=None, timeout=300, env=None, process=False):
+    """Run `proalign-engine ARGS`; returns an object with returncode, stdout and stderr.
+
+    By default in this process with click's CliRunner (the command's own code, without an
+    interpreter start per call: about 2-3 s less each): stdout and stderr apart, the log lines on
+    stderr as `main` sets them up, an uncaught exception's traceback appended to stderr with exit 1,
+    as the console script would end. `process=True` runs the installed console script in a
+    subprocess instead: the end-to-end runs, and whatever needs its own process (signals, ulimit,
+    the interpreter's exit). PROALIGN_TEST_CLI=process runs every call in a subprocess."""
+    args = [str(a) for a in args]
+    if process or os.environ.get("PROALIGN_TEST_CLI") == "process":
+        exe = Path(sys.executable).parent / "proalign-engine"
+        p = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **(env or {})})
+    else:
+        from click.testing import CliRunner
+
+        from proalign.cli import main
+
+        root = logging.getLogger()
+        level, handlers, threads = root.level, list(root.handlers), torch.get_num_threads()
+        handler = _LiveStderrHandler()  # what main's logging.basicConfig(stream=sys.stderr) sets up alone
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if {"-v", "--verbose"} & set(args) else logging.INFO)
+        try:
+            res = CliRunner(env=env).invoke(main, args, prog_name="proalign-engine")
+        finally:
+            for h in root.handlers[:]:
+                if h not in handlers:
+                    root.removeHandler(h)
+            root.setLevel(level)
+            torch.set_num_threads(threads)
+        stderr = res.stderr
+        if res.exception is not None and not isinstance(res.exception, SystemExit):
+            stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(res.exception))
+        p = subprocess.CompletedProcess(["proalign-engine", *args], res.exit_code, res.stdout, stderr)
     if check is not None:
         assert p.returncode == check, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     return p
@@ -70,3 +117,68 @@ def conch(tmp_path_factory):
     save_prototypes(root / "p.safetensors", c, {})
     args = [a for k, v in over.items() for a in ("--encoder-arg", f"{k}={v}")]
     return root / "conch", args, root / "p.safetensors", over
+
+
+# -- tests that need a GPU or an optional package: marked, and counted at the end of the run ----------
+# `-m gpu` selects the GPU tests, `-m optional` those needing an optional package (ray, openslide,
+# nvidia-dali, timm, open_clip, conch, sklearn...), `-m "not gpu and not optional"` the core suite.
+# A test skipped for a reason that names a GPU (or a package that does not import) counts as such
+# even when unmarked; a skipif naming CUDA/GPU/nvcc marks its test `gpu` at collection.
+_GPU_REASON = re.compile(r"\bcuda\b|\bgpu\b|nvcc|no CUDA", re.I)
+_PACKAGE_REASON = re.compile(r"not installed|does not import|could not import|no module named", re.I)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU or the CUDA toolkit (skips without)")
+    config.addinivalue_line("markers", "optional: needs an optional package (skips without it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for m in item.iter_markers("skipif"):
+            if _GPU_REASON.search(str(m.kwargs.get("reason", ""))):
+                item.add_marker(pytest.mark.gpu)
+                break
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    rep.needs = [n for n in ("gpu", "optional") if item.get_closest_marker(n)]
+
+
+def _skip_reason(rep) -> str:
+    lr = rep.longrepr
+    why = str(lr[2]) if isinstance(lr, tuple) and len(lr) == 3 else str(lr or "")
+    return why.removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter):
+    counts = {"gpu": {"ran": 0, "skipped": 0}, "optional": {"ran": 0, "skipped": 0}}
+    missing: set[str] = set()
+    for key in ("passed", "failed", "skipped", "error"):
+        for rep in terminalreporter.stats.get(key, []):
+            if not hasattr(rep, "when") or (key in ("passed", "failed") and rep.when != "call"):
+                continue
+            needs = list(getattr(rep, "needs", []))
+            if key == "skipped":
+                why = _skip_reason(rep)
+                if not needs:
+                    needs = (["gpu"] if _GPU_REASON.search(why) else []) or (
+                        ["optional"] if _PACKAGE_REASON.search(why) else [])
+                if "optional" in needs or _PACKAGE_REASON.search(why):
+                    name = (re.search(r"could not import '([^']+)'", why)
+                            or re.match(r"\s*([\w.\-]+?)(?: is)? (?:not installed|does not import)", why))
+                    missing.add(name.group(1) if name else why[:40])
+            for n in needs:
+                counts[n]["ran" if key in ("passed", "failed", "error") else "skipped"] += 1
+    if any(c["ran"] or c["skipped"] for c in counts.values()):
+        tr = terminalreporter
+        tr.write_sep("-", "tests that need a GPU or an optional package")
+        tr.write_line(f"GPU (-m gpu): {counts['gpu']['ran']} ran, {counts['gpu']['skipped']} skipped"
+                      + ("" if torch.cuda.is_available() else " (no CUDA GPU here)"))
+        tr.write_line(f"optional packages (-m optional): {counts['optional']['ran']} ran, "
+                      f"{counts['optional']['skipped']} skipped"
+                      + (f" (not importable here: {', '.join(sorted(missing))})" if missing else ""))
+        tr.write_line("see README, Tests: what to install to run them")

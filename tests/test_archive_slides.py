@@ -28,8 +28,11 @@ from proalign.testing.synthetic_slides import write_aperio_svs
 from proalign.testing.synthetic_features import write_cohort
 
 
+W, H = 1024, 768  # 16-24 tissue patches of 128 px a slide: what is tested is the listing, not the size
+
+
 def _slide(path: Path, seed: int, mpp: float | None = 0.5) -> Path:
-    write_aperio_svs(path, 1800, 1500, tile=256, levels=(1, 4), seed=seed, mpp=mpp, app_mag=20 if mpp else None)
+    write_aperio_svs(path, W, H, tile=256, levels=(1, 4), seed=seed, mpp=mpp, app_mag=20 if mpp else None)
     return path
 
 
@@ -78,7 +81,7 @@ def test_manifest_lists_every_slide_with_metadata_and_reasons(tmp_path):
         rows = {(r["slide_id"], Path(r["path"]).name): r for r in reader}
     assert len(rows) == 5 and "5 slides, 3 readable, 2 not" in r.stdout
     a, b, c = rows["a", "a.svs"], rows["b", "b.svs"], rows["c", "c.svs"]
-    assert (a["status"], a["format"], a["width"], a["height"], a["levels"]) == ("ok", "aperio-svs", "1800", "1500", "2")
+    assert (a["status"], a["format"], a["width"], a["height"], a["levels"]) == ("ok", "aperio-svs", str(W), str(H), "2")
     assert (a["mpp"], a["mpp_source"], a["objective_power"]) == ("0.5", "metadata", "20.0")
     assert int(a["size_bytes"]) == (arch / "a.svs").stat().st_size and Path(a["path"]).is_absolute()
     assert (b["levels"], b["mpp"], b["mpp_source"]) == ("3", "0.25", "user")

@@ -440,6 +440,7 @@ def test_patch_cli_survives_an_unexpected_error(tmp_path, monkeypatch):
     assert (tmp_path / "job" / "patches" / "good_patches.h5").is_file()
 
 
+@pytest.mark.optional
 def test_dali_refuses_a_jpeg_frame_of_the_wrong_size_before_decoding():
     """The DALI decoder (its CPU backend here; the GPU one shares the check) applies the same rule."""
     pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")

@@ -28,8 +28,8 @@ def test_demo_prints_next_commands_that_work(tmp_path, capsys):
     cmds = [line.strip() for line in text.split("next, on these outputs")[1].splitlines()[1:] if line.strip()]
     assert 2 <= len(cmds) <= 3 and all(c.startswith("proalign-engine ") for c in cmds), text
     assert any(" heatmap " in c and "--encoder-arg" not in c for c in cmds)
-    for c in cmds:
-        r = run_cli(*shlex.split(c)[1:])
+    for c in cmds:  # end to end: the installed console script, each command in its own process
+        r = run_cli(*shlex.split(c)[1:], process=True)
         assert r.returncode == 0, f"{c}\n{r.stdout}\n{r.stderr}"
     assert (out / "DEMO-00_heatmap.png").stat().st_size > 0
     r = run_cli("embed", "--archive", out / "slides", "--encoder", "conch_v1", "--weights", out / "conch_v1_random",

@@ -130,7 +130,8 @@ def test_embed_archive_cli_resumes_and_reports(tmp_path, rng):
     archive = tmp_path / "archive"
     archive.mkdir()
     for i in range(2):
-        write_aperio_svs(archive / f"case-{i}.svs", 1800, 1500, tile=256, levels=(1, 4), seed=20 + i, mpp=0.5,
+        # 1024 x 768: about 20 tissue patches a slide (the size is not what is tested)
+        write_aperio_svs(archive / f"case-{i}.svs", 1024, 768, tile=256, levels=(1, 4), seed=20 + i, mpp=0.5,
                          app_mag=20)
     (archive / "broken.svs").write_bytes(b"II*\x00garbage")
     c = rng.normal(size=(5, over["embed_dim"])).astype(np.float32)

@@ -780,6 +780,7 @@ def _randomize(module, seed):
     return module.eval()
 
 
+@pytest.mark.optional
 def test_matches_official_timm_when_installed(tmp_path):
     optional_import("timm")
     from timm.layers import SwiGLUPacked
@@ -796,6 +797,7 @@ def test_matches_official_timm_when_installed(tmp_path):
             close(enc.encode_image(px), t(px), 1e-5)
 
 
+@pytest.mark.optional
 def test_matches_official_open_clip_when_installed(tmp_path):
     open_clip = optional_import("open_clip")
     mc = {"embed_dim": 24, "quick_gelu": True,
@@ -813,6 +815,7 @@ def test_matches_official_open_clip_when_installed(tmp_path):
         close(F.normalize(enc.backbone.encode_text_ids(ids), dim=-1), m.encode_text(ids, normalize=True), 1e-5)
 
 
+@pytest.mark.optional
 def test_matches_official_conch_when_installed(tmp_path, monkeypatch):
     occ = optional_import("conch.open_clip_custom")
     tiny = {"embed_dim": 24, "embed_dim_caption": 32,

@@ -117,6 +117,7 @@ def test_classification_metrics_by_hand():
     assert np.isnan(M.binary_auc([1, 1], [0.2, 0.3]))
 
 
+@pytest.mark.optional
 def test_classification_metrics_match_sklearn(rng):
     sk = pytest.importorskip("sklearn.metrics")
     for c in (2, 3, 5):
@@ -206,6 +207,7 @@ def test_logistic_is_the_penalised_optimum(rng, c, p):
     np.testing.assert_allclose(resid - resid.mean(0), 0.0, atol=1e-5)  # only the bias is left
 
 
+@pytest.mark.optional
 @pytest.mark.parametrize("c,p", [(2, 30), (3, 300)])
 def test_logistic_matches_sklearn(rng, c, p):
     lm = pytest.importorskip("sklearn.linear_model")

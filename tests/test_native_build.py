@@ -41,6 +41,7 @@ AOT = textwrap.dedent("""
 
 @pytest.mark.parametrize("kernel,variant", [("proalign", "0,0"), ("proalign", "1,1"), ("proalign", "0,1"),
                                             ("panther", "-")])
+@pytest.mark.optional
 @pytest.mark.parametrize("cc", [80, 90])
 @pytest.mark.parametrize("xdtype", ["fp32", "fp16", "bf16"])
 def test_triton_kernel_compiles_ahead_of_time(kernel, variant, cc, xdtype):

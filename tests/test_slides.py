@@ -217,6 +217,7 @@ def test_stream_is_ordered_and_bounded():
         assert flat == [raw[int(o):int(o + c)] for o, c in zip(p.offsets, p.bytecounts)]
 
 
+@pytest.mark.optional
 @needs_data
 def test_decoders_agree_on_real_tiles():
     dali = pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")

@@ -13,6 +13,7 @@ import pytest
 openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 imagecodecs = pytest.importorskip("imagecodecs")
+pytestmark = pytest.mark.optional
 
 from proalign.testing import synthetic_slides as ss  # noqa: E402
 

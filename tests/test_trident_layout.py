@@ -219,6 +219,7 @@ def test_edge_fill_changes_only_outside_pixels(tmp_path):
         assert (w[~inside] == 255).all() and (b[~inside] == 0).all()  # outside: white vs black
 
 
+@pytest.mark.optional
 def test_black_edge_fill_is_what_openslide_rgba_to_rgb_gives(tmp_path):
     """TRIDENT reads OpenSlide's RGBA region and converts it to RGB: the outside is black. Our
     engine with edge_fill="black", and our OpenSlide path, give those pixels."""
