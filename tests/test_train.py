@@ -157,6 +157,10 @@ def test_input_checks(rng):
         train_prototypes(x, None, t, w, np.zeros_like(centres, dtype=np.float32))
 
 
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
 def test_cli_builds_trains_and_refuses_a_collapsed_set(tmp_path, rng):
     """Generated TRIDENT features -> `prototypes build --init text` -> `prototypes train`, then a teacher
     that never prefers one type: training abandons it, the set is refused (exit 1, nothing written)
@@ -195,7 +199,14 @@ def test_cli_builds_trains_and_refuses_a_collapsed_set(tmp_path, rng):
     t5 = np.concatenate([t, np.eye(1, dj + 1, dj)]).astype(np.float32)
     save_prototypes(tmp_path / "t5.safetensors", t5, {})
     x = np.concatenate([read_features(e.path, e.slide_id).features for e in list_slides(features=feats)])
-    init5 = np.concatenate([init, 0.5 * (init[:1] + init[1:2])]).astype(np.float32)
+    # the fifth starts in use: type 0's prototype split in two along its patches' widest axis (a
+    # midpoint between two prototypes caught < 1% of the patches for some projections)
+    mine = x[np.argmax(_unit(x) @ _unit(init).T, axis=1) == 0]
+    axis = np.linalg.svd(mine - mine.mean(0), full_matrices=False)[2][0]
+    step = (mine - mine.mean(0)) @ axis
+    init5 = np.concatenate([init, init[:1]]).astype(np.float32)
+    init5[0] += step.std() * axis
+    init5[4] -= step.std() * axis
     assert usage(x, init5)[4] > 10 * COLLAPSE_USAGE  # in use before training
     save_prototypes(tmp_path / "init5.safetensors", init5, {})
     bad = [*common, "--text-prototypes", tmp_path / "t5.safetensors", "--projection", tmp_path / "w.npy",
