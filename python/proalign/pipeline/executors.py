@@ -22,6 +22,7 @@ import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait as mp_wait
+from typing import Protocol
 
 from ..errors import ProAlignError
 from .worker import SlideRecord, describe
@@ -34,6 +35,22 @@ class Event:
     error: str | None = None
     died: bool = False  # the worker process/actor is gone (its slide counts as one failed try)
     requeued: bool = False  # the worker died before starting this slide: put it back, no try counted
+
+
+class Executor(Protocol):
+    """What the scheduler needs from an executor (InlineExecutor, ProcessExecutor, RayExecutor)."""
+    name: str
+    slots: int  # slides in flight at once (one per slot)
+
+    def submit(self, slot: int, entry) -> None:
+        """Start the slide `entry` on the free `slot`."""
+
+    def wait(self, timeout: float) -> list[Event]:
+        """Events (a result, a failure, a worker gone) that arrived within `timeout` seconds; raises
+        WorkerStartError when a worker could not start, after delivering what was already read."""
+
+    def close(self, drop: bool = False) -> None:
+        """Stop the workers; `drop=True` abandons slides in flight instead of finishing them."""
 
 
 class WorkerStartError(ProAlignError):

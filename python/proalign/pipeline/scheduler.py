@@ -43,7 +43,7 @@ from typing import Sequence
 from ..errors import ProAlignError, SourceChangedError, StoreError, StoreOptionsError, StoreWriteError
 from ..features.io import SlideEntry, check_slide_id
 from ..report_file import write_report
-from .executors import InlineExecutor, ProcessExecutor, SlideDropped
+from .executors import Executor, InlineExecutor, ProcessExecutor, SlideDropped
 from .source_check import ON_CHANGE, check_source
 from .worker import EmbedOptions, WorkerSpec, describe
 
@@ -355,7 +355,7 @@ def _note_changed_sources(report: RunReport, store_path) -> None:
 
 
 def _make_executor(kind: str, spec, workers: int, ray_options: dict, slide_timeout: float | None,
-                   gpus: Sequence | None = None):
+                   gpus: Sequence | None = None) -> Executor:
     if kind == "ray":
         from .ray_executor import RayExecutor
 
