@@ -27,7 +27,7 @@ from ..errors import EncoderError
 from .base import Encoder, build_on_meta, find_weights, load_checkpoint, read_state_dict
 from .layers import TimmViT, _heads, _merge, resample_pos_embed
 from .presets import EncoderPreset
-from .vit import preset_resize
+from .vit import preset_encoder
 
 
 class QueryPooler(nn.Module):
@@ -113,13 +113,7 @@ def build_conch_v15(preset: EncoderPreset, weights: Optional[str | os.PathLike],
     if s % model.trunk.patch_size:
         raise EncoderError(f"{name}: input_size {s} is not a multiple of the patch size {model.trunk.patch_size}")
     model.input_size = s
-    return Encoder(model, name=name, input_size=s, mean=meta.get("mean", preset.mean), std=meta.get("std", preset.std),
-                   feature_dim=model.num_features, joint_dim=None,
-                   magnification=meta.get("magnification", preset.magnification),
-                   patch_size=meta.get("patch_px", preset.patch_px), logit_scale=None,
-                   interpolation=meta.get("interpolation", preset.interpolation), device=device, dtype=dtype,
-                   compile=compile, weights=path, impl="native",
-                   resize_size=meta.get("resize_size", preset_resize(preset, s)))
+    return preset_encoder(model, preset, meta, s, name=name, path=path, device=device, dtype=dtype, compile=compile)
 
 
 __all__ = ["ConchV15Vision", "QueryPooler", "build_conch_v15"]

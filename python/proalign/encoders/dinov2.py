@@ -11,10 +11,8 @@ sizes resample the position table as transformers does (bicubic, no antialiasing
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -23,7 +21,7 @@ from ..errors import EncoderError
 from .base import Encoder, build_on_meta, find_weights, load_checkpoint, read_state_dict
 from .layers import TimmViT
 from .presets import EncoderPreset
-from .vit import preset_resize
+from .vit import preset_encoder, read_config_json
 
 _LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _RENAME = {
@@ -82,16 +80,6 @@ def hf_dinov2_to_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _read_config(path: Path) -> Optional[dict[str, Any]]:
-    p = path.parent / "config.json"
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise EncoderError(f"{p}: unreadable config.json ({e})") from e
-
-
 def build_hf_dinov2(preset: EncoderPreset, weights: Optional[str | os.PathLike], *, device: Any = "cpu",
                     dtype: Any = None, compile: bool | str = False, **overrides: Any) -> Encoder:
     """A `hf_dinov2` preset from local weights (a folder with model.safetensors and config.json,
@@ -102,7 +90,7 @@ def build_hf_dinov2(preset: EncoderPreset, weights: Optional[str | os.PathLike],
             if k in overrides}
     path = find_weights(weights, preset.weight_files + ("pytorch_model.bin",), what=name, howto=preset.howto())
     cfg = dict(preset.arch_kwargs)
-    file_cfg = _read_config(path)
+    file_cfg = read_config_json(path.parent, path)
     if file_cfg is not None:
         if file_cfg.get("model_type") not in (None, "dinov2"):
             raise EncoderError(f"{name}: config.json beside the weights is for model_type "
@@ -137,13 +125,7 @@ def build_hf_dinov2(preset: EncoderPreset, weights: Optional[str | os.PathLike],
         raise EncoderError(f"{name}: {e}") from e
     load_checkpoint(model, sd, what=name, path=path)
     s = int(cfg["image_size"])
-    return Encoder(model, name=name, input_size=s, mean=meta.get("mean", preset.mean), std=meta.get("std", preset.std),
-                   feature_dim=model.num_features, joint_dim=None,
-                   magnification=meta.get("magnification", preset.magnification),
-                   patch_size=meta.get("patch_px", preset.patch_px), logit_scale=None,
-                   interpolation=meta.get("interpolation", preset.interpolation), device=device, dtype=dtype,
-                   compile=compile, weights=path, impl="native",
-                   resize_size=meta.get("resize_size", preset_resize(preset, s)))
+    return preset_encoder(model, preset, meta, s, name=name, path=path, device=device, dtype=dtype, compile=compile)
 
 
 __all__ = ["build_hf_dinov2", "hf_dinov2_to_timm"]

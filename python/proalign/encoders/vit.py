@@ -91,7 +91,8 @@ def _translate(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _config_json(weights: Path, weights_file: Path) -> Optional[dict[str, Any]]:
+def read_config_json(weights: Path, weights_file: Path) -> Optional[dict[str, Any]]:
+    """The Hugging Face style config.json in the weights folder (or beside the weights file), or None."""
     folder = weights if weights.is_dir() else weights_file.parent
     p = folder / "config.json"
     if not p.is_file():
@@ -123,7 +124,7 @@ def build_vit(name: str, arch: str, weights: Optional[str | os.PathLike], *, dev
     if preset:
         kwargs = preset_vit_kwargs(preset)
     else:
-        cfg = _config_json(Path(weights).expanduser(), path)
+        cfg = read_config_json(Path(weights).expanduser(), path)
         if cfg is not None:
             cfg_arch = cfg.get("architecture")
             if cfg_arch and cfg_arch.split(".")[0] != arch:
@@ -173,4 +174,17 @@ def preset_resize(preset: EncoderPreset, input_size: int) -> int:
     return max(input_size, int(round(preset.resize * input_size / preset.img_size)))
 
 
-__all__ = ["ARCHS", "PRESETS", "build_vit", "preset_resize", "preset_vit_kwargs"]
+def preset_encoder(model: Any, preset: EncoderPreset, meta: dict, input_size: int, *, name: str,
+                   path: Any, device: Any, dtype: Any, compile: bool | str) -> Encoder:
+    """A vision-only Encoder around `model` with the preset's preprocessing and grid, each value
+    overridable by the weights folder's metadata (`meta`)."""
+    return Encoder(model, name=name, input_size=input_size, mean=meta.get("mean", preset.mean),
+                   std=meta.get("std", preset.std), feature_dim=model.num_features, joint_dim=None,
+                   magnification=meta.get("magnification", preset.magnification),
+                   patch_size=meta.get("patch_px", preset.patch_px), logit_scale=None,
+                   interpolation=meta.get("interpolation", preset.interpolation), device=device, dtype=dtype,
+                   compile=compile, weights=path, impl="native",
+                   resize_size=meta.get("resize_size", preset_resize(preset, input_size)))
+
+
+__all__ = ["ARCHS", "PRESETS", "build_vit", "preset_encoder", "preset_resize", "preset_vit_kwargs"]
