@@ -491,7 +491,8 @@ def prototypes_build(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
     """Build a prototype set from a cohort's features (--features/--manifest) or slides (--archive
     with --encoder/--weights) (METHOD.md Step 3)."""
     from .prototypes.build import prototypes_from_pool
-    from .prototypes.io import read_matrix, read_prototype_file, save_prototypes
+    from .prototypes.io import read_prototype_file, save_prototypes
+    from .prototypes.text import teacher
 
     enc = dev = None
     if encoder or archive:
@@ -499,23 +500,15 @@ def prototypes_build(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
     pool = _sample_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, patch_size, min_tissue,
                         slide_mpp, mpp_csv)
     meta_extra: dict = {}
-    text = read_prototype_file(text_prototypes)[0] if text_prototypes else None
-    proj = read_matrix(projection) if projection else None
-    if init == "text" and text is None:
-        if not (descriptions and enc):
-            raise click.UsageError("init=text needs --text-prototypes, or --descriptions with --encoder/--weights")
-        from .prototypes.descriptions import load_descriptions
-        from .prototypes.text import text_prototypes as make_text
-
-        dset = load_descriptions(descriptions)
-        text = make_text(enc, dset).numpy()
-        meta_extra = {"descriptions": dset.name, "descriptions_hash": dset.hash, "type_names": list(dset.type_names)}
-    if init == "text" and proj is None:
-        if enc is None or enc.joint_dim is None:
-            raise click.UsageError("init=text needs --projection or a vision-language --encoder (with a text tower)")
-        proj = enc.projection_matrix().numpy()
-    if tau_a is None:
-        tau_a = 1.0 / enc.logit_scale if enc is not None and enc.logit_scale else 0.01
+    text = proj = None
+    if init == "text":  # descriptions -> text prototypes, W, tau_a: the one recipe (prototypes.text.teacher)
+        try:
+            t = teacher(enc, descriptions, text_prototypes, projection, tau_a)
+        except ValueError as e:
+            raise click.UsageError(f"init=text: {e}") from e
+        text, proj, tau_a, meta_extra = t.text, t.projection, t.tau_a, dict(t.meta)
+    elif tau_a is None:
+        tau_a = 0.01  # unused by the other initialisations; recorded as before
     if enc is not None:
         meta_extra["encoder"] = enc.name
     initial = read_prototype_file(from_file)[0] if from_file else None
@@ -564,7 +557,8 @@ def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
     """Refine a prototype set by patch-text contrast (METHOD.md Step 4) on a seeded pool of
     --features/--manifest rows or --archive slides. Prints the loss curve and the usage, refuses a
     collapsed set unless --force; the curve also goes to OUT.train.json."""
-    from .prototypes.io import read_matrix, read_prototype_file
+    from .prototypes.io import read_prototype_file
+    from .prototypes.text import teacher
     from .prototypes.train import CollapsedSetError, save_trained, train_prototypes
 
     if not (text_prototypes or descriptions):
@@ -581,33 +575,18 @@ def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
     # what the file says about its types, from the initialisation, then the teacher (which wins)
     meta: dict = {k: init_meta[k] for k in ("descriptions", "descriptions_hash", "type_names", "encoder")
                   if k in init_meta}
-    if text_prototypes:
-        text, tmeta = read_prototype_file(text_prototypes)
-        teacher_meta = {"descriptions": tmeta.get("description_set", tmeta.get("descriptions")),
-                        "descriptions_hash": tmeta.get("description_set_hash", tmeta.get("descriptions_hash")),
-                        "type_names": tmeta.get("type_names")}
-    else:
-        from .prototypes.descriptions import load_descriptions
-        from .prototypes.text import text_prototypes as make_text
-
-        dset = load_descriptions(descriptions)
-        text = make_text(enc, dset).numpy()
-        teacher_meta = {"descriptions": dset.name, "descriptions_hash": dset.hash, "type_names": list(dset.type_names)}
-    known = meta.get("descriptions_hash")
-    if known and teacher_meta["descriptions_hash"] and known != teacher_meta["descriptions_hash"]:
+    try:  # the teacher: the same recipe as prototypes build --init text; --from's tau_a if none else
+        t = teacher(enc, descriptions, text_prototypes, projection, tau_a,
+                    default_tau_a=float(init_meta.get("tau_a", 0.01)))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    text, proj, tau_a = t.text, t.projection, t.tau_a
+    known, theirs = meta.get("descriptions_hash"), t.meta.get("descriptions_hash")
+    if known and theirs and known != theirs:
         click.echo(f"warning: --from was built from description set {meta.get('descriptions')!r} ({known}), the "
-                   f"teacher is {teacher_meta['descriptions']!r} ({teacher_meta['descriptions_hash']}): "
-                   "type k may not be the same type in both", err=True)
-    meta.update({k: v for k, v in teacher_meta.items() if v})
-    if projection:
-        proj = read_matrix(projection)
-    elif enc is not None and enc.joint_dim is not None:
-        proj = enc.projection_matrix().numpy()
-    else:
-        raise click.UsageError("the teacher needs --projection W, or a vision-language --encoder (with a text tower)")
-    if tau_a is None:
-        tau_a = (1.0 / enc.logit_scale if enc is not None and enc.logit_scale
-                 else float(init_meta.get("tau_a", 0.01)))
+                   f"teacher is {t.meta.get('descriptions')!r} ({theirs}): type k may not be the same type in both",
+                   err=True)
+    meta.update(t.meta)
     pool = _sample_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, patch_size, min_tissue,
                         slide_mpp, mpp_csv)
     click.echo(f"pool: {len(pool.x)} patches from {len(pool.slide_ids)} slides ({len(pool.skipped)} skipped)")

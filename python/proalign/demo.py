@@ -85,7 +85,7 @@ def _slides_demo(out: Path, n: int) -> bool:
     from .prototypes.build import prototypes_from_pool
     from .prototypes.from_slides import sample_slide_pool
     from .prototypes.io import save_prototypes
-    from .prototypes.text import text_prototypes
+    from .prototypes.text import teacher
     from .slides.patching import list_slide_files
     from .testing.synthetic_slides import write_aperio_svs
 
@@ -101,9 +101,9 @@ def _slides_demo(out: Path, n: int) -> bool:
     print(f"encoder: {enc!r} with RANDOM weights ({weights}; architecture in {weights / 'proalign_encoder.json'}): "
           "the embeddings below carry no meaning")
     pool = sample_slide_pool(list_slide_files(archive), enc, 2000, 0, patch_size=128)
-    t = text_prototypes(enc, "lung").numpy()
-    ps = prototypes_from_pool(pool, "text", k=t.shape[0], seed=0, text_prototypes=t,
-                              projection=enc.projection_matrix().numpy(), tau_a=1.0 / enc.logit_scale)
+    t = teacher(enc, "lung")
+    ps = prototypes_from_pool(pool, "text", k=t.text.shape[0], seed=0, text_prototypes=t.text,
+                              projection=t.projection, tau_a=t.tau_a)
     proto_path = out / "prototypes_lung_text.safetensors"
     save_prototypes(proto_path, ps.prototypes, {**ps.meta, "descriptions": "lung", "encoder": enc.name})
     print(f"prototypes: {proto_path} (init=text from the lung set, pool {len(pool.x)} patches)")

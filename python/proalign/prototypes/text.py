@@ -18,9 +18,11 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import PrototypeError
@@ -152,3 +154,46 @@ def text_prototypes(encoder: Any, dset: SetLike, cache_dir: str | os.PathLike | 
 
 
 __all__ = ["cache_key", "cache_path", "encoder_identity", "ensemble", "text_prototypes"]
+
+
+@dataclass
+class Teacher:
+    """The text side of Steps 2-3: text prototypes (K, D), the vision->joint projection W (d, D),
+    the allocation temperature and what is known of the description set (name, hash, type names)."""
+    text: np.ndarray
+    projection: np.ndarray
+    tau_a: float
+    meta: dict
+
+
+def teacher(encoder: Any | None = None, descriptions: SetLike | None = None,
+            text_file: str | os.PathLike | None = None, projection_file: str | os.PathLike | None = None,
+            tau_a: float | None = None, default_tau_a: float = 0.01) -> Teacher:
+    """The one recipe for the teacher, used by `prototypes build --init text`, `prototypes train`
+    and the demo: text prototypes from `text_file` or from `descriptions` through the encoder's
+    text tower; W from `projection_file` or the encoder's projection; tau_a given, else the
+    encoder's 1/logit_scale, else `default_tau_a`. Raises ValueError naming what is missing."""
+    from .io import read_matrix, read_prototype_file
+
+    if text_file is not None:
+        text, tmeta = read_prototype_file(text_file)
+        meta = {"descriptions": tmeta.get("description_set", tmeta.get("descriptions")),
+                "descriptions_hash": tmeta.get("description_set_hash", tmeta.get("descriptions_hash")),
+                "type_names": tmeta.get("type_names")}
+    elif descriptions is not None and encoder is not None:
+        dset = load_descriptions(descriptions)
+        text = text_prototypes(encoder, dset).numpy()
+        meta = {"descriptions": dset.name, "descriptions_hash": dset.hash, "type_names": list(dset.type_names)}
+    else:
+        raise ValueError("the text prototypes need --text-prototypes, or --descriptions with a vision-language "
+                         "--encoder/--weights")
+    if projection_file is not None:
+        projection = read_matrix(projection_file)
+    elif encoder is not None and getattr(encoder, "joint_dim", None) is not None:
+        projection = encoder.projection_matrix().numpy()
+    else:
+        raise ValueError("the teacher needs --projection W, or a vision-language --encoder (with a text tower)")
+    if tau_a is None:
+        scale = getattr(encoder, "logit_scale", None) if encoder is not None else None
+        tau_a = 1.0 / scale if scale else default_tau_a
+    return Teacher(text, projection, float(tau_a), {k: v for k, v in meta.items() if v})
