@@ -6,13 +6,7 @@ from pathlib import Path
 
 import click
 
-
-def _with(options):
-    def deco(f):
-        for o in reversed(options):
-            f = o(f)
-        return f
-    return deco
+from .options import with_options
 
 
 eval_opts = [
@@ -69,7 +63,7 @@ slide_opts = [
 
 def _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, inner_folds, standardize,
                seed):
-    from .heads import DEFAULT_HEAD, HEAD_ALIASES, HeadOptions
+    from ..eval.heads import DEFAULT_HEAD, HEAD_ALIASES, HeadOptions
 
     name = HEAD_ALIASES.get(head, head) or DEFAULT_HEAD.get(task)
     if task == "classify" and name == "cox" or task == "survival" and name == "logistic":
@@ -86,7 +80,7 @@ def _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, 
 
 def _echo_fit(info):
     """The head line (with the C/alpha per fold) and any warning, after an evaluation."""
-    from .evaluate import describe_head
+    from ..eval.evaluate import describe_head
 
     click.echo(describe_head(info))
     for w in info.get("warnings", []):
@@ -94,7 +88,7 @@ def _echo_fit(info):
 
 
 def _read_labels(labels, task, label_col, time_col, event_col, patient_col):
-    from .data import read_labels
+    from ..eval.data import read_labels
 
     lab_task = "survival" if task == "survival" else "classify"
     return read_labels(labels, lab_task, label_col=label_col, time_col=time_col, event_col=event_col,
@@ -104,7 +98,7 @@ def _read_labels(labels, task, label_col, time_col, event_col, patient_col):
 def register(main: click.Group) -> None:
     @main.group("eval", invoke_without_command=True)
     @click.option("--store", type=click.Path(file_okay=False), help="The embedding store to evaluate.")
-    @_with(eval_opts)
+    @with_options(eval_opts)
     @click.option("--row", type=int, default=None, help="Multi-tau records: evaluate this row only (default: all).")
     @click.option("--strict", is_flag=True, help="Fail when a labelled slide is missing from the store.")
     @click.option("--json", "json_out", type=click.Path(dir_okay=False),
@@ -120,9 +114,9 @@ def register(main: click.Group) -> None:
             return
         if not (store and labels and task):
             raise click.UsageError("eval needs --store, --labels and --task (or the subcommand `compare`)")
-        from .data import load_dataset
-        from .evaluate import evaluate
-        from .splits import read_splits
+        from ..eval.data import load_dataset
+        from ..eval.evaluate import evaluate
+        from ..eval.splits import read_splits
 
         opts = _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, inner_folds,
                           standardize, seed)
@@ -148,7 +142,7 @@ def register(main: click.Group) -> None:
     @click.option("--methods", default="proalign,panther,h2t,mean", show_default=True)
     @click.option("--out", required=True, type=click.Path(file_okay=False),
                   help="Folder: stores/<method>, eval-<method>.json, compare.json, compare.txt.")
-    @_with(eval_opts)
+    @with_options(eval_opts)
     @click.option("--backend", default=None, help="Aggregation backend for the embedding step.")
     def eval_compare(features, manifest, prototypes, methods, out, labels, task, folds, seed, splits, head,
                      label_col, time_col, event_col, patient_col, ks, C, alpha, inner_folds, epochs, lr, weight_decay,
@@ -156,7 +150,7 @@ def register(main: click.Group) -> None:
         """Embed the same features with several methods and evaluate them side by side (same folds)."""
         from ..aggregate import METHODS
         from ..features import list_slides
-        from .compare import compare_methods
+        from ..eval.compare import compare_methods
 
         if not (labels and task):
             raise click.UsageError("eval compare needs --labels and --task")
@@ -197,7 +191,7 @@ def register(main: click.Group) -> None:
     @click.option("--scale", default="linear", show_default=True, type=click.Choice(["linear", "rank"]),
                   help="linear: a / max a per prototype; rank: percentile among the slide's patches.")
     @click.option("--thumbnail-size", default=1024, show_default=True, type=click.IntRange(64))
-    @_with(slide_opts)
+    @with_options(slide_opts)
     @click.option("--montage", "montage_out", default=None, type=click.Path(dir_okay=False),
                   help="Also write each prototype's top-attention patches of SLIDE to this PNG.")
     @click.option("--montage-n", default=8, show_default=True, type=click.IntRange(1),
@@ -210,7 +204,7 @@ def register(main: click.Group) -> None:
 
         The patch features come from --features, or are computed from SLIDE itself with
         --encoder E --weights W (tissue -> patch grid -> encoder, as `embed --archive` does)."""
-        from .plots import slide_pictures
+        from ..eval.plots import slide_pictures
 
         if montage_out and not slide:
             raise click.UsageError("--montage reads the top patches from SLIDE: give the slide file")
@@ -222,7 +216,7 @@ def register(main: click.Group) -> None:
                 raise click.UsageError("--encoder computes features from SLIDE: give the slide file")
             if not weights:
                 raise click.UsageError("--encoder needs --weights (a local weights file or folder)")
-            from ..cli_common import load_encoder
+            from .options import load_encoder
             from ..pipeline.embed_slides import SlideOptions
 
             enc, dev = load_encoder(encoder, weights, encoder_args, device)
@@ -265,7 +259,7 @@ def register(main: click.Group) -> None:
     @click.option("--out", required=True, type=click.Path(dir_okay=False))
     def plot_montage(slide, features, prototypes, descriptions, n, tau, patch_px, out):
         """Each prototype's top-attention patches of SLIDE."""
-        from .plots import slide_montage
+        from ..eval.plots import slide_montage
 
         try:
             p = slide_montage(slide, features, prototypes, out, n, descriptions, tau, patch_px)
@@ -280,8 +274,8 @@ def register(main: click.Group) -> None:
     @click.option("--out", required=True, type=click.Path(dir_okay=False))
     def plot_usage(store, descriptions, row, out):
         """Prototype usage across the cohort, from the stored proportions pi."""
-        from .plots import prototype_names, prototype_usage, usage_from_store
-        from .report import _proto_meta
+        from ..eval.plots import prototype_names, prototype_usage, usage_from_store
+        from ..eval.report import _proto_meta
 
         try:
             pi, meta = usage_from_store(store, row)
@@ -298,8 +292,8 @@ def register(main: click.Group) -> None:
     @click.option("--out", required=True, type=click.Path(dir_okay=False))
     def plot_map(store, labels, label_col, method, out):
         """Slide embeddings in 2-D, coloured by label."""
-        from .data import load_dataset, read_labels
-        from .plots import embedding_map
+        from ..eval.data import load_dataset, read_labels
+        from ..eval.plots import embedding_map
 
         ds = load_dataset(store, read_labels(labels, "classify", label_col=label_col), "classify")
         try:
@@ -313,7 +307,7 @@ def register(main: click.Group) -> None:
     @click.option("--out", required=True, type=click.Path(dir_okay=False))
     def plot_roc(eval_json, out):
         """ROC curves from a classification `eval --json` output."""
-        from .plots import load_run, roc_figure
+        from ..eval.plots import load_run, roc_figure
 
         try:
             click.echo(f"wrote {roc_figure(load_run(eval_json), out)}")
@@ -325,7 +319,7 @@ def register(main: click.Group) -> None:
     @click.option("--out", required=True, type=click.Path(dir_okay=False))
     def plot_km(eval_json, out):
         """Kaplan-Meier curves of predicted risk halves from a survival `eval --json` output."""
-        from .plots import km_figure, load_run
+        from ..eval.plots import km_figure, load_run
 
         try:
             click.echo(f"wrote {km_figure(load_run(eval_json), out)}")
@@ -344,7 +338,7 @@ def register(main: click.Group) -> None:
     @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .html file.")
     def report(store, eval_jsons, labels, images, descriptions, title, out):
         """One self-contained HTML page: store summary, provenance, evaluation tables, pictures."""
-        from .report import build_report
+        from ..eval.report import build_report
 
         try:
             p = build_report(store, out, eval_jsons, labels, images, title, descriptions)
