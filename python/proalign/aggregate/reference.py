@@ -7,6 +7,7 @@ against it. Inputs are already-validated tensors: x (N, d), prototypes (K, d).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -24,7 +25,7 @@ def check_options(over: str = "patches", moments: int = 1, prior: float | Sequen
         raise ValueError(f"over must be 'patches' or 'prototypes', got {over!r}")
     if moments not in (1, 2):
         raise ValueError(f"moments must be 1 or 2, got {moments!r}")
-    priors = [prior] if isinstance(prior, (int, float)) else list(prior)
+    priors = [prior] if isinstance(prior, numbers.Real) else list(prior)
     if not priors or not all(p >= 0 for p in priors) or (any(priors) and over != "prototypes"):
         raise ValueError(f"prior must be >= 0 and is an option of over=prototypes (got {prior} with over={over})")
 
@@ -32,7 +33,7 @@ def check_options(over: str = "patches", moments: int = 1, prior: float | Sequen
 def row_priors(prior: float | Sequence[float], n_rows: int) -> tuple[float, ...]:
     """One prior per embedding row (per tau): a number applies to every row, a sequence must have
     one value per tau (a tau may repeat with another prior)."""
-    if isinstance(prior, (int, float)):
+    if isinstance(prior, numbers.Real):  # numpy scalars too
         return (float(prior),) * n_rows
     priors = tuple(float(p) for p in prior)
     if len(priors) != n_rows:

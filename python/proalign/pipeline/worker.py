@@ -21,6 +21,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class EmbedOptions:
     over: str = DEFAULT_PROALIGN["over"]
     moments: int = DEFAULT_PROALIGN["moments"]  # 2: also each prototype's weighted variance
     # over=prototypes: pseudo-patches per prototype, one number or one per tau (None: the default's)
-    prior: float | tuple[float, ...] | None = None
+    prior: float | Sequence[float] | None = None
     dtype: str = "float16"  # how embeddings are stored
     backend: str | None = None  # None: fastest live backend
     encoder_id: str | None = None  # default: the feature file's `encoder` attribute
