@@ -303,7 +303,7 @@ def proalign_ragged(x: np.ndarray, lengths, prototypes: np.ndarray, taus, over: 
     acc2_out = np.zeros((len(item_start) if second else 0, nt, k, d), dtype=acc_dtype)
     m, l, pi, acc, acc2 = _partials(x, cn, inv_taus, item_start, item_end, over == "prototypes", shift.numpy(),
                                     second, acc_out, acc2_out)
-    parts = [torch.from_numpy(v) for v in (m, l, pi, acc)] + [torch.from_numpy(acc2) if moments == 2 else None]
+    parts = [torch.from_numpy(v) for v in (m, l, pi, acc)] + [torch.from_numpy(acc2) if second else None]
     sums = combine(torch.from_numpy(item_slide), *parts, len(lengths))
     return finish(*rows_of(sums, rows), torch.from_numpy(lengths), c, shift, over, prior).numpy()
 

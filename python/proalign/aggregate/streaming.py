@@ -24,7 +24,8 @@ METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
 
 class StreamingAggregator:
     def __init__(self, prototypes, method: str = "proalign", tau: float | Sequence[float] | None = None, *,
-                 over: str | None = None, moments: int | None = None, prior: float | None = None, queries=None,
+                 over: str | None = None, moments: int | None = None, prior: float | Sequence[float] | None = None,
+                 queries=None,
                  eps: float = PANTHER_EPS, prior_strength: float = PANTHER_TAU, em_steps: int = PANTHER_EM_STEPS):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
@@ -36,6 +37,8 @@ class StreamingAggregator:
         self.taus = [float(t) for t in (tau if self.several else [tau])]
         if method == "proalign" and (not self.taus or min(self.taus) <= 0):
             raise ValueError(f"tau must be > 0, got {self.taus}")
+        # a tau that repeats with another prior (the default reading's sharpest) is summed once
+        self.distinct_taus, self.rows = partials.distinct_taus(self.taus)
         self.c = torch.as_tensor(prototypes).double()
         self.shift = partials.second_moment_shift(self.c).double()  # moments=2: sums of (x - shift)^2
         self.queries = None if queries is None else torch.as_tensor(queries).double()
@@ -73,7 +76,7 @@ class StreamingAggregator:
         cos = F.normalize(k_in, dim=1) @ F.normalize(q, dim=1).T
         out = {}
         x2 = (x - self.shift.to(x.device)) ** 2 if self.moments == 2 else None
-        for t, tau in enumerate(self.taus):
+        for t, tau in enumerate(self.distinct_taus):
             s = cos / tau
             per_patch = torch.softmax(s, dim=1)
             out[f"pi_{t}"] = per_patch.sum(0)
@@ -139,14 +142,14 @@ class StreamingAggregator:
             raise ValueError("no patches were added")
         st, n = self._state, self.n
         if self.method == "proalign":  # the fused kernels' finishing step, on one slide's merged sums
-            ts = range(len(self.taus))
+            ts = range(len(self.distinct_taus))
             weight = "l" if self.over == "patches" else "w"
 
             def stacked(name: str) -> torch.Tensor:
                 return torch.stack([st[f"{name}_{t}"] for t in ts])[None]
-            out = partials.finish(stacked("pi"), stacked(weight), stacked("acc"),
-                                  stacked("acc2") if self.moments == 2 else None, torch.tensor([n]), self.c,
-                                  self.shift, self.over, self.prior)[0]
+            sums = (stacked("pi"), stacked(weight), stacked("acc"), stacked("acc2") if self.moments == 2 else None)
+            out = partials.finish(*partials.rows_of(sums, self.rows), torch.tensor([n]), self.c, self.shift,
+                                  self.over, self.prior)[0]
             return (out if self.several else out[0]).float()
         if self.method == "panther":
             if self.em_steps != 1:

@@ -136,7 +136,7 @@ def gpus_option(text: str | None, scheduler: str, device: str | None = None) -> 
 
 
 def prototype_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, patch_size, min_tissue, slide_mpp,
-                 mpp_csv):
+                   mpp_csv):
     """The prototype pool: patches of slide files encoded on the fly (--archive), or rows of feature files."""
     from ..prototypes.build import sample_pool
 

@@ -92,23 +92,22 @@ def prototypes_build(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
     if encoder or archive:
         enc, dev = load_encoder(encoder, weights, encoder_args, device)
     pool = prototype_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, patch_size, min_tissue,
-                        slide_mpp, mpp_csv)
+                          slide_mpp, mpp_csv)
     meta_extra: dict = {}
-    text = proj = None
+    text_init: dict = {}  # what only init=text uses
     if init == "text":  # descriptions -> text prototypes, W, tau_a: the one recipe (prototypes.text.teacher)
         try:
             t = teacher(enc, descriptions, text_prototypes, projection, tau_a)
         except ValueError as e:
             raise click.UsageError(f"init=text: {e}") from e
-        text, proj, tau_a, meta_extra = t.text, t.projection, t.tau_a, dict(t.meta)
-    elif tau_a is None:
-        tau_a = 0.01  # unused by the other initialisations; recorded as before
+        text_init = dict(text_prototypes=t.text, projection=t.projection, tau_a=t.tau_a)
+        meta_extra = dict(t.meta)
+        k = t.text.shape[0]
     if enc is not None:
         meta_extra["encoder"] = enc.name
     initial = read_prototype_file(from_file)[0] if from_file else None
-    k = text.shape[0] if init == "text" else k
-    ps = prototypes_from_pool(pool, init=init, k=k, seed=seed, text_prototypes=text, projection=proj, tau_a=tau_a,
-                              top_fraction=top_fraction, initial=initial)
+    ps = prototypes_from_pool(pool, init=init, k=k, seed=seed, top_fraction=top_fraction, initial=initial,
+                              **text_init)
     click.echo(f"pool: {ps.meta['pool_size']} patches from {ps.meta['n_slides']} slides "
                f"({len(ps.meta['skipped_slides'])} skipped)")
     for sid, why in ps.meta["skipped_slides"].items():
@@ -182,7 +181,7 @@ def prototypes_train(features, manifest, archive, slide_mpp, mpp_csv, mag, patch
                    err=True)
     meta.update(t.meta)
     pool = prototype_pool(archive, features, manifest, enc, dev, pool_size, seed, mag, patch_size, min_tissue,
-                        slide_mpp, mpp_csv)
+                          slide_mpp, mpp_csv)
     click.echo(f"pool: {len(pool.x)} patches from {len(pool.slide_ids)} slides ({len(pool.skipped)} skipped)")
     for sid, why in pool.skipped.items():
         click.echo(f"skipped {sid}: {why}", err=True)
