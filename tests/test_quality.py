@@ -6,7 +6,7 @@ morphology shift, and nothing finds signal in a null cohort.
 120 slides of ~800 patches: a test fold holds ~24 slides, so one slide moves a balanced accuracy
 by ~0.04; the margin below the best baseline (0.08) is wider than the full suite's 0.03, and the
 signals whose cells vary most between seeds are averaged over two. Measured when written (seeds
-0 and 1): rare/k-means default 0.72/0.80, old default 0.51/0.50, PANTHER 0.82/0.82; rare/text
+0 and 1, with the 3-row reading that was then the default): rare/k-means default 0.72/0.80, old default 0.51/0.50, PANTHER 0.82/0.82; rare/text
 default 0.91/0.96; morphology/text default 0.75/0.79, PANTHER 0.76/0.82, old default 0.55/0.51;
 proportion/joint (seed 0) default 0.80, protocount 0.82; survival/text default 0.69/0.74, mean
 0.66/0.75; null 0.48-0.59 for every method.
