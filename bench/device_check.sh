@@ -59,8 +59,7 @@ fi
 python -m proalign.doctor || status=1
 
 echo "== 2. correctness on the device ($SECONDS s)"
-fits 150 "kernel tests" && { timeout 200 $PYTEST tests/test_backends.py tests/test_aggregate.py \
-  tests/test_panther_moments.py || status=1; }
+fits 150 "kernel tests" && { timeout 200 $PYTEST tests/ops tests/test_aggregate.py || status=1; }
 fits 40 "encoder CUDA graph tests" && { timeout 90 $PYTEST tests/test_encoders.py -k cuda_graphs || status=1; }
 
 echo "== 3. kernel benchmarks ($SECONDS s)"

@@ -2,11 +2,11 @@
 
 One program streams TILES consecutive tiles of BLOCK_N rows of one slide. Per tile: the
 log-likelihood of each row under each of the K diagonal Gaussians, expanded into two dots over
-d in BLOCK_D chunks (x'^2 a^T + x' b^T + cst, x' = x - shift; see proalign.aggregate.moments),
+d in BLOCK_D chunks (x'^2 a^T + x' b^T + cst, x' = x - shift; see proalign.ops.panther_moments.host),
 then the responsibilities q = softmax over components (max-subtracted), and the moments
 n_k += sum_r q_rk, s1_k += q^T x', s2_k += q^T x'^2. The moments live in the program's own
 partial slot (L2-resident); q is never written. Unlike the ProAlign kernel no rescaling is
-needed: q is normalised per row, so partials simply add up (proalign.aggregate.moments sums
+needed: q is normalised per row, so partials simply add up (proalign.ops.panther_moments.host sums
 them per slide). Accumulation is fp32 whatever the input dtype (fp16/bf16/fp32); dots run in
 IEEE fp32.
 """

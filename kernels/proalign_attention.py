@@ -7,7 +7,7 @@ sum l, accumulator rescaled by exp(m_old - m_new)); with OVER_PROTOTYPES the wei
 per-patch softmax itself (no running max: m stays 0); with SECOND a second accumulator sums
 weight * (x - shift)^2 (the per-prototype variance, moments=2). The accumulator lives in the
 program's own
-partial slot (L2-resident); the N x K matrix is never written. proalign.aggregate.partials plans
+partial slot (L2-resident); the N x K matrix is never written. proalign.ops.proalign_attention.host plans
 the programs and merges their partials per slide.
 Accumulation is fp32 whatever the input dtype (fp16/bf16/fp32); dots run in IEEE fp32.
 """
@@ -106,7 +106,7 @@ def proalign_partials(x: torch.Tensor, cn: torch.Tensor, inv_taus: torch.Tensor,
                       over_prototypes: bool = False, shift: torch.Tensor | None = None, second: bool = False):
     """Launch over a ragged batch planned with ROWS_PER_PROGRAM rows per program; returns the
     partials m, l, pi (n_prog, T, k_pad), acc and (with `second`, else None) acc2
-    (n_prog, T, k_pad, d), float32 (see proalign.aggregate.partials)."""
+    (n_prog, T, k_pad, d), float32 (see proalign.ops.proalign_attention.host)."""
     assert x.ndim == 2 and x.stride(1) == 1, "x must be (N, d) with contiguous rows"
     n_prog, n_t, d = len(prog_slide), len(inv_taus), x.shape[1]
     m, l, pi = (_alloc((n_prog, n_t, k_pad), dtype=torch.float32, device=x.device) for _ in range(3))

@@ -10,6 +10,8 @@ the package, at module level or inside a function, is resolved to the modules it
 - the store is a leaf: it imports only the leaf modules in LEAVES;
 - slides know no model: `slides` imports nothing from `encoders` (nor from `prototypes`), and
   `encoders` nothing from `prototypes` (prototypes are built with an encoder, not the reverse);
+- the fused ops know only kernels: `ops` and `kernels` import nothing else from the package
+  but the leaves (a kernel never depends on how a method, a pipeline or a store uses it);
 - `import proalign` is cheap: it loads neither torch nor numpy nor any subpackage.
 """
 from __future__ import annotations
@@ -133,6 +135,8 @@ def violations() -> list[str]:
             found.append(f"{where} imports {dst}: slides know no model")
         if part(src) == "encoders" and part(dst) == "prototypes":
             found.append(f"{where} imports {dst}: encoders come before prototypes")
+        if part(src) in ("ops", "kernels") and part(dst) not in ("ops", "kernels") and dst not in LEAVES:
+            found.append(f"{where} imports {dst}: the ops know only kernels and leaves")
         if src in LEAVES:
             found.append(f"{where} imports {dst}: {src} is a leaf")
     graph: dict[str, set[str]] = defaultdict(set)

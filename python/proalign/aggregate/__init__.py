@@ -1,6 +1,7 @@
 """`aggregate`: one slide's patch features -> its slide embedding, by any method and backend.
 
-The methods are defined once, in `reference.py` (torch). Backends are looked up in `BACKENDS`;
+Each method is defined once in torch: ProAlign and PANTHER with their fused ops
+(`ops/proalign_attention/`, `ops/panther_moments/`), the others in `reference.py`. Backends are looked up in `BACKENDS`;
 `backend=None` picks the fastest live one for the method.
 """
 from __future__ import annotations
@@ -12,7 +13,10 @@ import numpy as np
 import torch
 
 from ..defaults import DEFAULT_PROALIGN, default_prior
-from . import cuda_cpp, gpu, moments, numba_cpu, partials, reference
+from ..ops import panther_moments, proalign_attention, runtime
+from ..ops.panther_moments import reference as panther_reference
+from ..ops.proalign_attention import reference as proalign_reference
+from . import reference
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
 FUSED_METHODS = ("proalign", "panther")  # the methods with fused kernels (one pass over X)
@@ -46,66 +50,33 @@ def _torch_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[flo
     x, c = x.to(dtype), c.to(device=x.device, dtype=dtype)
     opts = {k: v.to(device=x.device, dtype=dtype) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
     if method == "proalign":
-        return reference.proalign(x, c, taus, **opts)
+        return proalign_reference.proalign(x, c, taus, **opts)
+    if method == "panther":
+        return panther_reference.panther(x, c, **opts)
     return getattr(reference, method)(x, c, **opts)
 
 
-def _numba_moments(x, lengths, shift, a, b, cst):
-    out = numba_cpu.moments(x.numpy(), lengths.numpy(), shift.numpy(), a.numpy(), b.numpy(), cst.numpy())
-    return tuple(torch.from_numpy(v) for v in out)
-
-
-def moments_function(backend: str) -> moments.Moments:
-    """The fused PANTHER E-step moments of a backend (numba, triton or cuda); see moments.py."""
-    if backend == "numba":
-        return _numba_moments
-    if backend == "triton":
-        from ..kernels import panther_moments as pm
-
-        return moments.gpu_moments(pm.panther_moments, pm.ROWS_PER_PROGRAM, 0)
-    if backend == "cuda":
-        return moments.gpu_moments(cuda_cpp.launch_moments, cuda_cpp.rows_per_program(), 8)
-    raise ValueError(f"backend {backend!r} has no fused PANTHER moments")
-
-
-def _numba_run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], lengths=None, **opts):
-    # The whole (ragged) batch in one numba call: x holds the slides one after another.
-    one = lengths is None
-    lengths = torch.tensor([x.shape[0]]) if one else lengths.to(torch.int64)
-    x = x.float().contiguous()
-    if method == "proalign":
-        out = torch.from_numpy(numba_cpu.proalign_ragged(x.numpy(), lengths.numpy(), c.double().numpy(), taus, **opts))
-    else:
-        out = moments.panther_ragged(_numba_moments, x, lengths, c, **opts)
-    return out[0] if one else out
-
-
-def _ragged_runner(kind: str):
+def _fused_runner(backend: str):
+    # The whole (ragged) batch in one call: x holds the slides one after another.
     def run(method: str, x: torch.Tensor, c: torch.Tensor, taus: Sequence[float], lengths=None, **opts):
         one = lengths is None
         lengths = torch.tensor([x.shape[0]]) if one else lengths
-        if method == "panther":
-            out = moments.panther_ragged(moments_function(kind), x, lengths, c, **opts)
-        elif kind == "triton":
-            from ..kernels import proalign_attention as kern
-
-            out = partials.proalign_ragged(kern.proalign_partials, kern.ROWS_PER_PROGRAM, 0, x, lengths, c, taus,
-                                           **opts)
+        if method == "proalign":
+            out = proalign_attention.run(backend, x, lengths, c, taus, **opts)
         else:
-            out = partials.proalign_ragged(cuda_cpp.launch, cuda_cpp.rows_per_program(), 8, x, lengths, c, taus,
-                                           **opts)
+            out = panther_moments.run(backend, x, lengths, c, **opts)
         return out[0] if one else out
     return run
 
 
 # In order of preference: the first live backend that supports a call runs it.
 BACKENDS: dict[str, Backend] = {
-    "triton": Backend("triton", FUSED_METHODS, gpu.triton_unavailable, _ragged_runner("triton"),
-                      device=gpu.TRITON_DEVICE, fused=True, auto=not gpu.TRITON_INTERPRET, ragged=True),
-    "cuda": Backend("cuda", FUSED_METHODS, cuda_cpp.unavailable, _ragged_runner("cuda"), device="cuda", fused=True,
-                    ragged=True),
-    "numba": Backend("numba", FUSED_METHODS, numba_cpu.unavailable, _numba_run, device="cpu", fused=True,
-                     ragged=True),
+    "triton": Backend("triton", FUSED_METHODS, runtime.triton_unavailable, _fused_runner("triton"),
+                      device=runtime.TRITON_DEVICE, fused=True, auto=not runtime.TRITON_INTERPRET, ragged=True),
+    "cuda": Backend("cuda", FUSED_METHODS, runtime.cuda_unavailable, _fused_runner("cuda"), device="cuda",
+                    fused=True, ragged=True),
+    "numba": Backend("numba", FUSED_METHODS, runtime.numba_unavailable, _fused_runner("numba"), device="cpu",
+                     fused=True, ragged=True),
     "torch": Backend("torch", METHODS, lambda: None, _torch_run),
 }
 
@@ -148,8 +119,8 @@ def with_defaults(method: str, tau, options: dict):
     full.update(options)
     if full.get("prior") is None:
         full["prior"] = default_prior(full["over"], taus)
-    reference.check_options(**{k: full[k] for k in ("over", "moments", "prior")})
-    full["prior"] = reference.compact_prior(full["prior"], len(taus))  # one per row, or one number
+    proalign_reference.check_options(**{k: full[k] for k in ("over", "moments", "prior")})
+    full["prior"] = proalign_reference.compact_prior(full["prior"], len(taus))  # one per row, or one number
     return tau, full
 
 
@@ -169,7 +140,7 @@ def aggregate(
 
     proalign returns [pi (K), h_1 (d), ..., h_K (d)] (+ [v_1, ..., v_K] with moments=2); with a
     sequence of taus, one such row per tau (T, K + moments*K*d) computed in one pass. Options for
-    proalign (reference.proalign): over="patches"|"prototypes", moments=1|2, prior (pseudo-patches
+    proalign (ops/proalign_attention/reference.py): over="patches"|"prototypes", moments=1|2, prior (pseudo-patches
     per prototype, over=prototypes), keys/queries (space=joint: projected patches and text
     prototypes); tau and options not given are the default reading's (proalign.defaults).
     panther: eps, prior_strength, em_steps. Returns numpy (float32) for numpy input, else a

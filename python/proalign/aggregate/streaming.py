@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import aggregate, partials, with_defaults
-from .reference import PANTHER_EM_STEPS, PANTHER_EPS, PANTHER_TAU
+from ..ops.panther_moments.reference import PANTHER_EM_STEPS, PANTHER_EPS, PANTHER_TAU
+from ..ops.proalign_attention import host
+from . import aggregate, with_defaults
 
 METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
 
@@ -38,9 +39,9 @@ class StreamingAggregator:
         if method == "proalign" and (not self.taus or min(self.taus) <= 0):
             raise ValueError(f"tau must be > 0, got {self.taus}")
         # a tau that repeats with another prior (the default reading's sharpest) is summed once
-        self.distinct_taus, self.rows = partials.distinct_taus(self.taus)
+        self.distinct_taus, self.rows = host.distinct_taus(self.taus)
         self.c = torch.as_tensor(prototypes).double()
-        self.shift = partials.second_moment_shift(self.c).double()  # moments=2: sums of (x - shift)^2
+        self.shift = host.second_moment_shift(self.c).double()  # moments=2: sums of (x - shift)^2
         self.queries = None if queries is None else torch.as_tensor(queries).double()
         self.eps, self.prior_strength, self.em_steps = eps, prior_strength, em_steps
         self.n = 0
@@ -148,7 +149,7 @@ class StreamingAggregator:
             def stacked(name: str) -> torch.Tensor:
                 return torch.stack([st[f"{name}_{t}"] for t in ts])[None]
             sums = (stacked("pi"), stacked(weight), stacked("acc"), stacked("acc2") if self.moments == 2 else None)
-            out = partials.finish(*partials.rows_of(sums, self.rows), torch.tensor([n]), self.c, self.shift,
+            out = host.finish(*host.rows_of(sums, self.rows), torch.tensor([n]), self.c, self.shift,
                                   self.over, self.prior)[0]
             return (out if self.several else out[0]).float()
         if self.method == "panther":

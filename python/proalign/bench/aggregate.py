@@ -18,7 +18,9 @@ import time
 import numpy as np
 import torch
 
-from ..aggregate import BACKENDS, aggregate, reference
+from ..aggregate import BACKENDS, aggregate
+from ..ops.panther_moments.reference import panther
+from ..ops.proalign_attention.reference import proalign
 from ..defaults import DEFAULT_PROALIGN, default_prior, default_taus
 
 
@@ -63,8 +65,8 @@ def device_copy_bandwidth(nbytes: int = 1 << 30) -> float:
 def torch_eager(x: torch.Tensor, c: torch.Tensor, taus: list[float], method: str = "proalign", **opts) -> torch.Tensor:
     """The unfused baseline: the reference formulas in float32 (the input upcast)."""
     if method == "panther":
-        return reference.panther(x.float(), c.float())
-    return reference.proalign(x.float(), c.float(), taus, **opts)
+        return panther(x.float(), c.float())
+    return proalign(x.float(), c.float(), taus, **opts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for dev in devices:
         x, c = x64.to(dev, dtype), c64.to(dev, torch.float32)
-        want = (reference.panther(x.double(), c.double()) if args.method == "panther" else
-                reference.proalign(x.double(), c.double(), taus, **opts)).cpu().numpy()
+        want = (panther(x.double(), c.double()) if args.method == "panther" else
+                proalign(x.double(), c.double(), taus, **opts)).cpu().numpy()
         sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         bw = device_copy_bandwidth() if dev == "cuda" else host_read_bandwidth()
         limit_s = x.numel() * x.element_size() / bw

@@ -48,7 +48,7 @@ class EmbedOptions:
         if self.prior is None:
             object.__setattr__(self, "prior", default_prior(self.over, self.taus))
         if self.method == "proalign":  # a clear error now, not one per slide
-            from ..aggregate.reference import check_options, compact_prior
+            from ..ops.proalign_attention.reference import check_options, compact_prior
 
             check_options(self.over, self.moments, self.prior)
             # as records store it (one number, or a list per row): the resume check compares like with like

@@ -12,7 +12,9 @@ import torch
 
 import float64_reference as ref
 import proalign
-from proalign.aggregate import BACKENDS, moments, moments_function, numba_cpu, resolve_backend
+from proalign.aggregate import BACKENDS, resolve_backend
+from proalign.ops import plans
+from proalign.ops.panther_moments import host, moments_function, numba_cpu, torch_op
 
 FUSED = ["numba", "triton", "cuda"]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -32,9 +34,7 @@ def _device(backend):
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Partial buffers of the GPU kernels start as NaN."""
-    from proalign.aggregate import cuda_cpp
-
-    modules = [cuda_cpp]
+    modules = [torch_op]
     try:
         from proalign.kernels import panther_moments
 
@@ -86,7 +86,7 @@ def test_moments_match_float64(rng, backend, per_slide, d, k):
     var = rng.uniform(0.5, 4.0, (p, k, d))  # a different variance per component: the x^2 dot matters
     log_pi = np.log(rng.dirichlet(np.ones(k), p))
     shift = (0.3 * rng.standard_normal(d)).astype(np.float32)
-    a, b, cst = moments.estep_params(*map(torch.from_numpy, (mu, var, log_pi)), torch.from_numpy(shift).double())
+    a, b, cst = host.estep_params(*map(torch.from_numpy, (mu, var, log_pi)), torch.from_numpy(shift).double())
     dev = _device(backend)
     got = moments_function(backend)(torch.from_numpy(x).to(dev), torch.tensor(lengths), torch.from_numpy(shift).to(dev),
                                     a.to(dev), b.to(dev), cst.to(dev))
@@ -206,14 +206,16 @@ def numba_calls(monkeypatch):
     """Counts the calls into the numba kernels."""
     if BACKENDS["numba"].available():
         pytest.skip(BACKENDS["numba"].available())
+    from proalign.ops.proalign_attention import numba_cpu as attention_numba
+
     calls = {"_partials": 0, "_moments": 0}
-    for name in calls:
-        kernel = getattr(numba_cpu, name)
+    for module, name in ((attention_numba, "_partials"), (numba_cpu, "_moments")):
+        kernel = getattr(module, name)
 
         def counted(*a, _kernel=kernel, _name=name):
             calls[_name] += 1
             return _kernel(*a)
-        monkeypatch.setattr(numba_cpu, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -241,7 +243,7 @@ def test_numba_ragged_batch_is_one_call_per_pass(rng, numba_calls, em_steps):
 def test_numba_plan_covers_each_slide_once(lengths):
     if BACKENDS["numba"].available():
         pytest.skip(BACKENDS["numba"].available())
-    start, end, slide, first = numba_cpu.plan(np.array(lengths))
+    start, end, slide, first = plans.cpu_items(np.array(lengths))
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     assert (first == np.searchsorted(slide, np.arange(len(lengths)))).all()  # items grouped by slide
     for s in range(len(lengths)):
@@ -271,7 +273,46 @@ def test_dispatch_picks_fused_panther_and_respects_override(rng):
 def test_numba_plan_independent_of_threads_and_batch():
     """A slide's work items depend on its own N only: bit-identical records across thread counts
     (--workers 1 vs 2) and batch neighbours."""
-    a = numba_cpu.plan(np.array([10_000]))
-    b = numba_cpu.plan(np.array([5, 10_000, 70_000]))
+    a = plans.cpu_items(np.array([10_000]))
+    b = plans.cpu_items(np.array([5, 10_000, 70_000]))
     sl = slice(b[3][1], b[3][2])
     assert np.array_equal(a[0], b[0][sl] - 5) and np.array_equal(a[1], b[1][sl] - 5)
+
+
+# --- the torch op (torch.library): its CPU kernel, its fake, opcheck ---------------------------
+
+def _op_devices():
+    from proalign.ops.runtime import cuda_unavailable
+
+    return ["cpu"] + ([] if cuda_unavailable() else ["cuda"])
+
+
+@pytest.mark.parametrize("device", _op_devices())
+@pytest.mark.parametrize("per_slide", [False, True])
+def test_panther_moments_op(rng, device, per_slide):
+    """torch.ops.proalign.panther_moments passes torch.library.opcheck on every device it has a
+    kernel for (numba on CPU, CUDA C++ on a GPU), and its partials merged by host.gpu_moments match
+    the float64 moments."""
+    lengths, d, k = [300, 1, 2500], 48, 5
+    x, _ = _data(rng, sum(lengths), d, k)
+    n_par = len(lengths) if per_slide else 1
+    mu = rng.standard_normal((n_par, k, d))
+    var = rng.uniform(0.5, 2.0, (n_par, k, d))
+    log_pi = np.log(rng.dirichlet(np.ones(k), n_par))
+    shift = x.mean(0)
+    a, b, cst = host.estep_params(*map(torch.from_numpy, (mu, var, log_pi)), torch.from_numpy(shift).double())
+    xt, sh = torch.from_numpy(x).to(device), torch.from_numpy(shift).to(device)
+    want = _moments_float64(x, lengths, shift, mu, var, log_pi)
+    moments = host.gpu_moments(torch_op.launch, torch_op.rows_per_program(), 8)
+    got = moments(xt, torch.tensor(lengths), sh, a.to(device), b.to(device), cst.to(device))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.cpu().numpy(), w, rtol=RTOL, atol=ATOL * max(1.0, np.abs(w).max()))
+
+    from proalign.ops.plans import gpu_programs, padded_k
+
+    k_pad = padded_k(k, 8)
+    pad = [torch.zeros(n_par, k_pad, d), torch.zeros(n_par, k_pad, d), torch.zeros(n_par, k_pad)]
+    pad[0][:, :k], pad[1][:, :k], pad[2][:, :k] = a, b, cst
+    plan = gpu_programs(torch.tensor(lengths), torch_op.rows_per_program())
+    args = (xt, sh, *(p.to(device) for p in pad), *(p.to(device) for p in plan), k, torch_op.rows_per_program())
+    torch.library.opcheck(torch.ops.proalign.panther_moments.default, args)

@@ -1,4 +1,4 @@
-"""Host side of the fused PANTHER step (METHOD.md "Baselines"), shared by every fused backend.
+"""Host side of the PANTHER moments op (METHOD.md "Baselines"), shared by its fused backends.
 
 One EM step of the diagonal GMM needs, per component k, only the moments n_k = sum_n q_nk,
 sum_n q_nk x_n and sum_n q_nk x_n^2 of the responsibilities q (softmax over k of the Gaussian
@@ -19,6 +19,8 @@ import math
 from typing import Callable
 
 import torch
+
+from ..plans import gpu_programs, padded_k
 
 # moments(x, lengths, shift, a, b, cst) -> (n (S, K), s1 (S, K, d), s2 (S, K, d)) float64 on x's device.
 # x (sum N, d) holds S slides one after another (lengths (S,)); shift (d,), a and b (P, K, d),
@@ -76,15 +78,13 @@ def gpu_moments(launch: Callable[..., tuple], rows_per_prog: int, k_multiple: in
     """`moments` for the GPU kernels: plan the programs of the ragged batch, one launch, and a
     segment sum of the per-program partials in float64 (responsibilities are normalised per row,
     so partials add up without any rescaling)."""
-    from .partials import plan
-
     def moments(x, lengths, shift, a, b, cst):
         n_slides, (n_par, k, d) = len(lengths), a.shape
-        k_pad = max(16, 1 << (k - 1).bit_length()) if k_multiple == 0 else -(-k // k_multiple) * k_multiple
+        k_pad = padded_k(k, k_multiple)
         ap = torch.zeros((n_par, k_pad, d), dtype=torch.float32, device=x.device)
         bp, cp = torch.zeros_like(ap), torch.zeros((n_par, k_pad), dtype=torch.float32, device=x.device)
         ap[:, :k], bp[:, :k], cp[:, :k] = a, b, cst
-        prog_slide, prog_start, ends = plan(lengths.to(x.device), rows_per_prog)
+        prog_slide, prog_start, ends = gpu_programs(lengths.to(x.device), rows_per_prog)
         nq, s1, s2 = launch(x.contiguous(), shift.to(x.device).contiguous(), ap, bp, cp, prog_slide, prog_start,
                             ends, k, k_pad)
         idx = prog_slide.long()

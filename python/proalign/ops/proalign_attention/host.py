@@ -1,5 +1,5 @@
-"""Shared host side of the fused ProAlign kernels (numba, Triton, CUDA C++): plan the programs of
-a ragged batch, merge the per-program online-softmax partials of each slide with torch segment
+"""Host side of the ProAlign attention op, shared by its fused backends (numba, Triton, CUDA C++):
+plan the programs of a ragged batch (`plans`), merge the per-program online-softmax partials of each slide with torch segment
 ops (a fixed number of launches for the whole batch, no per-slide loop), and turn the merged
 sums into embeddings (the same float64 formulas as reference.proalign).
 
@@ -14,19 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..plans import gpu_programs, padded_k
 from .reference import row_priors
-
-
-def plan(lengths: torch.Tensor, rows_per_prog: int):
-    """(slide of each program int32, its first row int64, each slide's end row int64)."""
-    ends = torch.cumsum(lengths, 0)
-    starts = ends - lengths
-    progs = (lengths + rows_per_prog - 1) // rows_per_prog
-    prog_slide = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), progs)
-    first_prog = torch.cumsum(progs, 0) - progs
-    local = torch.arange(len(prog_slide), device=lengths.device) - first_prog[prog_slide]
-    prog_start = starts[prog_slide] + local * rows_per_prog
-    return prog_slide.to(torch.int32), prog_start, ends
 
 
 def second_moment_shift(prototypes: torch.Tensor) -> torch.Tensor:
@@ -94,13 +83,13 @@ def proalign_ragged(launch: Launch, rows_per_prog: int, k_multiple: int, x: torc
     lengths = lengths.to(x.device, torch.int64)
     if n_slides == 0 or bool((lengths <= 0).any()):
         raise ValueError("every slide needs at least one patch")
-    k_pad = max(16, 1 << (k - 1).bit_length()) if k_multiple == 0 else -(-k // k_multiple) * k_multiple
+    k_pad = padded_k(k, k_multiple)
     cn = torch.zeros((k_pad, d), dtype=torch.float32, device=x.device)
     cn[:k] = torch.nn.functional.normalize(prototypes.to(x.device, torch.float64), dim=1).float()
     distinct, rows = distinct_taus(taus)
     inv_taus = torch.tensor([1.0 / t for t in distinct], dtype=torch.float32, device=x.device)
     shift = second_moment_shift(prototypes).to(x.device)
-    prog_slide, prog_start, ends = plan(lengths, rows_per_prog)
+    prog_slide, prog_start, ends = gpu_programs(lengths, rows_per_prog)
     m, l, pi, acc, acc2 = launch(x.contiguous(), cn, inv_taus, prog_slide, prog_start, ends, k, k_pad,
                                  over == "prototypes", shift, moments == 2)
     sums = combine(prog_slide, m[..., :k], l[..., :k], pi[..., :k], acc[:, :, :k],

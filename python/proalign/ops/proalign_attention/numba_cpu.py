@@ -1,15 +1,13 @@
-"""numba CPU backend: the fused ProAlign attention (METHOD.md Step 5) and the PANTHER E-step
-moments, each in one pass over X, for a ragged batch of slides in one call.
+"""numba CPU backend of the ProAlign attention op (METHOD.md Step 5): one pass over X for a
+ragged batch of slides in one call.
 
-The slides' rows lie one after another in one array; `plan` cuts them into work items (a slide's
-row range each, never spanning two slides) and a prange over the items streams their rows in
-tiles of 8. ProAlign: cosine similarities to the K prototypes, an online softmax over patches
-per prototype (running max m, sum l, rescaled accumulator, flash-attention style) and the
-per-patch softmax over prototypes for pi, for every tau (over=prototypes: that per-patch softmax
-is the weight, nothing to rescale; moments=2: a second accumulator of weight * (x - shift)^2).
-PANTHER: responsibilities (softmax over components of the Gaussian log-likelihood) and their
-moments. The N x K matrix is never stored; per-item partials are combined per slide at the end
-(aggregate.partials for ProAlign, numpy segment sums for PANTHER).
+The slides' rows lie one after another in one array; `plans.cpu_items` cuts them into work items
+(a slide's row range each, never spanning two slides) and a prange over the items streams their
+rows in tiles of 8: cosine similarities to the K prototypes, an online softmax over patches per
+prototype (running max m, sum l, rescaled accumulator, flash-attention style) and the per-patch
+softmax over prototypes for pi, for every tau (over=prototypes: that per-patch softmax is the
+weight, nothing to rescale; moments=2: a second accumulator of weight * (x - shift)^2). The
+N x K matrix is never stored; the items' partials are merged per slide by `host`.
 """
 from __future__ import annotations
 
@@ -19,23 +17,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-try:
-    import numba
-    from numba import njit, prange
-
-    _IMPORT_ERROR = None
-except ImportError as e:  # the package runs without numba; doctor says why this backend is off
-    numba, _IMPORT_ERROR = None, e
+from ..plans import check_lengths, cpu_items
+from ..runtime import numba_unavailable
 
 TILE = 8  # rows per register tile: C and the accumulator are loaded once per 8 rows
 EXP_REUSE_MAX = 300.0  # 1/tau up to which exp(s/tau - m) is rebuilt from per-row/per-k factors
 
 
-def unavailable() -> str | None:
-    return None if numba is not None else f"numba is not installed ({_IMPORT_ERROR})"
-
-
-if numba is not None:
+if numba_unavailable() is None:
+    from numba import njit, prange
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _partials(x, cn, inv_taus, item_start, item_end, over_prototypes, shift, second, acc_out, acc2_out):
@@ -174,123 +164,19 @@ if numba is not None:
         return m_out, l_out, pi_out, acc_out, acc2_out
 
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _moments(x, shift, a, b, cst, item_start, item_end, item_par):
-        d = x.shape[1]
-        k = a.shape[1]
-        n_items = item_start.shape[0]
-        nq_out = np.zeros((n_items, k))
-        s1_out = np.zeros((n_items, k, d), dtype=np.float32)
-        s2_out = np.zeros((n_items, k, d), dtype=np.float32)
-        for it in prange(n_items):
-            p = item_par[it]
-            end = item_end[it]
-            xs = np.empty((TILE, d), dtype=np.float32)  # x - shift of the tile's rows
-            x2 = np.empty((TILE, d), dtype=np.float32)  # its square
-            z = np.empty((TILE, k))
-            q = np.empty((TILE, k), dtype=np.float32)
-            nq = nq_out[it]
-            s1 = s1_out[it]
-            s2 = s2_out[it]
-            for r0 in range(item_start[it], end, TILE):
-                rows = min(TILE, end - r0)
-                for r in range(TILE):  # a short last tile is padded with zero rows (q = 0 there)
-                    for j in range(d):
-                        v = x[r0 + r, j] - shift[j] if r < rows else np.float32(0.0)
-                        xs[r, j] = v
-                        x2[r, j] = v * v
-                # log-likelihood (up to a constant) of 8 rows per pass over a component's a and b
-                for kk in range(k):
-                    ak = a[p, kk]
-                    bk = b[p, kk]
-                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-                    for j in range(d):
-                        av, bv = ak[j], bk[j]
-                        a0 += x2[0, j] * av + xs[0, j] * bv
-                        a1 += x2[1, j] * av + xs[1, j] * bv
-                        a2 += x2[2, j] * av + xs[2, j] * bv
-                        a3 += x2[3, j] * av + xs[3, j] * bv
-                        a4 += x2[4, j] * av + xs[4, j] * bv
-                        a5 += x2[5, j] * av + xs[5, j] * bv
-                        a6 += x2[6, j] * av + xs[6, j] * bv
-                        a7 += x2[7, j] * av + xs[7, j] * bv
-                    c = cst[p, kk]
-                    z[0, kk], z[1, kk], z[2, kk], z[3, kk] = a0 + c, a1 + c, a2 + c, a3 + c
-                    z[4, kk], z[5, kk], z[6, kk], z[7, kk] = a4 + c, a5 + c, a6 + c, a7 + c
-                # responsibilities: softmax over components, max-subtracted (no overflow)
-                for r in range(TILE):
-                    if r >= rows:
-                        for kk in range(k):
-                            q[r, kk] = 0.0
-                        continue
-                    mx = -np.inf
-                    for kk in range(k):
-                        mx = max(mx, z[r, kk])
-                    tot = 0.0
-                    for kk in range(k):
-                        z[r, kk] = math.exp(z[r, kk] - mx)
-                        tot += z[r, kk]
-                    for kk in range(k):
-                        qv = z[r, kk] / tot
-                        q[r, kk] = qv
-                        nq[kk] += qv
-                # moments: s1_k += sum_r q_rk x'_r, s2_k += sum_r q_rk x'_r^2, eight rows at a time
-                for kk in range(k):
-                    q0, q1, q2, q3 = q[0, kk], q[1, kk], q[2, kk], q[3, kk]
-                    q4, q5, q6, q7 = q[4, kk], q[5, kk], q[6, kk], q[7, kk]
-                    s1k = s1[kk]
-                    s2k = s2[kk]
-                    for j in range(d):
-                        s1k[j] += (q0 * xs[0, j] + q1 * xs[1, j] + q2 * xs[2, j] + q3 * xs[3, j]
-                                   + q4 * xs[4, j] + q5 * xs[5, j] + q6 * xs[6, j] + q7 * xs[7, j])
-                        s2k[j] += (q0 * x2[0, j] + q1 * x2[1, j] + q2 * x2[2, j] + q3 * x2[3, j]
-                                   + q4 * x2[4, j] + q5 * x2[5, j] + q6 * x2[6, j] + q7 * x2[7, j])
-        return nq_out, s1_out, s2_out
-
-
-ITEM_ROWS = 4096  # rows per work item (at most): 25 items for a 100k-patch slide
-
-
-def plan(lengths: np.ndarray, item_rows: int = ITEM_ROWS):
-    """Work items of a ragged batch: item_start, item_end (rows), item_slide and the first item of
-    each slide. A slide of N rows is cut into ceil(N / item_rows) near-equal items whatever the
-    thread count or the rest of the batch, so its embedding is bit-identical across workers,
-    thread counts and batches (the partials are combined in item order)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    rows = int(item_rows)
-    nb = np.maximum(1, -(-lengths // rows))
-    first = np.cumsum(nb) - nb
-    item_slide = np.repeat(np.arange(len(lengths)), nb)
-    local = np.arange(len(item_slide)) - first[item_slide]
-    n, parts = lengths[item_slide], nb[item_slide]
-    # a slide's nb items differ in size by at most one row, none empty (nb <= n)
-    item_start = starts[item_slide] + n * local // parts
-    item_end = starts[item_slide] + n * (local + 1) // parts
-    return item_start, item_end, item_slide, first
-
-
-def _check(x: np.ndarray, lengths) -> np.ndarray:
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if lengths.size == 0 or (lengths <= 0).any() or lengths.sum() != x.shape[0]:
-        raise ValueError("lengths must be positive and add up to the rows of x")
-    return lengths
-
-
 def proalign_ragged(x: np.ndarray, lengths, prototypes: np.ndarray, taus, over: str = "patches",
                     moments: int = 1, prior: float | Sequence[float] = 0.0) -> np.ndarray:
     """(S, T, K + moments*K*d) float64 ProAlign embeddings of S slides stacked in x (sum N, d), per
-    tau (reference.proalign's options); the items' partials are merged by aggregate.partials."""
-    from .partials import combine, distinct_taus, finish, rows_of, second_moment_shift
+    tau (reference.proalign's options); the items' partials are merged by host."""
+    from .host import combine, distinct_taus, finish, rows_of, second_moment_shift
 
     x = np.ascontiguousarray(x, dtype=np.float32)
-    lengths = _check(x, lengths)
+    lengths = check_lengths(x.shape[0], lengths)
     c = torch.from_numpy(np.asarray(prototypes, dtype=np.float64))
     cn = np.ascontiguousarray(torch.nn.functional.normalize(c, dim=1).numpy(), dtype=np.float32)
     distinct, rows = distinct_taus(taus)
     inv_taus = 1.0 / np.asarray(distinct, dtype=np.float64)
-    item_start, item_end, item_slide, _ = plan(lengths)
+    item_start, item_end, item_slide, _ = cpu_items(lengths)
     shift = second_moment_shift(c)
     # acc: sum_r w_rk x_r; acc2 (moments=2): sum_r w_rk (x_r - shift)^2. The variance is acc2/l
     # minus (acc/l - shift)^2, a difference that float32 running sums over thousands of rows left
@@ -312,15 +198,3 @@ def proalign(x: np.ndarray, prototypes: np.ndarray, taus, over: str = "patches",
              prior: float | Sequence[float] = 0.0) -> np.ndarray:
     """(T, K + moments*K*d) float64 ProAlign embeddings of one slide x (N, d) for each tau."""
     return proalign_ragged(x, [x.shape[0]], prototypes, taus, over, moments, prior)[0]
-
-
-def moments(x: np.ndarray, lengths, shift: np.ndarray, a: np.ndarray, b: np.ndarray, cst: np.ndarray):
-    """PANTHER E-step moments of S slides stacked in x (sum N, d); see aggregate.moments.
-    Returns float64 n (S, K), s1 and s2 (S, K, d)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    lengths = _check(x, lengths)
-    item_start, item_end, item_slide, first = plan(lengths)
-    item_par = item_slide if a.shape[0] > 1 else np.zeros_like(item_slide)
-    f32 = [np.ascontiguousarray(v, dtype=np.float32) for v in (shift, a, b)]
-    nq, s1, s2 = _moments(x, *f32, np.ascontiguousarray(cst, dtype=np.float64), item_start, item_end, item_par)
-    return tuple(np.add.reduceat(v, first, axis=0, dtype=np.float64) for v in (nq, s1, s2))

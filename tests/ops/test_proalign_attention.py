@@ -11,7 +11,7 @@ from proalign.aggregate import BACKENDS
 
 CPU_FUSED = [b for b in ("numba",) if BACKENDS[b].available() is None]
 GRID = [(n, d, k) for n in (1, 7, 1000) for d in (64, 512, 768, 1024) for k in (1, 16, 32)]
-# Slides cut into several work items (numba_cpu.ITEM_ROWS = 4096 rows each at most, a ragged last
+# Slides cut into several work items (plans.ITEM_ROWS = 4096 rows each at most, a ragged last
 # one): the per-item float32 accumulation is as long as in a 100k-patch slide, the combine merges
 # 5 and 4 items (100,003-row cases took 4-5 min here, mostly in the float64 reference).
 GRID += [(20_003, 512, 16), (12_289, 1024, 32)]
@@ -139,10 +139,10 @@ TRITON_GRID += [(_multi_program_n(), 128, 16)] if INTERPRETED else [(100_003, 10
 @pytest.fixture
 def poisoned(monkeypatch):
     """Partial buffers start as NaN: a slot the kernel forgets to write poisons the result."""
-    from proalign.aggregate import cuda_cpp
     from proalign.kernels import proalign_attention
+    from proalign.ops.proalign_attention import torch_op
 
-    for module in (proalign_attention, cuda_cpp):
+    for module in (proalign_attention, torch_op):
         monkeypatch.setattr(module, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
 
 
@@ -232,9 +232,9 @@ def _rows_per_program(backend):
         from proalign.kernels import proalign_attention as kern
 
         return kern.ROWS_PER_PROGRAM
-    from proalign.aggregate import cuda_cpp
+    from proalign.ops.proalign_attention import torch_op
 
-    return cuda_cpp.rows_per_program()
+    return torch_op.rows_per_program()
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -264,3 +264,83 @@ def test_aggregate_batch_on_cpu_backends(rng):
         np.testing.assert_allclose(e, ref.proalign(x, c, 0.2), rtol=1e-4, atol=2e-5)
     for x, e in zip(xs, proalign.aggregate_batch(xs, c)):  # the default reading
         np.testing.assert_allclose(e, ref.default_reading(x, c), rtol=1e-4, atol=2e-5)
+
+
+# --- the torch op (torch.library): its CPU kernel, its fake, opcheck, torch.compile -------------
+
+def _op_devices():
+    from proalign.ops.runtime import cuda_unavailable
+
+    return ["cpu"] + ([] if cuda_unavailable() else ["cuda"])
+
+
+def _op_args(rng, device, lengths=(300, 1, 5000), d=96, k=5, n_tau=2, over_prototypes=False, second=False):
+    from proalign.ops.plans import gpu_programs, padded_k
+    from proalign.ops.proalign_attention.torch_op import rows_per_program
+
+    k_pad = padded_k(k, 8)
+    x = torch.from_numpy(_data(rng, sum(lengths), d, k)[0]).to(device)
+    cn = torch.zeros(k_pad, d, device=device)
+    cn[:k] = torch.nn.functional.normalize(torch.randn(k, d, generator=torch.Generator().manual_seed(1)), dim=1)
+    plan = gpu_programs(torch.tensor(lengths), rows_per_program())
+    inv_taus = torch.tensor([10.0, 2.0][:n_tau], device=device)
+    shift = x.mean(0).contiguous()
+    return (x, cn, inv_taus, *(p.to(device) for p in plan), shift, k, rows_per_program(), over_prototypes, second)
+
+
+@pytest.mark.parametrize("device", _op_devices())
+@pytest.mark.parametrize("over_prototypes,second", [(False, False), (True, True)])
+def test_attention_partials_opcheck(rng, device, over_prototypes, second):
+    """The registered op passes torch.library.opcheck (schema, fake tensors, autograd registration,
+    AOT dispatch) on every device it has a kernel for: the numba CPU kernel here, CUDA C++ on a GPU."""
+    args = _op_args(rng, device, over_prototypes=over_prototypes, second=second)
+    torch.library.opcheck(torch.ops.proalign.attention_partials.default, args)
+
+
+@pytest.mark.parametrize("device", _op_devices())
+def test_attention_partials_op_matches_float64(rng, device):
+    """The op's kernel on `device`, merged and finished by host.py, against the float64 reference
+    (the CPU kernel is the numba kernel on the GPU's program plan)."""
+    from proalign.ops.proalign_attention import host, torch_op
+
+    lengths = [300, 1, 5000]
+    x, c = _data(rng, sum(lengths), 96, 5)
+    taus = [0.1, 0.5]
+    for over, moments, prior in (("patches", 1, 0.0), ("prototypes", 2, 0.5)):
+        got = host.proalign_ragged(torch_op.launch, torch_op.rows_per_program(), 8, torch.from_numpy(x).to(device),
+                                   torch.tensor(lengths), torch.from_numpy(c), taus, over=over, moments=moments,
+                                   prior=prior).cpu().numpy()
+        at = np.cumsum([0] + lengths)
+        for s in range(len(lengths)):
+            want = proalign.aggregate(x[at[s]:at[s + 1]].astype(np.float64), c.astype(np.float64), tau=taus,
+                                      backend="torch", over=over, moments=moments, prior=prior)
+            np.testing.assert_allclose(got[s], want, rtol=1e-4, atol=3e-5)
+
+
+def test_attention_partials_composes_with_torch_compile(rng):
+    """A function calling the op compiles as one graph (fullgraph: no break at the op) and gives the
+    eager result."""
+    args = _op_args(rng, "cpu")
+
+    def pooled(x, *rest):
+        m, l, pi, acc, _ = torch.ops.proalign.attention_partials(x * 1.0, *rest)
+        return acc.sum(0) / l.sum(0)[..., None].clamp_min(1e-30)
+
+    eager = pooled(*args)
+    compiled = torch.compile(pooled, backend="aot_eager", fullgraph=True)(*args)
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_launch_inputs_are_checked(rng):
+    """Wrong dtypes, strided or misshapen buffers fail with the argument's name before any kernel
+    sees a pointer."""
+    args = list(_op_args(rng, "cpu"))
+    op = torch.ops.proalign.attention_partials
+    bad = {0: args[0].double(), 1: args[1][:, :10], 3: args[3].long(), 6: args[6][:3]}
+    names = {0: "x must be float32", 1: "cn must be", 3: "prog_slide must be", 6: "shift must be"}
+    for i, value in bad.items():
+        with pytest.raises((TypeError, ValueError), match=names[i]):
+            op(*args[:i], value, *args[i + 1:])
+    strided = torch.zeros(args[0].shape[0], args[0].shape[1] * 2)[:, ::2]
+    with pytest.raises(ValueError, match="contiguous rows"):
+        op(strided, *args[1:])
