@@ -85,9 +85,12 @@ def panther_moments(x: torch.Tensor, shift: torch.Tensor, a: torch.Tensor, b: to
     """Launch over a ragged batch planned with ROWS_PER_PROGRAM rows per program. a, b (P, k_pad, d)
     and cst (P, k_pad) float32, zero-padded beyond k, with P = 1 or one per slide. Returns the
     partials nq (n_prog, k_pad) and s1, s2 (n_prog, k_pad, d), float32."""
-    assert x.ndim == 2 and x.stride(1) == 1, "x must be (N, d) with contiguous rows"
-    assert a.shape == b.shape and a.shape[1] == k_pad and a.is_contiguous() and b.is_contiguous()
-    n_prog, d = len(prog_slide), x.shape[1]
+    from proalign.ops.checks import FEATURE_DTYPES, check_launch
+
+    x = x if x.dtype in FEATURE_DTYPES else x.float()  # float64: read as fp32, as the CUDA launch does
+    n_prog, d, n_par = len(prog_slide), x.shape[1], a.shape[0]
+    check_launch(x, (prog_slide, prog_start, seg_end), shift=(shift, (d,)), a=(a, (n_par, k_pad, d)),
+                 b=(b, (n_par, k_pad, d)), cst=(cst, (n_par, k_pad)))
     nq = _alloc((n_prog, k_pad), dtype=torch.float32, device=x.device)
     s1, s2 = (_alloc((n_prog, k_pad, d), dtype=torch.float32, device=x.device) for _ in range(2))
     panther_moments_kernel[(n_prog,)](

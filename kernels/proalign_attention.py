@@ -107,8 +107,12 @@ def proalign_partials(x: torch.Tensor, cn: torch.Tensor, inv_taus: torch.Tensor,
     """Launch over a ragged batch planned with ROWS_PER_PROGRAM rows per program; returns the
     partials m, l, pi (n_prog, T, k_pad), acc and (with `second`, else None) acc2
     (n_prog, T, k_pad, d), float32 (see proalign.ops.proalign_attention.host)."""
-    assert x.ndim == 2 and x.stride(1) == 1, "x must be (N, d) with contiguous rows"
+    from proalign.ops.checks import FEATURE_DTYPES, check_launch
+
+    x = x if x.dtype in FEATURE_DTYPES else x.float()  # float64: read as fp32, as the CUDA launch does
     n_prog, n_t, d = len(prog_slide), len(inv_taus), x.shape[1]
+    check_launch(x, (prog_slide, prog_start, seg_end), cn=(cn, (k_pad, d)), inv_taus=(inv_taus, (n_t,)),
+                 **({} if shift is None else {"shift": (shift, (d,))}))
     m, l, pi = (_alloc((n_prog, n_t, k_pad), dtype=torch.float32, device=x.device) for _ in range(3))
     acc = _alloc((n_prog, n_t, k_pad, d), dtype=torch.float32, device=x.device)
     acc2 = _alloc((n_prog, n_t, k_pad, d), dtype=torch.float32, device=x.device) if second else acc
