@@ -16,7 +16,7 @@ def probe(job):
 
 @dataclasses.dataclass(frozen=True)
 class FaultySpec:
-    """`base` (a WorkerSpec) with faults: `load_s` of setup (a model being loaded); slides in `crash`
+    """`base` (a FeatureFileSpec) with faults: `load_s` of setup (a model being loaded); slides in `crash`
     kill their worker process with SIGKILL once started (creating the file `broken` first, if
     given); setup fails while `broken` exists; slides in `mislabel` return a record naming another
     slide."""

@@ -20,8 +20,8 @@ import pytest
 
 import proalign
 import proalign.defaults
-from proalign.features import list_slides
-from proalign.pipeline import WorkerSpec, embed_features, run_archive, select_shard, shard_of
+from proalign.features import list_feature_files
+from proalign.pipeline import FeatureFileSpec, embed_features, run_archive, select_shard, shard_of
 from proalign.pipeline.executors import ProcessExecutor, WorkerStartError
 from proalign.prototypes.io import read_prototype_file, save_prototypes
 from proalign.store import merge_stores, open_store
@@ -46,7 +46,7 @@ def cohort(tmp_path_factory):
     ppath = root / "p.safetensors"
     save_prototypes(ppath, np.random.default_rng(6).standard_normal((4, 64)).astype(np.float32), {})
     clean = root / "clean.lmdb"
-    rep = embed_features(list_slides(features=feats), ppath, clean, progress=False)
+    rep = embed_features(list_feature_files(features=feats), ppath, clean, progress=False)
     assert rep.ok and len(rep.done) == N_SLIDES
     with open_store(clean) as s:
         ref = {sid: (s.record(sid).embedding.copy(), s.record(sid).n_patches) for sid in s}
@@ -133,7 +133,7 @@ def _faulty(ppath, **faults):
     """The features worker with faults (tests/_crash_probe.py: crash, load_s, broken, mislabel)."""
     from _crash_probe import FaultySpec
 
-    return FaultySpec(WorkerSpec(read_prototype_file(ppath)[0], str(ppath)), **faults)
+    return FaultySpec(FeatureFileSpec(read_prototype_file(ppath)[0], str(ppath)), **faults)
 
 
 def _events(executor, n: int, timeout: float = 60.0) -> list:
@@ -344,7 +344,7 @@ def test_corrupt_and_unreadable_slides_are_quarantined(tmp_path, cohort):
 
 def test_shards_are_disjoint_complete_and_merge_to_a_single_run(tmp_path, cohort):
     feats, ppath, ref = cohort
-    entries = list_slides(features=feats)
+    entries = list_feature_files(features=feats)
     parts = [{e.slide_id for e in select_shard(entries, i, 3)} for i in range(3)]
     assert all(parts) and set().union(*parts) == set(ref) and sum(map(len, parts)) == N_SLIDES
     # a stable hash: these values must never change, or running job arrays would split differently
@@ -396,7 +396,7 @@ def test_shards_are_disjoint_complete_and_merge_to_a_single_run(tmp_path, cohort
 def test_one_worker_per_gpu(tmp_path, cohort):
     """gpus=[...]: one worker process per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES)."""
     feats, ppath, ref = cohort
-    entries = list_slides(features=feats)[:8]
+    entries = list_feature_files(features=feats)[:8]
     rep = embed_features(entries, ppath, tmp_path / "s.lmdb", progress=False, gpus=["3", "5"])
     assert rep.ok and rep.workers == 2 and rep.scheduler == "processes"
     with open_store(tmp_path / "s.lmdb") as s:
@@ -448,7 +448,7 @@ def test_slide_timeout_runs_from_the_start_of_the_slide(tmp_path, cohort):
     whose setup (4 s, a model being loaded) outlasts the timeout (3 s), at the start and after a
     crash replaced one, time out no slide; the crashing slide alone is quarantined."""
     feats, ppath, ref = cohort
-    entries = list_slides(features=feats)[:6]
+    entries = list_feature_files(features=feats)[:6]
     crash = entries[0].slide_id
     out = tmp_path / "s.lmdb"
     rep = run_archive(entries, _faulty(ppath, load_s=4.0, crash=(crash,)), out, workers=2, slide_timeout=3.0,
@@ -466,7 +466,7 @@ def test_worker_start_error_delivers_the_results_already_read(tmp_path, cohort):
     other worker's result read in the same call (stored, not embedded again); the next wait()
     raises WorkerStartError with the setup error."""
     feats, ppath, _ = cohort
-    e = list_slides(features=feats)[:3]
+    e = list_feature_files(features=feats)[:3]
     ex = ProcessExecutor(_faulty(ppath, crash=(e[0].slide_id,), broken=str(tmp_path / "broken")), 2)
     try:
         ex.submit(1, e[1])  # worker 1 is set up and warm
@@ -491,7 +491,7 @@ def test_worker_start_error_delivers_the_results_already_read(tmp_path, cohort):
 
 def test_a_record_naming_another_slide_is_not_stored(tmp_path, cohort):
     feats, ppath, ref = cohort
-    entries = list_slides(features=feats)[:4]
+    entries = list_feature_files(features=feats)[:4]
     bad = entries[1].slide_id
     out = tmp_path / "s.lmdb"
     rep = run_archive(entries, _faulty(ppath, mislabel=(bad,)), out, progress=False)
@@ -507,7 +507,7 @@ def test_full_disk_stops_the_run_and_a_rerun_finishes(tmp_path, cohort):
     embedding and quarantining every remaining slide; what is stored stays; a rerun finishes."""
     feats, ppath, ref = cohort
     out = tmp_path / "s.lmdb"
-    embed_features(list_slides(features=feats)[:10], ppath, out, progress=False)
+    embed_features(list_feature_files(features=feats)[:10], ppath, out, progress=False)
     limit_kib = (out / "data.mdb").stat().st_size // 1024
     cmd = shlex.join(_embed_cmd(feats, ppath, out, "--workers", 2))
     p = subprocess.run(["bash", "-c", f"ulimit -f {limit_kib} && exec {cmd}"], capture_output=True, text=True,
@@ -541,14 +541,14 @@ from pathlib import Path
 import ray
 
 from _crash_probe import FaultySpec
-from proalign.features import list_slides
-from proalign.pipeline import WorkerSpec, run_archive
+from proalign.features import list_feature_files
+from proalign.pipeline import FeatureFileSpec, run_archive
 from proalign.pipeline.executors import WorkerStartError
 from proalign.prototypes.io import read_prototype_file
 
 feats, ppath, tmp = map(Path, sys.argv[1:])
-base = WorkerSpec(read_prototype_file(ppath)[0], str(ppath))
-entries = sorted(list_slides(features=feats), key=lambda e: -Path(e.path).stat().st_size)[:4]  # queue order
+base = FeatureFileSpec(read_prototype_file(ppath)[0], str(ppath))
+entries = sorted(list_feature_files(features=feats), key=lambda e: -Path(e.path).stat().st_size)[:4]  # queue order
 crash = entries[0].slide_id
 ray.init(include_dashboard=False, log_to_driver=False)
 kw = dict(scheduler="ray", workers=2, ray_cpus=0.5, progress=False)

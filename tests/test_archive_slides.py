@@ -16,12 +16,12 @@ import pytest
 from conftest import run_cli
 
 from proalign import open_store
-from proalign.features import list_slides
-from proalign.features.io import SlideEntry
+from proalign.features import list_feature_files
+from proalign.features.io import FeatureFileEntry
 from proalign.pipeline import run_archive
 from proalign.pipeline.scheduler import gpu_env, parse_gpus
 from proalign.pipeline.slide_cache import SlideCache, cache_path
-from proalign.pipeline.worker import EmbedOptions, WorkerSpec
+from proalign.pipeline.worker import EmbedOptions, FeatureFileSpec
 from proalign.prototypes.io import save_prototypes
 from proalign.slides.manifest import COLUMNS, build_manifest, is_slide_manifest, read_slide_manifest
 from proalign.testing.synthetic_slides import write_aperio_svs
@@ -260,14 +260,14 @@ def test_gpus_flag_on_the_slides_path(tmp_path, conch):
 
 # -- the local slide cache -----------------------------------------------------------------------
 @dataclass(frozen=True)
-class SpySpec(WorkerSpec):
+class SpySpec(FeatureFileSpec):
     """The features worker, noting at each call what it was given and what the cache held."""
     spy: list | None = None
     cache: str = ""
     delay: float = 0.0
 
     def build(self):
-        inner = WorkerSpec.build(self)
+        inner = FeatureFileSpec.build(self)
 
         def work(entry):
             time.sleep(self.delay)  # the copier gets ahead meanwhile
@@ -284,8 +284,8 @@ def network(tmp_path_factory):
     write_cohort(root / "nfs", n_slides=10, d=32, n_range=(200, 2000), g=4, seed=9)
     p = root / "p.safetensors"
     save_prototypes(p, np.random.default_rng(9).standard_normal((4, 32)).astype(np.float32), {})
-    entries = list_slides(features=root / "nfs")
-    spec = WorkerSpec(np.random.default_rng(9).standard_normal((4, 32)).astype(np.float32), str(p), EmbedOptions())
+    entries = list_feature_files(features=root / "nfs")
+    spec = FeatureFileSpec(np.random.default_rng(9).standard_normal((4, 32)).astype(np.float32), str(p), EmbedOptions())
     rep = run_archive(entries, spec, root / "ref.lmdb", progress=False)
     assert rep.ok
     with open_store(root / "ref.lmdb") as s:
@@ -434,14 +434,14 @@ def test_cache_hands_a_copy_only_to_its_own_file(tmp_path):
     b.write_bytes(b"b" * 2000)
     cache = SlideCache(tmp_path / "cache", ahead=1)
     try:
-        cache.plan([SlideEntry("s", a)])
-        got_a = cache.take(SlideEntry("s", a))
+        cache.plan([FeatureFileEntry("s", a)])
+        got_a = cache.take(FeatureFileEntry("s", a))
         assert got_a.path == cache_path(cache.dir, "s", "s.svs") and got_a.source == a
-        got_b = cache.take(SlideEntry("s", b))
-        assert got_b == SlideEntry("s", b) and str(a) in cache.fallback["s"]
-        cache.release(SlideEntry("s", b))
+        got_b = cache.take(FeatureFileEntry("s", b))
+        assert got_b == FeatureFileEntry("s", b) and str(a) in cache.fallback["s"]
+        cache.release(FeatureFileEntry("s", b))
         assert got_a.path.read_bytes() == a.read_bytes()  # still there for a's worker
-        cache.release(SlideEntry("s", a))
+        cache.release(FeatureFileEntry("s", a))
         assert not got_a.path.exists()
     finally:
         cache.close()
@@ -474,7 +474,7 @@ def test_cache_copier_failures_fall_back_to_the_original(tmp_path):
     src = tmp_path / "nfs" / "s.svs"
     src.parent.mkdir()
     src.write_bytes(b"x" * 1000)
-    entry = SlideEntry("s", src)
+    entry = FeatureFileEntry("s", src)
     for cls, why in [(_StatFailsCache, "FileNotFoundError"), (_DeadCopierCache, "copier thread stopped")]:
         cache = cls(tmp_path / cls.__name__, ahead=1)
         try:
@@ -497,16 +497,16 @@ def test_cache_multi_file_slides_in_place_and_a_retry_clears_fallback(tmp_path, 
     blocker = cache_path(cache.dir, "s", "s.svs")
     blocker.mkdir(parents=True)  # the first copy cannot land
     try:
-        cache.plan([SlideEntry("m", mrxs), SlideEntry("s", svs)])
+        cache.plan([FeatureFileEntry("m", mrxs), FeatureFileEntry("s", svs)])
         with caplog.at_level("WARNING", logger="proalign.embed"):
-            assert cache.take(SlideEntry("m", mrxs)) == SlideEntry("m", mrxs)
+            assert cache.take(FeatureFileEntry("m", mrxs)) == FeatureFileEntry("m", mrxs)
         assert not caplog.records
-        assert cache.take(SlideEntry("s", svs)) == SlideEntry("s", svs) and "s" in cache.fallback
-        cache.release(SlideEntry("s", svs))  # the try failed
+        assert cache.take(FeatureFileEntry("s", svs)) == FeatureFileEntry("s", svs) and "s" in cache.fallback
+        cache.release(FeatureFileEntry("s", svs))  # the try failed
         blocker.rmdir()
-        retry = cache.take(SlideEntry("s", svs))
+        retry = cache.take(FeatureFileEntry("s", svs))
         assert retry.path == blocker and retry.source == svs
-        cache.release(SlideEntry("s", svs))
+        cache.release(FeatureFileEntry("s", svs))
     finally:
         cache.close()
     assert {k: cache.summary()[k] for k in ("in_place", "copied", "fallback")} == \

@@ -24,7 +24,7 @@ from proalign.eval.data import Dataset
 from proalign.eval.heads import (C_GRID, _Logistic, choose_alpha, cox_log_partial_likelihood, cox_partial_nll,
                                  one_thread)
 from proalign.testing.planted_cohort import planted_cohort
-from proalign.features import list_slides
+from proalign.features import list_feature_files
 from proalign.pipeline import EmbedOptions, embed_features
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,7 +39,7 @@ def planted(tmp_path_factory):
     paths = planted_cohort(root, seed=0)
     store = root / "store"
     with one_thread():
-        rep = embed_features(list_slides(features=paths["features"]), paths["prototypes"], store,
+        rep = embed_features(list_feature_files(features=paths["features"]), paths["prototypes"], store,
                              EmbedOptions(dtype="float32", backend="torch"), progress=False)
     assert rep.ok and len(rep.done) == 64
     return {**paths, "store": store, "root": root}

@@ -16,3 +16,25 @@ def test_executor_has_the_protocol_calls(cls):
         got = list(inspect.signature(getattr(cls, call)).parameters)
         assert got == want, (cls.__name__, call, got, want)
     assert "self.slots" in inspect.getsource(cls.__init__)  # every executor sets its slot count
+
+
+def test_worker_specs_implement_the_protocol():
+    """Both worker specs (feature files, slide files) are WorkerSpec instances (runtime check of
+    the protocol's calls and fields) with the same call signatures, and survive pickling."""
+    import dataclasses
+    import pickle
+
+    import numpy as np
+
+    from proalign.pipeline.slide_worker import SlideEncoding, SlideFileSpec
+    from proalign.pipeline.worker import FeatureFileSpec, WorkerSpec
+
+    c = np.ones((2, 4), dtype=np.float32)
+    specs = [FeatureFileSpec(c, "p.npy"), SlideFileSpec(c, "p.npy", SlideEncoding("vit_tiny", "w.pt"))]
+    for spec in specs:
+        assert isinstance(spec, WorkerSpec), type(spec).__name__
+        for call in ("build", "record_key", "describe"):
+            assert list(inspect.signature(getattr(type(spec), call)).parameters) == ["self"], call
+        assert {"threads", "shard"} <= {f.name for f in dataclasses.fields(spec)}
+        assert pickle.loads(pickle.dumps(spec)).shard is None
+    assert not isinstance(object(), WorkerSpec)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from proalign.errors import FeatureFileError
-from proalign.features import list_slides, read_features
+from proalign.features import list_feature_files, read_features
 from proalign.testing.synthetic_features import grid_coords, write_clam_h5, write_trident_h5
 
 
@@ -94,14 +94,14 @@ def test_manifest_and_folder_listing(tmp_path, rng):
     sub.mkdir()
     for name in ["b", "a"]:
         write_trident_h5(sub / f"{name}.h5", rng.standard_normal((4, 3)).astype(np.float32), grid_coords(4))
-    assert [e.slide_id for e in list_slides(features=sub)] == ["a", "b"]
+    assert [e.slide_id for e in list_feature_files(features=sub)] == ["a", "b"]
     man = tmp_path / "m.csv"
     man.write_text("slide_id,path\npatient-b,feats/b.h5\npatient-a,feats/a.h5\n")
-    entries = list_slides(manifest=man)
+    entries = list_feature_files(manifest=man)
     assert [e.slide_id for e in entries] == ["patient-a", "patient-b"] and entries[0].path == sub / "a.h5"
     (tmp_path / "dup.csv").write_text("slide_id,path\nx,feats/a.h5\nx,feats/b.h5\n")
     with pytest.raises(ValueError, match="appears twice"):
-        list_slides(manifest=tmp_path / "dup.csv")
+        list_feature_files(manifest=tmp_path / "dup.csv")
     (tmp_path / "bad.csv").write_text("id,file\nx,feats/a.h5\n")
     with pytest.raises(ValueError, match="lacks column"):
-        list_slides(manifest=tmp_path / "bad.csv")
+        list_feature_files(manifest=tmp_path / "bad.csv")

@@ -5,7 +5,7 @@ import pytest
 
 import proalign
 from proalign.errors import PrototypeError
-from proalign.features import list_slides
+from proalign.features import list_feature_files
 from proalign.prototypes.build import sample_pool, spherical_kmeans, text_allocation, usage
 from proalign.prototypes.io import prototype_hash, read_prototype_file, save_prototypes
 from proalign.testing.synthetic_features import tissue_centres, write_cohort
@@ -16,7 +16,7 @@ def test_pool_is_a_seeded_random_quota_per_slide(tmp_path):
     for s in range(4):
         with h5py.File(tmp_path / f"s{s}.h5", "w") as f:
             f["features"] = np.repeat(np.arange(1000, dtype=np.float32)[:, None] + 1000 * s, 3, axis=1)
-    entries = list_slides(features=tmp_path)
+    entries = list_feature_files(features=tmp_path)
     pool = sample_pool(entries, pool_size=200, seed=5)
     rows = pool.x[:, 0].astype(int)
     assert len(rows) == 200 and len(set(rows)) == 200

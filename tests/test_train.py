@@ -165,7 +165,7 @@ def test_cli_builds_trains_and_refuses_a_collapsed_set(tmp_path, rng):
     """Generated TRIDENT features -> `prototypes build --init text` -> `prototypes train`, then a teacher
     that never prefers one type: training abandons it, the set is refused (exit 1, nothing written)
     unless --force."""
-    from proalign.features.io import list_slides, read_features
+    from proalign.features.io import list_feature_files, read_features
     from proalign.testing.synthetic_features import tissue_centres, write_cohort
 
     d, dj, g, seed = 64, 16, 4, 3
@@ -198,7 +198,7 @@ def test_cli_builds_trains_and_refuses_a_collapsed_set(tmp_path, rng):
     # a fifth type whose text is orthogonal to every patch's z: the teacher never gives it mass
     t5 = np.concatenate([t, np.eye(1, dj + 1, dj)]).astype(np.float32)
     save_prototypes(tmp_path / "t5.safetensors", t5, {})
-    x = np.concatenate([read_features(e.path, e.slide_id).features for e in list_slides(features=feats)])
+    x = np.concatenate([read_features(e.path, e.slide_id).features for e in list_feature_files(features=feats)])
     # the fifth starts in use: type 0's prototype split in two along its patches' widest axis (a
     # midpoint between two prototypes caught < 1% of the patches for some projections)
     mine = x[np.argmax(_unit(x) @ _unit(init).T, axis=1) == 0]

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slide-files", type=int, default=4, help="Generated SVS slides for the slides path (0: skip).")
     args = ap.parse_args(argv)
 
-    from .features import list_slides
+    from .features import list_feature_files
     from .pipeline import EmbedOptions, embed_features
     from .prototypes.build import build_prototype_set
     from .prototypes.io import save_prototypes
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"generated {args.slides} TRIDENT-style feature files (d=512) in {feats}")
     print("NOTE: these features are random vectors around planted clusters; the embeddings carry no "
           "biological meaning. They show the pipeline, not a result.")
-    entries = list_slides(features=feats)
+    entries = list_feature_files(features=feats)
     ps = build_prototype_set(entries, init="kmeans", k=16, seed=0, pool_size=20_000)
     proto_path = out / "prototypes_k16.safetensors"
     h = save_prototypes(proto_path, ps.prototypes, ps.meta)

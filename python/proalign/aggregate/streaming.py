@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops.panther_moments.reference import PANTHER_EM_STEPS, PANTHER_EPS, PANTHER_TAU
+from ..ops.panther_moments.reference import PANTHER_EM_STEPS, PANTHER_EPS, PANTHER_PRIOR_STRENGTH
 from ..ops.proalign_attention import host
 from . import aggregate, with_defaults
 
@@ -26,8 +26,8 @@ METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
 class StreamingAggregator:
     def __init__(self, prototypes, method: str = "proalign", tau: float | Sequence[float] | None = None, *,
                  over: str | None = None, moments: int | None = None, prior: float | Sequence[float] | None = None,
-                 queries=None,
-                 eps: float = PANTHER_EPS, prior_strength: float = PANTHER_TAU, em_steps: int = PANTHER_EM_STEPS):
+                 queries=None, eps: float = PANTHER_EPS, prior_strength: float = PANTHER_PRIOR_STRENGTH,
+                 em_steps: int = PANTHER_EM_STEPS):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
         given = {k: v for k, v in (("over", over), ("moments", moments), ("prior", prior)) if v is not None}

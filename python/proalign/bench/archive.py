@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 
-    from ..features import list_slides
+    from ..features import list_feature_files
     from ..pipeline import EmbedOptions, run_embedding
     from ..prototypes.io import save_prototypes
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     protos = work / "prototypes.safetensors"
     save_prototypes(protos, np.random.default_rng(args.seed).standard_normal((args.k, args.d)).astype(np.float32), {})
     store = work / f"store-{args.slides}-{time.time_ns()}.lmdb"
-    entries = list_slides(manifest=manifest)
+    entries = list_feature_files(manifest=manifest)
     t0 = time.perf_counter()
     rep = run_embedding(entries, protos, store, EmbedOptions(method=args.method), workers=args.workers,
                         handle_signals=True)

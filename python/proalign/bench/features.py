@@ -22,10 +22,10 @@ import numpy as np
 
 
 def _child(features: Path, prototypes: Path, store: Path, limit: int, method: str) -> None:
-    from ..features import list_slides
+    from ..features import list_feature_files
     from ..pipeline import EmbedOptions, embed_features
 
-    entries = list_slides(features=features)[:limit]
+    entries = list_feature_files(features=features)[:limit]
     t0 = time.perf_counter()
     rep = embed_features(entries, prototypes, store, EmbedOptions(method=method), progress=False)
     dt = time.perf_counter() - t0

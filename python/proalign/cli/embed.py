@@ -52,7 +52,8 @@ from .options import (apply_grid_preset, archive_opts, encoder_kwargs, encoder_o
 @click.option("--backend", default=None,
               help="Aggregation backend (default: fastest live; see `doctor`).")
 @click.option("--panther-eps", default=1.0, show_default=True, type=float, help="panther: prior variance.")
-@click.option("--panther-prior", default=1.0, show_default=True, type=float, help="panther: prior strength tau.")
+@click.option("--panther-prior-strength", "--panther-prior", "panther_prior", default=1.0, show_default=True,
+              type=float, help="panther: prior strength of the MAP M-step (API: prior_strength).")
 @click.option("--encoder-id", default=None, help="Encoder name recorded in provenance (default: the file's attribute).")
 @click.option("--overwrite", is_flag=True,
               help="Redo this run's slides already stored, with these options or others (else a store of other "

@@ -149,7 +149,7 @@ def register(main: click.Group) -> None:
                      batch_size, warmup_epochs, standardize, backend):
         """Embed the same features with several methods and evaluate them side by side (same folds)."""
         from ..aggregate import METHODS
-        from ..features import list_slides
+        from ..features import list_feature_files
         from ..eval.compare import compare_methods
 
         if not (labels and task):
@@ -160,7 +160,7 @@ def register(main: click.Group) -> None:
         bad = [m for m in meths if m not in METHODS]
         if bad or not meths:
             raise click.UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
-        entries = list_slides(features=features, manifest=manifest)
+        entries = list_feature_files(features=features, manifest=manifest)
         if not entries:
             raise click.UsageError(f"no .h5 or .pt feature files found in {features or manifest}")
         opts = _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, inner_folds,

@@ -36,12 +36,12 @@ def load_encoder(encoder, weights, encoder_args, device):
 
 
 def feature_entries(features, manifest):
-    from ..features import list_slides
+    from ..features import list_feature_files
 
     if (features is None) == (manifest is None):
         raise click.UsageError("give exactly one of --features DIR or --manifest CSV")
     try:
-        entries = list_slides(features=features, manifest=manifest)
+        entries = list_feature_files(features=features, manifest=manifest)
     except (OSError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     if not entries:

@@ -25,7 +25,7 @@ LMDB_MAX_KEY_BYTES = 511
 
 
 @dataclass(frozen=True)
-class SlideEntry:
+class FeatureFileEntry:
     slide_id: str
     path: Path
 
@@ -178,7 +178,7 @@ def check_slide_id(slide_id: str, where: str) -> None:
                                       f"{LMDB_MAX_KEY_BYTES} bytes", slide_id[:40] + "...")
 
 
-def list_slides(features: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None) -> list[SlideEntry]:
+def list_feature_files(features: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None) -> list[FeatureFileEntry]:
     """Slides of a cohort, sorted by id: every .h5/.pt file under a folder (id = file name
     without extension), or the rows of a manifest CSV with columns `slide_id` and `path`
     (relative paths are taken from the manifest's folder)."""
@@ -188,7 +188,7 @@ def list_slides(features: str | os.PathLike | None = None, manifest: str | os.Pa
         root = Path(features)
         if not root.is_dir():
             raise FileNotFoundError(f"features folder not found: {root}")
-        entries = [SlideEntry(p.stem, p) for p in sorted(root.rglob("*")) if p.suffix in FEATURE_SUFFIXES]
+        entries = [FeatureFileEntry(p.stem, p) for p in sorted(root.rglob("*")) if p.suffix in FEATURE_SUFFIXES]
     else:
         mpath = Path(manifest)
         with open(mpath, newline="") as fh:
@@ -196,7 +196,7 @@ def list_slides(features: str | os.PathLike | None = None, manifest: str | os.Pa
             missing = {"slide_id", "path"} - set(reader.fieldnames or [])
             if missing:
                 raise ValueError(f"manifest {mpath} lacks column(s) {sorted(missing)} (has {reader.fieldnames})")
-            entries = [SlideEntry(r["slide_id"].strip(), (mpath.parent / r["path"].strip())) for r in reader]
+            entries = [FeatureFileEntry(r["slide_id"].strip(), (mpath.parent / r["path"].strip())) for r in reader]
     seen: dict[str, Path] = {}
     for e in entries:
         if e.slide_id in seen:

@@ -11,7 +11,8 @@ import torch
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_launch(x: torch.Tensor, plan: Sequence[torch.Tensor], **float32: tuple[torch.Tensor, tuple[int, ...]]) -> None:
+def check_launch(x: torch.Tensor, plan: Sequence[torch.Tensor],
+                 **float32: tuple[torch.Tensor, tuple[int, ...]]) -> None:
     """x: (N, d) fp32/fp16/bf16 with contiguous rows. plan: (slide of each program int32, its first
     row int64, each slide's end row int64), 1-D and contiguous. float32: name=(tensor, shape),
     contiguous float32 of exactly that shape. Every tensor on x's device."""

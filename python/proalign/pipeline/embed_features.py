@@ -3,7 +3,7 @@
 One slide at a time per worker (peak memory follows the largest slide), each stored atomically
 by the single writer, so a run killed at any point resumes where it stopped: a slide whose record
 exists with the same options, made from the same file (size, content fingerprint), is skipped. A
-bad slide is retried once, then quarantined and reported; the run goes on. The per-slide worker is `worker.SlideWorker`; the queue, shards,
+bad slide is retried once, then quarantined and reported; the run goes on. The per-slide worker is `worker.FeatureFileWorker`; the queue, shards,
 workers, Ray, signals and the run report are in `scheduler.py`.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..features.io import SlideEntry
+from ..features.io import FeatureFileEntry
 from .scheduler import RunReport, run_embedding
 from .worker import EmbedOptions
 
@@ -19,7 +19,7 @@ __all__ = ["EmbedOptions", "RunReport", "embed_features"]
 
 
 def embed_features(
-    entries: Sequence[SlideEntry],
+    entries: Sequence[FeatureFileEntry],
     prototypes: str | Path,
     store_path: str | Path,
     options: EmbedOptions = EmbedOptions(),

@@ -73,7 +73,7 @@ class SlideOptions:
 
 
 @dataclass
-class SlideResult:
+class EmbeddedSlide:
     slide_id: str
     embedding: np.ndarray
     n_patches: int
@@ -139,7 +139,7 @@ def find_coords(coords_dir: str | Path, slide_id: str) -> Path:
 def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "proalign",
                 aggregate_kwargs: dict | None = None, options: SlideOptions = SlideOptions(),
                 slide_id: str | None = None, mpp: float | None = None, device: str | torch.device = "cpu",
-                text_prototypes=None, mpp_keys: tuple[str, ...] = ()) -> SlideResult:
+                text_prototypes=None, mpp_keys: tuple[str, ...] = ()) -> EmbeddedSlide:
     """Embed one slide file. `encoder` follows proalign.encoders (preprocess, encode_image,
     project, input_size, magnification, patch_size). `text_prototypes` switches proalign to
     space=joint (keys = projected patches). `mpp_keys`: custom property names holding the mpp
@@ -195,7 +195,7 @@ def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "pr
     finally:
         slide.close()
     timing["total_s"] = time.perf_counter() - t0
-    return SlideResult(slide_id, emb, len(grid), grid, timing, stats)
+    return EmbeddedSlide(slide_id, emb, len(grid), grid, timing, stats)
 
 
 class _FeatureWriter:
@@ -267,4 +267,4 @@ class _FeatureWriter:
         self.tmp.replace(self.path)
 
 
-__all__ = ["SlideOptions", "SlideResult", "embed_slide", "find_coords"]
+__all__ = ["SlideOptions", "EmbeddedSlide", "embed_slide", "find_coords"]

@@ -2,7 +2,7 @@
 
     slides (manifest or folder) --shard i/n--> this node's slides --skip stored--> queue
     queue --(largest first, next slide to whichever worker is free)--> workers (spec.build())
-    workers --SlideResult--> the writer (this process, the only one that opens the store)
+    workers --EmbeddedSlide--> the writer (this process, the only one that opens the store)
 
 - Shards: a slide belongs to shard `blake2b(slide id) mod n`: stable across machines and runs,
   so the n shards are disjoint and together complete whatever order the manifest lists.
@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ProAlignError, SourceChangedError, StoreError, StoreOptionsError, StoreWriteError
-from ..features.io import SlideEntry, check_slide_id
+from ..features.io import FeatureFileEntry, check_slide_id
 from ..report_file import write_report
 from .executors import Executor, InlineExecutor, ProcessExecutor, SlideDropped
 from .source_check import ON_CHANGE, check_source
-from .worker import EmbedOptions, WorkerSpec, describe
+from .worker import EmbedOptions, FeatureFileSpec, WorkerSpec, describe
 
 log = logging.getLogger("proalign.embed")
 
@@ -79,7 +79,7 @@ def shard_of(slide_id: str, n: int) -> int:
     return int.from_bytes(h, "big") % n
 
 
-def select_shard(entries: Sequence[SlideEntry], index: int, count: int) -> list[SlideEntry]:
+def select_shard(entries: Sequence[FeatureFileEntry], index: int, count: int) -> list[FeatureFileEntry]:
     return [e for e in entries if shard_of(e.slide_id, count) == index]
 
 
@@ -286,7 +286,7 @@ class _Signals:
 # -- the run -------------------------------------------------------------------------------------
 @dataclass
 class _Task:
-    entry: SlideEntry
+    entry: FeatureFileEntry
     size: int
     tries: int = 0
     reasons: list[str] = field(default_factory=list)
@@ -367,7 +367,7 @@ def _make_executor(kind: str, spec, workers: int, ray_options: dict, slide_timeo
 
 
 def run_embedding(
-    entries: Sequence[SlideEntry],
+    entries: Sequence[FeatureFileEntry],
     prototypes: str | Path,
     store_path: str | Path,
     options: EmbedOptions = EmbedOptions(),
@@ -383,14 +383,14 @@ def run_embedding(
 
     c, _ = read_prototype_file(prototypes)
     resolve_backend(options.method, options.backend, options=options.aggregate_kwargs())  # a clear error now
-    spec = WorkerSpec(c, str(prototypes), options, scheduling.pop("threads", None))
+    spec = FeatureFileSpec(c, str(prototypes), options, scheduling.pop("threads", None))
     return run_archive(entries, spec, store_path, overwrite=overwrite, report_path=report_path, progress=progress,
                        **scheduling)
 
 
 def run_archive(
-    entries: Sequence[SlideEntry],
-    spec,
+    entries: Sequence[FeatureFileEntry],
+    spec: WorkerSpec,
     store_path: str | Path,
     *,
     overwrite: bool = False,
@@ -414,7 +414,7 @@ def run_archive(
     duplicates: dict[str, list[str]] | None = None,
     on_change: str = "redo",
 ) -> RunReport:
-    """Run any per-slide worker (`spec`: see worker.py for the contract) over `entries` (this
+    """Run any per-slide worker (`spec`: the worker.WorkerSpec protocol) over `entries` (this
     shard's share of them) into the store; see the module docstring. Returns the run report, also
     written as JSON (default `<store>/reports/run-<time>.json`).
 
@@ -436,6 +436,53 @@ def run_archive(
     from ..store import open_store
 
     t_start = time.perf_counter()
+    _check_scheduling(scheduler, on_change, cache_dir)
+    shard_text = None
+    if shard is not None:
+        i, n = parse_shard(shard) if isinstance(shard, str) else shard
+        shard_text = f"{i}/{n}"
+        entries = select_shard(entries, i, n)
+        duplicates = {sid: p for sid, p in (duplicates or {}).items() if shard_of(sid, n) == i}
+    spec, workers, kind = _plan_workers(spec, workers, scheduler, gpus, ray_cpus, shard_text)
+    about = spec.describe()
+    report = RunReport(str(store_path), str(about.get("prototypes")), about.get("options", {}),
+                       shard=shard_text, scheduler=kind, workers=workers, on_change=on_change)
+    if report_path is None:
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
+        report_path = Path(store_path) / "reports" / f"run-{stamp}.json"
+    report.report_path = str(report_path)
+    _note_duplicates(report, entries, duplicates)
+
+    with open_store(store_path, write=True) as store, _Signals(handle_signals) as sig:
+        t0 = time.perf_counter()
+        queue = _queue_slides(report, store, store_path, entries, spec.record_key(), overwrite, on_change)
+        report.timing["scan_s"] = time.perf_counter() - t0
+        log.info("%d slides to embed, %d already stored%s", len(queue), len(report.skipped),
+                 f" (shard {shard_text})" if shard_text else "")
+        run = _Run(report, store, store_path, sig, queue, retries)
+        try:
+            if queue and cache_dir is not None:  # copying starts while the workers start
+                from .slide_cache import SlideCache
+
+                run.cache = SlideCache(cache_dir, cache_ahead, keep_cache, cache_min_free)
+                run.cache.plan([t.entry for t in itertools.islice(queue, run.cache.ahead)])
+            if queue:
+                run.executor = sig.executor = _make_executor(kind, spec, workers, {
+                    "address": ray_address, "num_cpus": ray_cpus, "num_gpus": ray_gpus, "init_kwargs": ray_init},
+                    slide_timeout, gpus)
+            report.timing["start_workers_s"] = time.perf_counter() - t0 - report.timing["scan_s"]
+            run.loop(Progress(len(queue), sum(t.size for t in queue), progress), inline=kind == "inline")
+        except KeyboardInterrupt:  # signals not handled here (API default): drop what is in flight
+            sig.name, sig.count = sig.name or "SIGINT", 2
+            raise
+        finally:
+            run.close()
+            _finish_report(report, sig, run, time.perf_counter() - t_start, workers)
+            report.write(Path(report_path))
+    return report
+
+
+def _check_scheduling(scheduler: str, on_change: str, cache_dir) -> None:
     if scheduler not in ("local", "ray"):
         raise ValueError(f"unknown scheduler {scheduler!r}; choose local or ray")
     if on_change not in ON_CHANGE:
@@ -443,13 +490,10 @@ def run_archive(
     if cache_dir is not None and scheduler == "ray":
         raise ValueError("a local slide cache (--cache-dir) is for the local scheduler: Ray actors may run on "
                          "other nodes")
-    key = spec.record_key()
-    shard_text = None
-    if shard is not None:
-        i, n = parse_shard(shard) if isinstance(shard, str) else shard
-        shard_text = f"{i}/{n}"
-        entries = select_shard(entries, i, n)
-        duplicates = {sid: p for sid, p in (duplicates or {}).items() if shard_of(sid, n) == i}
+
+
+def _plan_workers(spec, workers: int, scheduler: str, gpus, ray_cpus: float, shard_text: str | None):
+    """(the spec every worker builds, the worker count, the executor kind: inline, processes, ray)."""
     if gpus and scheduler == "local":  # one worker process per GPU, each seeing only its own
         workers = len(gpus)
     workers = max(1, int(workers))
@@ -459,177 +503,189 @@ def run_archive(
         threads = max(1, int(ray_cpus)) if scheduler == "ray" else max(1, (os.cpu_count() or 1) // workers)
     spec = dataclasses.replace(spec, threads=threads, shard=shard_text)
     kind = "ray" if scheduler == "ray" else ("processes" if workers > 1 or gpus else "inline")
-    about = spec.describe()
-    report = RunReport(str(store_path), str(about.get("prototypes")), about.get("options", {}),
-                       shard=shard_text, scheduler=kind, workers=workers, on_change=on_change)
-    if report_path is None:
-        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
-        report_path = Path(store_path) / "reports" / f"run-{stamp}.json"
-    report.report_path = str(report_path)
+    return spec, workers, kind
+
+
+def _note_duplicates(report: RunReport, entries: Sequence[FeatureFileEntry], duplicates: dict | None) -> None:
     report.duplicates = {sid: list(paths) for sid, paths in (duplicates or {}).items()}
     kept = {e.slide_id: e.path for e in entries}
     for sid, paths in report.duplicates.items():
         log.warning("not embedded: %s (slide id %r is taken by %s; rename to embed)", ", ".join(paths), sid,
                     kept.get(sid, "another file"))
 
-    with open_store(store_path, write=True) as store, _Signals(handle_signals) as sig:
-        # which slides are still to do
-        t0 = time.perf_counter()
-        stored = _stored_metas(store, key, overwrite, {e.slide_id for e in entries})
-        queue: deque[_Task] = deque()
-        for e in entries:
-            try:
-                check_slide_id(e.slide_id, str(e.path))
-            except ProAlignError as err:
-                report.failed[e.slide_id] = str(err)
-                report.quarantine[e.slide_id] = {"path": str(e.path), "tries": 0, "reasons": [str(err)]}
-                continue
-            meta = stored.get(e.slide_id)
-            if not overwrite and meta is not None and meta["options"] == key:
-                # stored with these options: done while its source file is the one it was made from
-                check = check_source(meta, e.path)
-                if check.legacy:
-                    report.unfingerprinted.append(e.slide_id)
-                if not check.changed or on_change == "keep":
-                    report.skipped.append(e.slide_id)
-                if check.changed:
-                    report.changed_sources[e.slide_id] = f"{check.path}: {check.detail}"
-                if not check.changed or on_change != "redo":
-                    continue
-            queue.append(_Task(e, _entry_size(e)))
-        _note_changed_sources(report, store_path)
-        # largest first: with a pull-based queue the big slides do not end up last on one worker
-        queue = deque(sorted(queue, key=lambda t: -t.size))
-        report.timing["scan_s"] = time.perf_counter() - t0
-        log.info("%d slides to embed, %d already stored%s", len(queue), len(report.skipped),
-                 f" (shard {shard_text})" if shard_text else "")
 
-        executor = bar = cache = None
-        store_failures = 0  # slides in a row that could not be stored
-        inflight: dict[int, _Task] = {}
-        sig.inflight = inflight
+def _queue_slides(report: RunReport, store, store_path, entries: Sequence[FeatureFileEntry], key: dict,
+                  overwrite: bool, on_change: str) -> deque[_Task]:
+    """The slides still to do, largest first (with a pull-based queue the big slides do not end up
+    last on one worker); bad slide ids are quarantined, stored ones skipped or redone (on_change)."""
+    stored = _stored_metas(store, key, overwrite, {e.slide_id for e in entries})
+    queue = []
+    for e in entries:
         try:
-            if queue and cache_dir is not None:  # copying starts while the workers start
-                from .slide_cache import SlideCache
+            check_slide_id(e.slide_id, str(e.path))
+        except ProAlignError as err:
+            report.failed[e.slide_id] = str(err)
+            report.quarantine[e.slide_id] = {"path": str(e.path), "tries": 0, "reasons": [str(err)]}
+            continue
+        meta = stored.get(e.slide_id)
+        if not overwrite and meta is not None and meta["options"] == key:
+            # stored with these options: done while its source file is the one it was made from
+            check = check_source(meta, e.path)
+            if check.legacy:
+                report.unfingerprinted.append(e.slide_id)
+            if not check.changed or on_change == "keep":
+                report.skipped.append(e.slide_id)
+            if check.changed:
+                report.changed_sources[e.slide_id] = f"{check.path}: {check.detail}"
+            if not check.changed or on_change != "redo":
+                continue
+        queue.append(_Task(e, _entry_size(e)))
+    _note_changed_sources(report, store_path)
+    return deque(sorted(queue, key=lambda t: -t.size))
 
-                cache = SlideCache(cache_dir, cache_ahead, keep_cache, cache_min_free)
-                cache.plan([t.entry for t in itertools.islice(queue, cache.ahead)])
-            if queue:
-                executor = _make_executor(kind, spec, workers, {
-                    "address": ray_address, "num_cpus": ray_cpus, "num_gpus": ray_gpus, "init_kwargs": ray_init},
-                    slide_timeout, gpus)
-                sig.executor = executor
-            report.timing["start_workers_s"] = time.perf_counter() - t0 - report.timing["scan_s"]
-            bar = Progress(len(queue), sum(t.size for t in queue), progress)  # rates from the first slide out
-            idle = list(range(executor.slots))[::-1] if executor else []
-            while queue or inflight:
-                if sig.count >= 2 or report.aborted:
-                    break
-                copying = False  # the next slide's local copy is still being made
-                while idle and queue and sig.count == 0:
-                    task = queue[0]
-                    entry = task.entry
-                    if cache is not None:  # the local copy, or the original if it failed
-                        entry = cache.take(task.entry, timeout=0.05)
-                        if entry is None:  # not copied yet: store results and check timeouts meanwhile
-                            copying = True
-                            break
-                    queue.popleft()
-                    slot = idle.pop()
-                    if cache is not None:
-                        cache.plan([t.entry for t in itertools.islice(queue, cache.ahead)])
-                    task.tries += 1
-                    inflight[slot] = task
-                    try:
-                        executor.submit(slot, entry)
-                    except SlideDropped:
-                        break
-                    if kind == "inline":
-                        break  # done already: store it before taking the next
-                if sig.count and not inflight:
-                    break
-                events = list(executor.wait(0.05 if copying else 0.2))
-                sig.storing = {inflight[ev.slot].entry.slide_id for ev in events}
-                for ev in _drain(events, inflight, sig):
-                    task = inflight.pop(ev.slot)
-                    idle.append(ev.slot)
-                    sid = task.entry.slide_id
-                    if ev.requeued:  # never started: back to the head of the queue, no try counted
-                        task.tries -= 1
-                        queue.appendleft(task)
-                        if sid not in report.requeued:
-                            report.requeued.append(sid)
-                        log.info("%s: put back untried (its worker died before starting it)", sid)
-                        continue
-                    if ev.result is not None and ev.result.slide_id != sid:
-                        ev = type(ev)(ev.slot, error=f"the worker returned a record for slide "
-                                                     f"{ev.result.slide_id!r} instead of {sid!r}; not stored")
-                    if ev.result is not None:
-                        try:
-                            tw = time.perf_counter()
-                            store.put(sid, ev.result.embedding, ev.result.n_patches, ev.result.meta)
-                            report.timing["write_s"] += time.perf_counter() - tw
-                        except StoreWriteError as err:
-                            ev = type(ev)(ev.slot, error=describe(err))
-                            store_failures += 1
-                            if store_failures >= MAX_STORE_FAILURES:
-                                report.aborted = (f"{store_failures} slides in a row could not be stored in "
-                                                  f"{store_path} (the disk may be full): {err}; rerun the same "
-                                                  f"command to finish")
-                                log.error("stopping: %s", report.aborted)
-                        else:
-                            store_failures = 0
-                            r = ev.result
-                            report.done.append(sid)
-                            report.patches += r.n_patches
-                            report.timing["read_s"] += r.read_s
-                            report.timing["aggregate_s"] += r.aggregate_s
-                            if task.reasons:
-                                report.retried[sid] = list(task.reasons)
-                            if sig.count:
-                                report.stored_after_stop.append(sid)
-                            if cache is not None:  # stored: its local copy goes
-                                cache.release(task.entry)
-                            bar.step(sid, "done", r.n_patches, task.size)
-                            continue
-                    if cache is not None:  # a failed try: a retry copies it again
-                        cache.release(task.entry)
-                    task.reasons.append(ev.error)
-                    if task.tries <= retries:
-                        log.warning("%s failed (try %d), will retry: %s", sid, task.tries, _log_reason(ev.error))
-                        queue.append(task)
-                    else:
-                        report.failed[sid] = ev.error
-                        report.quarantine[sid] = {"path": str(task.entry.path), "tries": task.tries,
-                                                  "reasons": list(task.reasons)}
-                        log.error("%s failed: %s", sid, _log_reason(ev.error))
-                        bar.step(sid, "FAILED", 0, task.size)
-                    if report.aborted:
-                        break  # the rest of this batch stays in flight: pending
-        except KeyboardInterrupt:  # signals not handled here (API default): drop what is in flight
-            sig.name, sig.count = sig.name or "SIGINT", 2
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-            if executor is not None:
-                executor.close(drop=sig.count >= 2 or bool(inflight))
-            if cache is not None:
-                cache.close()
-                report.cache = cache.summary()
-            report.pending = sorted([t.entry.slide_id for t in queue] + [t.entry.slide_id for t in inflight.values()])
-            report.interrupted = sig.name if report.pending else None  # a signal after the last slide: done
-            report.in_flight_at_stop = sig.in_flight_at_stop
-            total = time.perf_counter() - t_start
-            busy = report.timing["read_s"] + report.timing["aggregate_s"]
-            report.timing.update({
-                "total_s": total,
-                "slides_per_s": len(report.done) / total if total > 0 else 0.0,
-                "slides_per_h": 3600 * len(report.done) / total if total > 0 else 0.0,
-                "patches_per_s": report.patches / total if total > 0 else 0.0,
-                "worker_busy_fraction": busy / (total * workers) if total > 0 else 0.0,
-            })
-            if executor is not None and getattr(executor, "restarts", 0):
-                report.timing["worker_restarts"] = executor.restarts
-            report.write(Path(report_path))
-    return report
+
+class _Run:
+    """One run's moving parts: the queue, the slides in flight per worker slot, the executor, the
+    optional local slide cache; `loop` hands out slides and stores what comes back."""
+
+    def __init__(self, report: RunReport, store, store_path, sig: _Signals, queue: deque[_Task], retries: int):
+        self.report, self.store, self.store_path = report, store, store_path
+        self.sig, self.queue, self.retries = sig, queue, retries
+        self.executor: Executor | None = None
+        self.cache = None
+        self.inflight: dict[int, _Task] = {}
+        sig.inflight = self.inflight
+        self.store_failures = 0  # slides in a row that could not be stored
+        self.bar: Progress | None = None
+
+    def loop(self, bar: Progress, inline: bool) -> None:
+        self.bar = bar  # rates from the first slide out
+        idle = list(range(self.executor.slots))[::-1] if self.executor else []
+        while self.queue or self.inflight:
+            if self.sig.count >= 2 or self.report.aborted:
+                break
+            copying = self._hand_out(idle, inline)
+            if self.sig.count and not self.inflight:
+                break
+            events = list(self.executor.wait(0.05 if copying else 0.2))
+            self.sig.storing = {self.inflight[ev.slot].entry.slide_id for ev in events}
+            for ev in _drain(events, self.inflight, self.sig):
+                task = self.inflight.pop(ev.slot)
+                idle.append(ev.slot)
+                self._settle(task, ev)
+                if self.report.aborted:
+                    break  # the rest of this batch stays in flight: pending
+
+    def _hand_out(self, idle: list[int], inline: bool) -> bool:
+        """Give queued slides to idle slots; True when the next slide's local copy is not ready."""
+        while idle and self.queue and self.sig.count == 0:
+            task = self.queue[0]
+            entry = task.entry
+            if self.cache is not None:  # the local copy, or the original if it failed
+                entry = self.cache.take(task.entry, timeout=0.05)
+                if entry is None:  # not copied yet: store results and check timeouts meanwhile
+                    return True
+            self.queue.popleft()
+            slot = idle.pop()
+            if self.cache is not None:
+                self.cache.plan([t.entry for t in itertools.islice(self.queue, self.cache.ahead)])
+            task.tries += 1
+            self.inflight[slot] = task
+            try:
+                self.executor.submit(slot, entry)
+            except SlideDropped:
+                break
+            if inline:
+                break  # done already: store it before taking the next
+        return False
+
+    def _settle(self, task: _Task, ev) -> None:
+        """One worker event: put back untried, stored, retried or quarantined."""
+        sid = task.entry.slide_id
+        if ev.requeued:  # never started: back to the head of the queue, no try counted
+            task.tries -= 1
+            self.queue.appendleft(task)
+            if sid not in self.report.requeued:
+                self.report.requeued.append(sid)
+            log.info("%s: put back untried (its worker died before starting it)", sid)
+            return
+        if ev.result is not None and ev.result.slide_id != sid:
+            ev = type(ev)(ev.slot, error=f"the worker returned a record for slide "
+                                         f"{ev.result.slide_id!r} instead of {sid!r}; not stored")
+        if ev.result is not None:
+            error = self._store(task, ev.result)
+            if error is None:
+                return
+            ev = type(ev)(ev.slot, error=error)
+        if self.cache is not None:  # a failed try: a retry copies it again
+            self.cache.release(task.entry)
+        self._fail(task, ev.error)
+
+    def _store(self, task: _Task, r) -> str | None:
+        """Write a result; None when stored, else the reason (a full disk stops the run after
+        MAX_STORE_FAILURES in a row)."""
+        sid, report = task.entry.slide_id, self.report
+        try:
+            tw = time.perf_counter()
+            self.store.put(sid, r.embedding, r.n_patches, r.meta)
+            report.timing["write_s"] += time.perf_counter() - tw
+        except StoreWriteError as err:
+            self.store_failures += 1
+            if self.store_failures >= MAX_STORE_FAILURES:
+                report.aborted = (f"{self.store_failures} slides in a row could not be stored in "
+                                  f"{self.store_path} (the disk may be full): {err}; rerun the same "
+                                  f"command to finish")
+                log.error("stopping: %s", report.aborted)
+            return describe(err)
+        self.store_failures = 0
+        report.done.append(sid)
+        report.patches += r.n_patches
+        report.timing["read_s"] += r.read_s
+        report.timing["aggregate_s"] += r.aggregate_s
+        if task.reasons:
+            report.retried[sid] = list(task.reasons)
+        if self.sig.count:
+            report.stored_after_stop.append(sid)
+        if self.cache is not None:  # stored: its local copy goes
+            self.cache.release(task.entry)
+        self.bar.step(sid, "done", r.n_patches, task.size)
+        return None
+
+    def _fail(self, task: _Task, error: str) -> None:
+        sid = task.entry.slide_id
+        task.reasons.append(error)
+        if task.tries <= self.retries:
+            log.warning("%s failed (try %d), will retry: %s", sid, task.tries, _log_reason(error))
+            self.queue.append(task)
+            return
+        self.report.failed[sid] = error
+        self.report.quarantine[sid] = {"path": str(task.entry.path), "tries": task.tries,
+                                       "reasons": list(task.reasons)}
+        log.error("%s failed: %s", sid, _log_reason(error))
+        self.bar.step(sid, "FAILED", 0, task.size)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.executor is not None:
+            self.executor.close(drop=self.sig.count >= 2 or bool(self.inflight))
+        if self.cache is not None:
+            self.cache.close()
+            self.report.cache = self.cache.summary()
+
+
+def _finish_report(report: RunReport, sig: _Signals, run: _Run, total: float, workers: int) -> None:
+    """What is left pending, why the run stopped, and its rates."""
+    report.pending = sorted([t.entry.slide_id for t in run.queue] + [t.entry.slide_id for t in run.inflight.values()])
+    report.interrupted = sig.name if report.pending else None  # a signal after the last slide: done
+    report.in_flight_at_stop = sig.in_flight_at_stop
+    busy = report.timing["read_s"] + report.timing["aggregate_s"]
+    report.timing.update({
+        "total_s": total,
+        "slides_per_s": len(report.done) / total if total > 0 else 0.0,
+        "slides_per_h": 3600 * len(report.done) / total if total > 0 else 0.0,
+        "patches_per_s": report.patches / total if total > 0 else 0.0,
+        "worker_busy_fraction": busy / (total * workers) if total > 0 else 0.0,
+    })
+    if run.executor is not None and getattr(run.executor, "restarts", 0):
+        report.timing["worker_restarts"] = run.executor.restarts

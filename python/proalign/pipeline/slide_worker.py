@@ -19,7 +19,7 @@ from .worker import EmbedOptions, set_threads
 
 
 @dataclass(frozen=True)
-class SlideSpec:
+class SlideEncoding:
     """How slide files become features: the encoder (from local weights) and the patch settings."""
 
     encoder: str
@@ -43,7 +43,7 @@ class SlideFileSpec:
 
     prototypes: np.ndarray  # (K, d) float32
     prototypes_path: str  # provenance only
-    slides: SlideSpec
+    slides: SlideEncoding
     options: EmbedOptions = EmbedOptions()
     threads: int | None = None
     shard: str | None = None
@@ -63,7 +63,7 @@ class SlideFileSpec:
 
 
 class SlideFileWorker:
-    """Callable: SlideEntry (slide id, slide file) -> pipeline.worker.SlideRecord."""
+    """Callable: FeatureFileEntry (slide id, slide file) -> pipeline.worker.SlideRecord."""
 
     def __init__(self, spec: SlideFileSpec):
         import torch
@@ -140,7 +140,7 @@ def embed_archive(archive: str | Path | Sequence, encoder: str, weights: str | P
     (`manifest.duplicate_ids`, as the manifest does); the others are listed in the report's
     `duplicates`. `mpp_keys`: custom property names holding the mpp of slides whose standard
     metadata has none (--custom-mpp-keys; slides/mpp.py). Returns the run report."""
-    from ..features.io import SlideEntry
+    from ..features.io import FeatureFileEntry
     from ..prototypes.io import read_prototype_file
     from ..slides.manifest import duplicate_ids
     from ..slides.patching import list_slide_files
@@ -150,7 +150,7 @@ def embed_archive(archive: str | Path | Sequence, encoder: str, weights: str | P
         paths = list_slide_files(archive)
         if not paths:
             raise ValueError(f"no slide files found under {archive}")
-        entries = [SlideEntry(p.stem, p) for p in paths]
+        entries = [FeatureFileEntry(p.stem, p) for p in paths]
     else:
         entries = list(archive)
         if not entries:
@@ -162,7 +162,7 @@ def embed_archive(archive: str | Path | Sequence, encoder: str, weights: str | P
         duplicates.setdefault(entries[n].slide_id, []).append(str(entries[n].path))
     entries = [e for n, e in enumerate(entries) if n not in dup]
     c, _ = read_prototype_file(prototypes)
-    slides = SlideSpec(encoder, str(weights), dict(encoder_kwargs or {}), device, slide_options, dict(mpp or {}),
+    slides = SlideEncoding(encoder, str(weights), dict(encoder_kwargs or {}), device, slide_options, dict(mpp or {}),
                        text_prototypes, tuple(mpp_keys or ()))
     spec = SlideFileSpec(c, str(prototypes), slides, options, scheduling.pop("threads", None))
     return run_archive(entries, spec, store, overwrite=overwrite, duplicates=duplicates, **scheduling)

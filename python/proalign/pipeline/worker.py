@@ -1,18 +1,14 @@
 """The per-slide worker: one slide in -> one store record out.
 
-`WorkerSpec(...).build()` gives a `SlideWorker`; `worker(entry)` reads one slide's patch features,
+`FeatureFileSpec(...).build()` gives a `FeatureFileWorker`; `worker(entry)` reads one slide's patch features,
 embeds them and returns a `SlideRecord` (embedding, N, provenance) that the single writer stores
 as it is. The worker never touches the store and holds no open files between slides; the spec
 is plain data (it is pickled to processes and Ray actors), so any scheduler can run it:
 in-process, a local process pool, Ray actors (scheduler.run_archive).
 
-The contract a scheduler relies on, for any kind of worker (the slides path brings its own spec,
-whose worker loads the encoder once and calls embed_slides.embed_slide per entry):
-- `spec.build()` -> a callable `worker(entry) -> SlideRecord`, raising (naming the slide) when
-  the slide is bad; called once per process/actor;
-- `spec.record_key()` -> the `options` a stored record must carry to count as done;
-- `spec.describe()` -> {"prototypes": ..., "options": ...} for the run report;
-- fields `threads` and `shard` (dataclass fields, set by the scheduler with dataclasses.replace).
+The contract a scheduler relies on, for any kind of worker, is the `WorkerSpec` protocol below:
+`FeatureFileSpec` (here: feature files) and `slide_worker.SlideFileSpec` (slide files: its worker
+loads the encoder once and calls embed_slides.embed_slide per entry) implement it.
 """
 from __future__ import annotations
 
@@ -21,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -42,7 +38,7 @@ class EmbedOptions:
     backend: str | None = None  # None: fastest live backend
     encoder_id: str | None = None  # default: the feature file's `encoder` attribute
     panther_eps: float = 1.0  # METHOD.md defaults; PANTHER's released config.json runs 0.1
-    panther_prior: float = 1.0  # and 0.001 (its script flags never reach the model)
+    panther_prior: float = 1.0  # PANTHER prior_strength (name kept: records store it); PANTHER runs 0.001
 
     def __post_init__(self):
         if self.prior is None:
@@ -73,7 +69,7 @@ class EmbedOptions:
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
+class FeatureFileSpec:
     """Everything a worker needs, by value (it travels to processes and Ray actors)."""
     prototypes: np.ndarray  # (K, d) float32
     prototypes_path: str  # provenance only: workers never open it
@@ -81,8 +77,8 @@ class WorkerSpec:
     threads: int | None = None  # numba/torch threads in this worker; None: keep the defaults
     shard: str | None = None  # "i/n", provenance only
 
-    def build(self) -> "SlideWorker":
-        return SlideWorker(self)
+    def build(self) -> "FeatureFileWorker":
+        return FeatureFileWorker(self)
 
     def record_key(self) -> dict:
         from ..prototypes.io import prototype_hash
@@ -109,6 +105,24 @@ class SlideRecord:
     read_s: float = 0.0
     aggregate_s: float = 0.0
     nbytes: int = 0  # size of the feature file
+
+
+@runtime_checkable
+class WorkerSpec(Protocol):
+    """What the scheduler (run_archive) needs of a worker spec. The spec is plain data: it is
+    pickled to worker processes and Ray actors."""
+    threads: int | None  # numba/torch threads per worker; the scheduler sets it (dataclasses.replace)
+    shard: str | None  # "i/n", provenance only; set by the scheduler
+
+    def build(self) -> Callable[..., SlideRecord]:
+        """The worker, `worker(entry) -> SlideRecord`, raising (naming the slide) for a bad slide;
+        called once per process or actor."""
+
+    def record_key(self) -> dict:
+        """The `options` a stored record must carry to count as done."""
+
+    def describe(self) -> dict:
+        """{"prototypes": ..., "options": ...} for the run report."""
 
 
 def describe(e: BaseException) -> str:
@@ -138,10 +152,10 @@ def set_threads(threads: int | None) -> int:
     return numba.get_num_threads() if numba is not None else torch.get_num_threads()
 
 
-class SlideWorker:
-    """Callable: `SlideEntry` -> `SlideRecord`; raises (naming the slide) when the slide is bad."""
+class FeatureFileWorker:
+    """Callable: `FeatureFileEntry` -> `SlideRecord`; raises (naming the slide) when the slide is bad."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: FeatureFileSpec):
         from ..aggregate import resolve_backend
         from ..prototypes.io import prototype_hash
 

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from ..errors import FeatureFileError, PrototypeError
-from ..features.io import SlideEntry, read_features, read_rows
+from ..features.io import FeatureFileEntry, read_features, read_rows
 
 log = logging.getLogger(__name__)
 COLLAPSE_USAGE = 1e-3
@@ -33,7 +33,7 @@ class Pool:
     skipped: dict[str, str] = field(default_factory=dict)  # slide id -> reason
 
 
-def _n_rows(entry: SlideEntry) -> int:
+def _n_rows(entry: FeatureFileEntry) -> int:
     if entry.path.suffix == ".h5":
         with h5py.File(entry.path, "r") as f:
             if "features" not in f:
@@ -43,7 +43,7 @@ def _n_rows(entry: SlideEntry) -> int:
     return len(read_features(entry.path, entry.slide_id).features)
 
 
-def sample_pool(entries: Sequence[SlideEntry], pool_size: int, seed: int) -> Pool:
+def sample_pool(entries: Sequence[FeatureFileEntry], pool_size: int, seed: int) -> Pool:
     """An equal per-slide quota of uniformly drawn rows, `pool_size` rows in all at most."""
     if not entries:
         raise PrototypeError("no slides to sample a prototype pool from")
@@ -152,7 +152,7 @@ class PrototypeSet:
 
 
 def build_prototype_set(
-    entries: Sequence[SlideEntry],
+    entries: Sequence[FeatureFileEntry],
     init: str = "kmeans",
     k: int = 16,
     seed: int = 0,

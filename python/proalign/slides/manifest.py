@@ -21,7 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from ..features.io import SlideEntry
+from ..features.io import FeatureFileEntry
 
 log = logging.getLogger("proalign.manifest")
 
@@ -32,7 +32,7 @@ SLIDE_MANIFEST_COLUMNS = {"slide_id", "path", "format", "mpp", "mpp_source", "st
 
 
 @dataclass(frozen=True)
-class SlideFileEntry(SlideEntry):
+class SlideFileEntry(FeatureFileEntry):
     """A slide file for the slides path's worker, with what the manifest recorded (optional):
     `size_bytes` orders the queue without a stat; `mpp` is a user-supplied level-0 mpp (None: the
     slide's own metadata); `source` is the original file when `path` is a local cached copy."""

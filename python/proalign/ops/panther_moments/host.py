@@ -58,7 +58,7 @@ def panther_ragged(moments: Moments, x: torch.Tensor, lengths: torch.Tensor, pro
     v0 = torch.full_like(m0, float(eps))
     shift = m0.mean(dim=0).float()  # the kernels' moments are around exactly this fp32 vector
     sh = shift.double()
-    tau = float(prior_strength)
+    strength = float(prior_strength)
     # Step 1 starts from the prior, the same for every slide (P = 1); later steps are per slide.
     mu, var = m0[None], v0[None]
     log_pi = torch.full((1, k), -math.log(k), dtype=torch.float64, device=dev)
@@ -66,9 +66,9 @@ def panther_ragged(moments: Moments, x: torch.Tensor, lengths: torch.Tensor, pro
         nq, s1, s2 = moments(x, lengths, shift, *estep_params(mu, var, log_pi, sh))
         # MAP M-step in the shifted frame: the prior's pseudo-points have mean m0 - shift and
         # second moment v0 + (m0 - shift)^2 there.
-        n_k = nq + tau
-        mu_s = (s1 + tau * (m0 - sh)) / n_k[..., None]
-        var = (s2 + tau * (v0 + (m0 - sh) ** 2)) / n_k[..., None] - mu_s * mu_s
+        n_k = nq + strength
+        mu_s = (s1 + strength * (m0 - sh)) / n_k[..., None]
+        var = (s2 + strength * (v0 + (m0 - sh) ** 2)) / n_k[..., None] - mu_s * mu_s
         mu, log_pi = mu_s + sh, torch.log(n_k / n_k.sum(dim=1, keepdim=True))
     pi, mu, var = log_pi.exp().expand(n_slides, k), mu.expand(n_slides, k, d), var.expand(n_slides, k, d)
     return torch.cat([pi, mu.reshape(n_slides, -1), var.reshape(n_slides, -1)], dim=1)[:, None]

@@ -9,7 +9,7 @@ import torch
 
 # PANTHER's published embedding settings (METHOD.md "Baselines").
 PANTHER_EPS = 1.0  # prior diagonal covariance V = eps * softplus(log(e - 1)) = eps
-PANTHER_TAU = 1.0  # prior strength of the MAP M-step
+PANTHER_PRIOR_STRENGTH = 1.0  # prior strength of the MAP M-step
 PANTHER_EM_STEPS = 1
 
 
@@ -17,7 +17,7 @@ def panther(
     x: torch.Tensor,
     prototypes: torch.Tensor,
     eps: float = PANTHER_EPS,
-    prior_strength: float = PANTHER_TAU,
+    prior_strength: float = PANTHER_PRIOR_STRENGTH,
     em_steps: int = PANTHER_EM_STEPS,
 ) -> torch.Tensor:
     """PANTHER's MAP-EM of a diagonal GMM with the prototypes as prior means; 'allcat' output

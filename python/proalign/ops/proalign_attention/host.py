@@ -1,7 +1,7 @@
 """Host side of the ProAlign attention op, shared by its fused backends (numba, Triton, CUDA C++):
-plan the programs of a ragged batch (`plans`), merge the per-program online-softmax partials of each slide with torch segment
-ops (a fixed number of launches for the whole batch, no per-slide loop), and turn the merged
-sums into embeddings (the same float64 formulas as reference.proalign).
+plan the programs of a ragged batch (`plans`), merge the per-program online-softmax partials of
+each slide with torch segment ops (a fixed number of launches for the whole batch, no per-slide
+loop), and turn the merged sums into embeddings (the same float64 formulas as reference.proalign).
 
 A kernel returns, per program (or numba work item) p, tau t and prototype k: m (running max of
 s/tau; 0 for over=prototypes, which needs no rescaling), l (sum of weights), pi (sum of the
