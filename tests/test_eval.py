@@ -560,6 +560,8 @@ def test_eval_cli_json_and_errors(planted, cli, tmp_path, caplog):
     lab.write_text("\n".join(rows + ["GHOST-1,GHOST-1,LUAD,1,1,0", "GHOST-2,GHOST-2,LUSC,1,1,0"]) + "\n")
     r = _invoke("eval", "--store", planted["store"], "--labels", lab, "--task", "retrieve")
     assert r.exit_code == 0 and "mv_accuracy@5" in r.stdout
+    r = _invoke("eval", "--store", planted["store"], "--labels", lab, "--task", "retrieve", "--neighbours", 2)
+    assert r.exit_code == 0 and "mv_accuracy@2" in r.stdout and "mv_accuracy@5" not in r.stdout
     assert "2 of 66 labelled slides are not in the store" in caplog.text
     r = _invoke("eval", "--store", planted["store"], "--labels", lab, "--task", "retrieve", "--strict")
     assert r.exit_code == 2 and "2 of 66 labelled slides" in r.stderr and "GHOST-1" in r.stderr
@@ -691,7 +693,7 @@ def test_attention_and_heatmap_cli(slide_case, cli, tmp_path):
     left = coords[:, 0] < 1024
     assert a[left, 0].sum() > 0.99 and a[~left, 1].sum() > 0.99  # attention sits where the type is
     out = tmp_path / "h.png"
-    r = cli("heatmap", svs, "--features", feats, "--prototypes", protos, "--out", out, check=0)
+    r = cli("heatmap", svs, "--feature-file", feats, "--prototypes", protos, "--out", out, check=0)
     assert "wrote" in r.stdout
     with proalign.open_slide(svs) as s:
         th = s.get_thumbnail(1024).shape[:2]
@@ -705,7 +707,7 @@ def test_attention_and_heatmap_cli(slide_case, cli, tmp_path):
 def test_montage_usage_map_roc_km(slide_case, planted, cli, tmp_path):
     svs, feats, protos, *_ = slide_case
     out = tmp_path / "m.png"
-    r = _invoke("plot", "montage", svs, "--features", feats, "--prototypes", protos, "--n", 5, "--out", out)
+    r = _invoke("plot", "montage", svs, "--feature-file", feats, "--prototypes", protos, "--n", 5, "--out", out)
     assert r.exit_code == 0, r.output
     _png(out, plots.montage_size(4, 5))
     pi, meta = plots.usage_from_store(planted["store"])
@@ -819,7 +821,7 @@ def test_heatmap_cli_from_slide_and_usage_errors(slide_and_conch, tmp_path):
         ((svs, "--prototypes", protos), "--encoder E --weights W"),  # neither --features nor --encoder
         ((svs, "--prototypes", protos, "--encoder", "conch_v1"), "--encoder needs --weights"),
         (("--prototypes", protos, "--encoder", "conch_v1", "--weights", weights), "give the slide file"),
-        ((svs, "--prototypes", protos, "--features", feats, "--mag", 20), "--mag compute features from SLIDE"),
+        ((svs, "--prototypes", protos, "--feature-file", feats, "--mag", 20), "--mag compute features from SLIDE"),
         (("--prototypes", protos, "--features", feats, "--montage", mont), "--montage reads the top patches"),
     ]:
         r = _invoke("heatmap", *args, "--out", tmp_path / "x.png")

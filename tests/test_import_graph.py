@@ -191,3 +191,4 @@ def test_facade_keeps_real_signatures():
 
 if __name__ == "__main__":
     print("\n".join(violations()) or "no violations")
+

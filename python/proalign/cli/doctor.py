@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -10,15 +11,19 @@ from .app import main
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def doctor(as_json):
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the report as JSON to this file (- for standard output), as every --json does.")
+def doctor(json_out):
     """Versions, live backends and devices, and why the others are not live."""
     from ..doctor import report
 
     r = report()
-    if as_json:
-        click.echo(json.dumps(r, indent=2))
-        return
+    if json_out:
+        text = json.dumps(r, indent=2)
+        if json_out == "-":
+            click.echo(text)
+            return
+        Path(json_out).write_text(text + "\n")
     click.echo(f"proalign-engine {__version__}  python {r['python']}  {r['platform']}")
     for p, v in r["packages"].items():
         click.echo(f"  {p:12s} {v}")

@@ -30,7 +30,8 @@ from .options import (apply_grid_preset, archive_opts, encoder_kwargs, encoder_o
 @click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "dali-cpu", "dali-gpu"]))
 @click.option("--shrink-on-load", is_flag=True, help="--archive: half-size DCT decode of JPEG tiles when patches "
                                                      "are downsampled 2x or more (faster; mean |diff| ~0.5).")
-@click.option("--batch-size", default=None, type=click.IntRange(1), help="--archive: encoder batch (default 256).")
+@click.option("--encoder-batch-size", "--batch-size", "batch_size", default=None, type=click.IntRange(1),
+              help="--archive: patches per encoder batch (default 256).")
 @click.option("--prototypes", "prototypes", required=True, type=click.Path(dir_okay=False), help="Prototype file (K, d).")
 @click.option("--out", required=True, type=click.Path(), help="The LMDB store (a folder); created if missing.")
 @click.option("--method", default="proalign", show_default=True,

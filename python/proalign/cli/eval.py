@@ -27,7 +27,8 @@ eval_opts = [
     click.option("--patient-col", default=None,
                  help="Patient column [default: the first of case_id, patient_id, patient; else the TCGA "
                       "barcode's first 12 characters, else the slide id]."),
-    click.option("--k", "ks", multiple=True, type=click.IntRange(1), help="retrieve: neighbours (repeat). [1 3 5]"),
+    click.option("--neighbours", "ks", multiple=True, type=click.IntRange(1),
+                 help="retrieve: neighbours (repeat). [1 3 5]"),
     click.option("--C", "C", default=None, type=float,
                  help="logistic: inverse L2 strength [default: auto, chosen per fold by inner CV over 1e-7..1e2]."),
     click.option("--alpha", default=None, type=float,
@@ -46,7 +47,7 @@ eval_opts = [
 
 # `heatmap` straight from a slide file: the encoder and patching options of `embed --archive`
 slide_opts = [
-    click.option("--encoder", default=None, help="Without --features: conch_v1, open_clip:<arch>, timm:<name>."),
+    click.option("--encoder", default=None, help="Without --feature-file: conch_v1, open_clip:<arch>, timm:<name>."),
     click.option("--weights", type=click.Path(exists=True), default=None, help="Local weights file or folder."),
     click.option("--encoder-arg", "encoder_args", multiple=True, metavar="KEY=VALUE",
                  help="Extra create_encoder argument (e.g. tokenizer=PATH); repeatable."),
@@ -57,7 +58,7 @@ slide_opts = [
     click.option("--min-tissue", default=None, type=click.FloatRange(0, 1),
                  help="Least tissue fraction of a patch (default 0.1)."),
     click.option("--save-features", type=click.Path(file_okay=False), default=None,
-                 help="Keep the computed features as <slide>.h5 in this folder (reuse them with --features)."),
+                 help="Keep the computed features as <slide>.h5 in this folder (reuse them with --feature-file)."),
 ]
 
 
@@ -182,7 +183,7 @@ def register(main: click.Group) -> None:
 
     @main.command("heatmap")
     @click.argument("slide", required=False, type=click.Path(exists=True, dir_okay=False))
-    @click.option("--features", default=None, type=click.Path(exists=True, dir_okay=False),
+    @click.option("--feature-file", "features", default=None, type=click.Path(exists=True, dir_okay=False),
                   help="The slide's features .h5 (features + coords). Without it: computed from SLIDE "
                        "with --encoder/--weights.")
     @click.option("--prototypes", "prototypes", required=True, type=click.Path(exists=True, dir_okay=False))
@@ -202,7 +203,7 @@ def register(main: click.Group) -> None:
                 out):
         """Per-prototype attention a_ik over SLIDE's thumbnail (no SLIDE: over a blank canvas).
 
-        The patch features come from --features, or are computed from SLIDE itself with
+        The patch features come from --feature-file, or are computed from SLIDE itself with
         --encoder E --weights W (tissue -> patch grid -> encoder, as `embed --archive` does)."""
         from ..eval.plots import slide_pictures
 
@@ -210,7 +211,7 @@ def register(main: click.Group) -> None:
             raise click.UsageError("--montage reads the top patches from SLIDE: give the slide file")
         if features is None:
             if not encoder:
-                raise click.UsageError("give the slide's --features FILE, or --encoder E --weights W to compute "
+                raise click.UsageError("give the slide's --feature-file FILE, or --encoder E --weights W to compute "
                                        "them from SLIDE")
             if not slide:
                 raise click.UsageError("--encoder computes features from SLIDE: give the slide file")
@@ -230,7 +231,7 @@ def register(main: click.Group) -> None:
                                           ("--min-tissue", min_tissue), ("--save-features", save_features))
                      if v not in (None, ())]
             if extra:
-                raise click.UsageError(f"{', '.join(extra)} compute features from SLIDE: not with --features")
+                raise click.UsageError(f"{', '.join(extra)} compute features from SLIDE: not with --feature-file")
             kw = dict(features_path=features)
         try:
             res = slide_pictures(slide, prototypes, out, descriptions=descriptions, tau=tau, scale=scale,
@@ -250,7 +251,8 @@ def register(main: click.Group) -> None:
 
     @plot.command("montage")
     @click.argument("slide", type=click.Path(exists=True, dir_okay=False))
-    @click.option("--features", required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--feature-file", "features", required=True, type=click.Path(exists=True, dir_okay=False),
+                  help="The slide's features .h5 (features + coords).")
     @click.option("--prototypes", "prototypes", required=True, type=click.Path(exists=True, dir_okay=False))
     @click.option("--descriptions", default=None)
     @click.option("--n", default=8, show_default=True, type=click.IntRange(1), help="Patches per prototype.")
@@ -288,16 +290,16 @@ def register(main: click.Group) -> None:
     @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False))
     @click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False))
     @click.option("--label-col", default="label", show_default=True)
-    @click.option("--method", default="pca", show_default=True, type=click.Choice(["pca", "tsne"]))
+    @click.option("--projection", default="pca", show_default=True, type=click.Choice(["pca", "tsne"]))
     @click.option("--out", required=True, type=click.Path(dir_okay=False))
-    def plot_map(store, labels, label_col, method, out):
+    def plot_map(store, labels, label_col, projection, out):
         """Slide embeddings in 2-D, coloured by label."""
         from ..eval.data import load_dataset, read_labels
         from ..eval.plots import embedding_map
 
         ds = load_dataset(store, read_labels(labels, "classify", label_col=label_col), "classify")
         try:
-            p = embedding_map(ds.x, [ds.classes[i] for i in ds.y], out, method=method)
+            p = embedding_map(ds.x, [ds.classes[i] for i in ds.y], out, method=projection)
         except ValueError as e:
             raise click.ClickException(str(e)) from e
         click.echo(f"wrote {p}")
