@@ -822,7 +822,7 @@ def test_heatmap_cli_from_slide_and_usage_errors(slide_and_conch, tmp_path):
         ((svs, "--prototypes", protos, "--encoder", "conch_v1"), "--encoder needs --weights"),
         (("--prototypes", protos, "--encoder", "conch_v1", "--weights", weights), "give the slide file"),
         ((svs, "--prototypes", protos, "--feature-file", feats, "--mag", 20), "--mag compute features from SLIDE"),
-        (("--prototypes", protos, "--features", feats, "--montage", mont), "--montage reads the top patches"),
+        (("--prototypes", protos, "--feature-file", feats, "--montage", mont), "--montage reads the top patches"),
     ]:
         r = _invoke("heatmap", *args, "--out", tmp_path / "x.png")
         assert r.exit_code == 2 and msg in r.output, r.output
