@@ -18,9 +18,7 @@ import torch.nn.functional as F
 
 from ..ops.panther_moments.reference import PANTHER_EM_STEPS, PANTHER_EPS, PANTHER_PRIOR_STRENGTH
 from ..ops.proalign_attention import host
-from . import aggregate, with_defaults
-
-METHODS = ("proalign", "panther", "h2t", "protocount", "mean")
+from . import METHODS, aggregate, with_defaults
 
 
 class StreamingAggregator:

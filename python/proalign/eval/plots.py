@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -80,14 +79,14 @@ def _names_from_descriptions(name_or_path: str) -> list[str]:
 # --- attention over a slide --------------------------------------------------------------------
 
 def attention(features: np.ndarray, prototypes: np.ndarray, tau: float = 0.1) -> np.ndarray:
-    """a_ik = softmax_i(cos(x_i, c_k) / tau): (N, K), each column sums to 1 (METHOD.md Step 5)."""
-    x = np.asarray(features, np.float64)
-    c = np.asarray(prototypes, np.float64)
-    s = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)) @ \
-        (c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)).T / tau
-    s -= s.max(axis=0, keepdims=True)
-    a = np.exp(s)
-    return a / a.sum(axis=0, keepdims=True)
+    """a_ik = softmax_i(cos(x_i, c_k) / tau): (N, K) float64, each column sums to 1 (METHOD.md
+    Step 5; the ProAlign op's reference weights)."""
+    import torch
+
+    from ..ops.proalign_attention.reference import attention_weights, similarity
+
+    x, c = (torch.from_numpy(np.asarray(a, np.float64)) for a in (features, prototypes))
+    return attention_weights(similarity(x, c), tau, "patches").numpy()
 
 
 def patch_size_level0(attrs: dict, coords: np.ndarray) -> int:
@@ -442,22 +441,21 @@ def features_from_slide(slide_path: str | os.PathLike, encoder, prototypes: np.n
                         mpp: float | None = None, device: str = "cpu", save_dir: str | os.PathLike | None = None,
                         slide_id: str | None = None):
     """A slide's patch features and coords through the slides pipeline (tissue -> grid -> engine
-    -> `encoder`), as the FeatureFile that `embed --archive --save-features` would have written:
-    the TRIDENT-style .h5 goes to `save_dir` (kept) or to a temporary folder (removed)."""
-    from ..features.io import read_features
+    -> `encoder`), kept in memory, as a FeatureFile; with `save_dir` also written there as the
+    TRIDENT-style <slide_id>.h5 that `embed --archive --save-features` writes."""
+    from ..features.io import FeatureFile
     from ..pipeline.embed_slides import SlideOptions, embed_slide
 
     d = getattr(encoder, "feature_dim", None)
     if d is not None:
         _check_dims(f"encoder {getattr(encoder, 'name', '')}".strip(), int(d), prototypes)
     slide_id = slide_id or Path(slide_path).stem
-    with tempfile.TemporaryDirectory(prefix="proalign-heatmap-") as tmp:
-        out_dir = Path(save_dir) if save_dir else Path(tmp)
-        opts = dataclasses.replace(options or SlideOptions(), features_dir=str(out_dir))
-        # "mean" folds each batch into one running sum: the cheapest aggregation to carry along
-        embed_slide(slide_path, encoder, prototypes, method="mean", options=opts, slide_id=slide_id, mpp=mpp,
-                    device=device)
-        return read_features(out_dir / f"{slide_id}.h5", slide_id)  # read whole, before the folder goes
+    opts = dataclasses.replace(options or SlideOptions(), features_dir=str(save_dir) if save_dir else None)
+    res = embed_slide(slide_path, encoder, prototypes, method=None, options=opts, slide_id=slide_id, mpp=mpp,
+                      device=device, keep_features=True)
+    path = Path(save_dir) / f"{slide_id}.h5" if save_dir else Path(slide_path)
+    return FeatureFile(slide_id, path, res.features, res.grid.coords,
+                       {"coords.patch_size_level0": res.grid.patch_size_level0})
 
 
 @dataclasses.dataclass

@@ -75,11 +75,12 @@ class SlideOptions:
 @dataclass
 class EmbeddedSlide:
     slide_id: str
-    embedding: np.ndarray
+    embedding: np.ndarray | None  # None when embed_slide ran with method=None (features only)
     n_patches: int
     grid: PatchGrid
     timing: dict[str, float] = field(default_factory=dict)
     stats: PatchStats | None = None
+    features: np.ndarray | None = None  # (N, d) float32 in grid order, with keep_features
 
 
 def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
@@ -136,14 +137,15 @@ def find_coords(coords_dir: str | Path, slide_id: str) -> Path:
                         f"{slide_id}.h5)")
 
 
-def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "proalign",
+def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str | None = "proalign",
                 aggregate_kwargs: dict | None = None, options: SlideOptions = SlideOptions(),
                 slide_id: str | None = None, mpp: float | None = None, device: str | torch.device = "cpu",
-                text_prototypes=None, mpp_keys: tuple[str, ...] = ()) -> EmbeddedSlide:
+                text_prototypes=None, mpp_keys: tuple[str, ...] = (), keep_features: bool = False) -> EmbeddedSlide:
     """Embed one slide file. `encoder` follows proalign.encoders (preprocess, encode_image,
     project, input_size, magnification, patch_size). `text_prototypes` switches proalign to
     space=joint (keys = projected patches). `mpp_keys`: custom property names holding the mpp
-    of a slide whose standard metadata has none (--custom-mpp-keys)."""
+    of a slide whose standard metadata has none (--custom-mpp-keys). `keep_features` returns the
+    patch features too (N x d in memory); method=None only encodes (no embedding: heatmaps)."""
     path = Path(path)
     slide_id = slide_id or path.stem
     timing = {"grid_s": 0.0, "patches_s": 0.0, "encode_s": 0.0, "aggregate_s": 0.0}
@@ -163,7 +165,8 @@ def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "pr
             raise SlideError(path, "no tissue patches (empty grid): check --min-tissue or the slide")
         timing["grid_s"] = time.perf_counter() - t0
         kw = dict(aggregate_kwargs or {})
-        agg = StreamingAggregator(prototypes, method, queries=text_prototypes, **kw)
+        agg = StreamingAggregator(prototypes, method, queries=text_prototypes, **kw) if method else None
+        kept = None
         writer = (_FeatureWriter.for_options(options, slide_id, grid, getattr(encoder, "name", None))
                   if options.features_dir else None)
         stats = PatchStats()
@@ -183,19 +186,25 @@ def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str = "pr
                 x = encoder.encode_image(encoder.preprocess(patches.to(device, non_blocking=True)))
                 keys = encoder.project(x) if text_prototypes is not None else None
             t2 = time.perf_counter()
-            agg.update(x.float(), keys=None if keys is None else keys.float())
-            if writer:
-                writer.write(x.float().cpu().numpy(), idx)
+            if agg is not None:
+                agg.update(x.float(), keys=None if keys is None else keys.float())
+            if writer or keep_features:
+                rows = x.float().cpu().numpy()
+                if writer:
+                    writer.write(rows, idx)
+                if keep_features:
+                    kept = np.empty((len(grid), rows.shape[1]), np.float32) if kept is None else kept
+                    kept[np.asarray(idx)] = rows
             t_wait = time.perf_counter()
             timing["encode_s"] += t2 - t1
             timing["aggregate_s"] += t_wait - t2
         if writer:
             writer.close()
-        emb = agg.result().numpy()
+        emb = agg.result().numpy() if agg is not None else None
     finally:
         slide.close()
     timing["total_s"] = time.perf_counter() - t0
-    return EmbeddedSlide(slide_id, emb, len(grid), grid, timing, stats)
+    return EmbeddedSlide(slide_id, emb, len(grid), grid, timing, stats, kept)
 
 
 class _FeatureWriter:

@@ -40,6 +40,18 @@ def compact_prior(prior: float | Sequence[float], n_rows: int) -> float | list[f
     return priors[0] if len(set(priors)) == 1 else list(priors)
 
 
+def similarity(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """cos(key_i, query_k): (N, K)."""
+    return F.normalize(keys, dim=1) @ F.normalize(queries, dim=1).T
+
+
+def attention_weights(cos: torch.Tensor, tau: float, over: str = "patches") -> torch.Tensor:
+    """The weight of patch i in prototype k's pooled vector, (N, K): softmax over patches of
+    cos/tau (over=patches, each column sums to 1), or each patch's softmax over prototypes
+    (over=prototypes, each row sums to 1)."""
+    return torch.softmax(cos / tau, dim=0 if over == "patches" else 1)
+
+
 def proalign(
     x: torch.Tensor,
     prototypes: torch.Tensor,
@@ -66,14 +78,13 @@ def proalign(
     check_options(over, moments, prior)
     keys = x if keys is None else keys
     queries = prototypes if queries is None else queries
-    cos = F.normalize(keys, dim=1) @ F.normalize(queries, dim=1).T  # (N, K)
+    cos = similarity(keys, queries)  # (N, K)
     rows = []
     for tau, rho in zip(taus, row_priors(prior, len(taus))):
-        s = cos / tau
-        per_patch = torch.softmax(s, dim=1)  # softmax over prototypes
+        per_patch = attention_weights(cos, tau, "prototypes")  # softmax over prototypes
         pi = per_patch.mean(dim=0)
         if over == "patches":
-            weights, mass, pseudo = torch.softmax(s, dim=0), 1.0, 0.0  # softmax over patches
+            weights, mass, pseudo = attention_weights(cos, tau, "patches"), 1.0, 0.0
         else:
             mass = (per_patch.sum(dim=0)[:, None] + rho).clamp_min(torch.finfo(x.dtype).tiny)
             weights, pseudo = per_patch, rho
