@@ -232,6 +232,19 @@ def test_per_row_priors_from_the_cli(cli, cohort, tmp_path):
             assert s.meta(sid)["options"]["prior"] == [2.0, 0.0]
 
 
+
+def test_slide_file_options_are_refused_with_feature_files(cli, cohort, tmp_path):
+    """Every option of the slides path, given with --features, is a usage error naming it (it would
+    do nothing there); left unset they are not, nor is --device (which places the aggregation)."""
+    feats, ppath, _ = cohort
+    out = tmp_path / "s.lmdb"
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--mag", 20, "--encoder", "conch_v1",
+            "--keep-penmarks", "--batch-size", 8, check=2)
+    assert "--mag, --encoder, --keep-penmarks, --encoder-batch-size are for slide files" in r.stderr
+    r = cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--cache-dir", tmp_path, check=2)
+    assert "--cache-dir is for slide files" in r.stderr and not out.exists()
+    cli("embed", "--features", feats, "--prototypes", ppath, "--out", out, "--device", "cpu", check=0)
+
 def test_demo_runs(tmp_path, capsys):
     """`make demo`'s features path, small: it prints the first slide's embedding of the default reading."""
     from proalign.demo import main
