@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q
 
-.PHONY: demo test install clean parity parity-install
+.PHONY: demo test test-slow install clean parity parity-install
 
 $(VENV)/.installed: setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/proalign-engine doctor
 	$(PY) -m proalign.demo --out demo
 
+# `make test`: every test but the slow end-to-end runs (minutes here); `make test-slow`: those (CI runs both).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) $(PARITY_VENV) build demo *.egg-info

@@ -144,6 +144,7 @@ def _events(executor, n: int, timeout: float = 60.0) -> list:
     return events
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tmp_path, cohort):
     """SIGKILL the writer three times at seeded random points (2 worker processes, in-process, 2
     workers); rerun: every slide stored exactly once, bit-identical to the uninterrupted run; no
@@ -411,6 +412,7 @@ def test_one_worker_per_gpu(tmp_path, cohort):
     _assert_equal_to_clean(tmp_path / "s.lmdb", ref, [e.slide_id for e in entries])
 
 
+@pytest.mark.slow
 @pytest.mark.optional
 def test_ray_backend_equals_local(tmp_path, cohort):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'proalign-engine[ray]')")
@@ -500,6 +502,7 @@ def test_a_record_naming_another_slide_is_not_stored(tmp_path, cohort):
     _assert_equal_to_clean(out, ref, [e.slide_id for e in entries if e.slide_id != bad])
 
 
+@pytest.mark.slow
 def test_full_disk_stops_the_run_and_a_rerun_finishes(tmp_path, cohort):
     """The writer may not grow the store (ulimit -f, as a full disk): each refused write names the
     slide and the cause; after 3 slides in a row
@@ -564,6 +567,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.optional
 def test_ray_actor_death_costs_only_its_current_slide(tmp_path, cohort):
     """2 Ray actors, 2 slides each in flight. The largest slide kills its actor: it loses a try

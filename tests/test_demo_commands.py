@@ -16,6 +16,7 @@ from proalign.encoders.base import ENCODER_CONFIG_FILE, CheckpointMismatchError
 from proalign.testing.random_weights import TINY_CONCH, write_random_conch
 
 
+@pytest.mark.slow
 def test_demo_prints_next_commands_that_work(tmp_path, capsys):
     """The demo's smallest slides run (one generated slide, four feature files), then each printed
     command through the CLI; plus embed --archive on the demo's model folder without --encoder-arg."""

@@ -14,6 +14,8 @@ proportion/joint (seed 0) default 0.80, protocount 0.82; survival/text default 0
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # the planted-signal suite: minutes; `make test-slow`
+
 from proalign.bench import quality
 from proalign.testing.planted_signals import make_cohort, prototypes_for
 

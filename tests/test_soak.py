@@ -9,6 +9,7 @@ import pytest
 from proalign.bench import soak
 
 
+@pytest.mark.slow
 @pytest.mark.optional
 def test_short_soak(tmp_path, capsys):
     pytest.importorskip("ray")
