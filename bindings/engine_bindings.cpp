@@ -9,6 +9,7 @@
 #include "tile_reader.hpp"
 #ifdef PROALIGN_WITH_LIBJPEG
 #include "jpeg_decoder.hpp"
+#include "patch_stream.hpp"
 #endif
 
 namespace py = pybind11;
@@ -48,6 +49,28 @@ struct PyTileStream {
   std::shared_ptr<TileReader> reader;
   std::unique_ptr<TileStream> stream;
 };
+
+#ifdef PROALIGN_WITH_LIBJPEG
+// A decoded tile's pixels as a (h, w, 3) array that owns them: moved, not copied, so no second
+// tile-sized allocation can fail after the decode succeeded.
+py::array pixels_array(proalign::DecodedTile* t) {
+  auto* owned = new std::vector<uint8_t>(std::move(t->pixels));
+  py::capsule owner(owned, [](void* p) { delete static_cast<std::vector<uint8_t>*>(p); });
+  const py::ssize_t h = t->height, w = t->width;
+  return py::array_t<uint8_t>({h, w, py::ssize_t{3}}, {w * 3, py::ssize_t{3}, py::ssize_t{1}}, owned->data(), owner);
+}
+
+struct PooledBuffer {
+  std::shared_ptr<proalign::BufferPool> pool;
+  uint8_t* pixels;
+};
+
+struct PyPatchStream {
+  std::shared_ptr<TileReader> reader;
+  std::unique_ptr<proalign::PatchStream> stream;
+  int64_t r = 0;
+};
+#endif
 
 }  // namespace
 
@@ -130,9 +153,7 @@ void register_engine(py::module_& mod) {
             arrays[i] = py::none();
             continue;
           }
-          py::array_t<uint8_t> a({out[i].height, out[i].width, 3});
-          std::memcpy(a.mutable_data(), out[i].pixels.data(), out[i].pixels.size());
-          arrays[i] = a;
+          arrays[i] = pixels_array(&out[i]);
         }
         return py::make_tuple(arrays, errors);
       },
@@ -142,6 +163,127 @@ void register_engine(py::module_& mod) {
       "width/height (before scaling): the frame size each stream must declare (0: unchecked); shorter_ok: "
       "the height may be less (strips)");
   mod.attr("HAS_LIBJPEG") = true;
+
+  py::class_<PyPatchStream>(mod, "PatchStream",
+                            "Finished patch batches from the stored tiles of one level (JPEG, JPEG 2000, LZW, Deflate, "
+                            "raw), read, decoded and placed by C++ worker threads: each tile once, a tile one patch "
+                            "covers decoded in place")
+      .def(py::init([](std::shared_ptr<TileReader> reader, int64_t width, int64_t height, int64_t tile_w,
+                       int64_t tile_h, int64_t tiles_across, int64_t read_size, int scale, unsigned expect_w,
+                       unsigned expect_h, bool shorter_ok, int fill, const U64Array& offsets,
+                       const U64Array& sizes, py::array_t<int64_t, py::array::c_style | py::array::forcecast> origins,
+                       int batch_size, int threads, int max_ahead, const std::string& codec, int samples,
+                       bool predictor, bool ycbcr) {
+             if (scale != 1 && scale != 2 && scale != 4 && scale != 8)
+               throw std::invalid_argument("scale must be 1, 2, 4 or 8");
+             if (fill < 0 || fill > 255) throw std::invalid_argument("fill must be 0-255");
+             if (origins.ndim() != 2 || origins.shape(1) != 2) throw std::invalid_argument("origins must be (n, 2)");
+             proalign::PatchGeometry g;
+             g.width = width;
+             g.height = height;
+             g.tile_w = tile_w;
+             g.tile_h = tile_h;
+             g.tiles_across = tiles_across;
+             g.read_size = read_size;
+             g.scale = scale;
+             g.expect = proalign::JpegExpect{expect_w, expect_h, shorter_ok};
+             g.fill = static_cast<uint8_t>(fill);
+             if (codec == "jpeg") {
+               g.codec = proalign::TileCodec::kJpeg;
+             } else if (codec == "jpeg2000") {
+               g.codec = proalign::TileCodec::kJpeg2000;
+             } else if (codec == "lzw") {
+               g.codec = proalign::TileCodec::kLzw;
+             } else if (codec == "deflate") {
+               g.codec = proalign::TileCodec::kDeflate;
+             } else if (codec == "none") {
+               g.codec = proalign::TileCodec::kNone;
+             } else {
+               throw std::invalid_argument("codec must be jpeg, jpeg2000, lzw, deflate or none");
+             }
+             g.samples = samples;
+             g.predictor = predictor;
+             g.ycbcr = ycbcr;
+             std::vector<int64_t> o(origins.data(), origins.data() + origins.size());
+             auto s = std::make_unique<PyPatchStream>();
+             s->reader = reader;
+             s->r = read_size;
+             s->stream = std::make_unique<proalign::PatchStream>(*reader, g, to_refs(offsets, sizes), std::move(o),
+                                                                 batch_size, threads, max_ahead);
+             return s;
+           }),
+           py::arg("reader"), py::arg("width"), py::arg("height"), py::arg("tile_width"), py::arg("tile_height"),
+           py::arg("tiles_across"), py::arg("read_size"), py::arg("scale"), py::arg("expect_width"),
+           py::arg("expect_height"), py::arg("shorter_ok"), py::arg("fill"), py::arg("offsets"), py::arg("sizes"),
+           py::arg("origins"), py::arg("batch_size") = 64, py::arg("threads") = 2, py::arg("max_ahead") = 2,
+           py::arg("codec") = "jpeg", py::arg("samples") = 3, py::arg("predictor") = false, py::arg("ycbcr") = false)
+      .def("__iter__", [](PyPatchStream& self) -> PyPatchStream& { return self; })
+      .def("__next__",
+           [](PyPatchStream& self) -> py::tuple {
+             proalign::PatchBatch b;
+             bool more;
+             {
+               py::gil_scoped_release release;
+               more = self.stream->next(&b);
+             }
+             if (!more) throw py::stop_iteration();
+             if (b.failed)
+               return py::make_tuple(py::none(), py::make_tuple(b.tile, b.decode_error, b.error));
+             // the buffer goes back to the stream's pool when Python frees the array
+             auto* held = new PooledBuffer{self.stream->pool(), b.pixels};
+             py::capsule owner(held, [](void* p) {
+               auto* h = static_cast<PooledBuffer*>(p);
+               h->pool->give(h->pixels);
+               delete h;
+             });
+             const py::ssize_t n = static_cast<py::ssize_t>(b.count), r = self.r;
+             py::array_t<uint8_t> a({n, r, r, py::ssize_t{3}}, {r * r * 3, r * 3, py::ssize_t{3}, py::ssize_t{1}},
+                                    b.pixels, owner);
+             return py::make_tuple(a, py::none());
+           },
+           "(uint8 (count, r, r, 3) batch, None), or (None, (linear tile index, decode error?, message)) when a "
+           "tile failed; StopIteration at the end")
+      .def_property_readonly("tiles_needed", [](const PyPatchStream& s) { return s.stream->tiles_needed(); })
+      .def_property_readonly("tiles_decoded", [](const PyPatchStream& s) { return s.stream->tiles_decoded(); })
+      .def_property_readonly("direct_tiles", [](const PyPatchStream& s) { return s.stream->direct_tiles(); })
+      .def_property_readonly("peak_cached_tiles", [](const PyPatchStream& s) { return s.stream->peak_cached_tiles(); })
+      .def_property_readonly("max_batches_ahead", [](const PyPatchStream& s) { return s.stream->max_batches_ahead(); })
+      .def_property_readonly("threads", [](const PyPatchStream& s) { return s.stream->threads(); })
+      .def_property_readonly("worker_wait_s", [](const PyPatchStream& s) { return s.stream->worker_wait_s(); },
+                             "seconds the workers waited for the consumer (window full), all workers together")
+      .def_property_readonly("consumer_wait_s", [](const PyPatchStream& s) { return s.stream->consumer_wait_s(); },
+                             "seconds next() waited for its batch's tiles")
+      .def_property_readonly("assemble_s", [](const PyPatchStream& s) { return s.stream->assemble_s(); },
+                             "seconds next() spent pasting shared tiles into its batches");
+
+  mod.def("load_openjpeg", &proalign::load_openjpeg, py::arg("path"),
+          "Load OpenJPEG 2.1+ (a libopenjp2 shared library) for the patch stream's JPEG 2000 tiles; returns its "
+          "version, raises RuntimeError when it cannot");
+  mod.def("openjpeg_loaded", &proalign::openjpeg_loaded);
+  mod.def(
+      "decode_tiles",
+      [](const py::list& tiles, const std::string& codec, unsigned width, unsigned height, int samples, bool predictor,
+         bool ycbcr, bool shorter_ok) {
+        // one tile at a time through the patch stream's codecs, for tests against decode/cpu.py
+        py::list out;
+        for (auto item : tiles) {
+          std::string data = item.cast<std::string>();
+          py::tuple one;
+          {
+            auto img = proalign::decode_tile_for_test(data, codec, width, height, samples, predictor, ycbcr, shorter_ok);
+            if (!img.error.empty()) {
+              one = py::make_tuple(py::none(), img.error);
+            } else {
+              one = py::make_tuple(pixels_array(&img), py::none());
+            }
+          }
+          out.append(one);
+        }
+        return out;
+      },
+      py::arg("tiles"), py::arg("codec"), py::arg("width"), py::arg("height"), py::arg("samples") = 3,
+      py::arg("predictor") = false, py::arg("ycbcr") = false, py::arg("shorter_ok") = false,
+      "Decode tiles one by one with the patch stream's codecs: [(uint8 (h, w, 3) or None, error or None)]");
 #else
   mod.attr("HAS_LIBJPEG") = false;
 #endif

@@ -28,6 +28,20 @@ struct JpegExpect {
   bool shorter_ok = false;
 };
 
+// Where the decoded rows go. Once the frame header is read and checked, `layout` is called with the
+// output size (after scaling) and returns out_h writable row pointers of out_w * 3 bytes each (owned
+// by ctx; rows whose pixels are not wanted may share one scratch row), or nullptr with *error set.
+// It must not throw (it runs between libjpeg's setjmp and longjmp).
+struct JpegRowTarget {
+  uint8_t** (*layout)(void* ctx, unsigned out_w, unsigned out_h, std::string* error);
+  void* ctx;
+};
+
+// Decodes one stream to RGB at 1/scale_denom size into the rows `target` gives. Returns the error
+// message, empty on success. No allocation beyond libjpeg's own; safe to call from any thread.
+std::string decode_jpeg_rows(const JpegInput& in, const JpegExpect& expect, int scale_denom,
+                             const JpegRowTarget& target);
+
 // Decodes every input to RGB at 1/scale_denom size (1, 2, 4 or 8) on `threads` threads. A frame not
 // of the expected size, or one too large to be a tile, gives an error, not a decode.
 std::vector<DecodedTile> decode_jpeg_batch(const std::vector<JpegInput>& tiles, const JpegExpect& expect,

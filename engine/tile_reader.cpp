@@ -47,11 +47,17 @@ TileReader::~TileReader() {
 
 TileBytes TileReader::read_one(const TileRef& t) const {
   TileBytes out;
-  if (t.size == 0) return out;  // a tile the writer left empty: the decoder paints background
+  out.error = read_into(t, &out.data);
+  if (!out.error.empty()) out.data.clear();
+  return out;
+}
+
+std::string TileReader::read_into(const TileRef& t, std::string* data) const {
+  data->clear();
+  if (t.size == 0) return std::string();  // a tile the writer left empty: the decoder paints background
   if (t.offset > file_size_ || t.size > file_size_ - t.offset) {
-    out.error = "tile bytes " + std::to_string(t.offset) + "+" + std::to_string(t.size) + " lie past the end of the " +
-                std::to_string(file_size_) + "-byte file (truncated slide?)";
-    return out;
+    return "tile bytes " + std::to_string(t.offset) + "+" + std::to_string(t.size) + " lie past the end of the " +
+           std::to_string(file_size_) + "-byte file (truncated slide?)";
   }
   uint64_t offset = t.offset, size = t.size;
   size_t head = 0;
@@ -59,31 +65,29 @@ TileBytes TileReader::read_one(const TileRef& t) const {
     // Tables first, then the tile without its own SOI: read the 2 SOI bytes into the prefix's tail.
     head = prefix_.size() >= 2 ? prefix_.size() - 2 : 0;
   }
-  out.data.resize(head + size);
-  if (head) std::memcpy(&out.data[0], prefix_.data(), head);
-  char* dst = &out.data[head];
+  data->resize(head + size);
+  if (head) std::memcpy(&(*data)[0], prefix_.data(), head);
+  char* dst = &(*data)[head];
   uint64_t done = 0;
   while (done < size) {
     ssize_t n = ::pread(fd_, dst + done, size - done, static_cast<off_t>(offset + done));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
-      out.error = std::string("read failed at byte ") + std::to_string(offset + done) + ": " +
-                  (n < 0 ? std::strerror(errno) : "unexpected end of file");
-      out.data.clear();
-      return out;
+      data->clear();
+      return std::string("read failed at byte ") + std::to_string(offset + done) + ": " +
+             (n < 0 ? std::strerror(errno) : "unexpected end of file");
     }
     done += static_cast<uint64_t>(n);
   }
   if (head) {
     if (size < 2 || static_cast<unsigned char>(dst[0]) != 0xFF || static_cast<unsigned char>(dst[1]) != 0xD8) {
-      out.error = "tile does not start with a JPEG SOI marker (corrupt tile or wrong offset)";
-      out.data.clear();
-      return out;
+      data->clear();
+      return "tile does not start with a JPEG SOI marker (corrupt tile or wrong offset)";
     }
     // The tile's SOI sits where the prefix's last two bytes belong: put them back.
     std::memcpy(dst, prefix_.data() + head, 2);
   }
-  return out;
+  return std::string();
 }
 
 std::vector<TileBytes> TileReader::read(const std::vector<TileRef>& tiles) const {

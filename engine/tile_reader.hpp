@@ -37,6 +37,9 @@ class TileReader {
   TileReader& operator=(const TileReader&) = delete;
 
   std::vector<TileBytes> read(const std::vector<TileRef>& tiles) const;
+  // One tile into `data` (its capacity is reused: no allocation per tile once it is large enough);
+  // returns the error, empty on success (a tile of size 0 gives empty data and no error).
+  std::string read_into(const TileRef& t, std::string* data) const;
   uint64_t file_size() const { return file_size_; }
   int threads() const { return threads_; }
 

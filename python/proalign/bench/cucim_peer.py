@@ -41,16 +41,17 @@ def read_region(img, xy, level: int, size: tuple[int, int]) -> np.ndarray:
 
 
 def iter_regions(img, coords: np.ndarray, level: int, read_size: int, workers: int,
-                 batch_size: int = 64) -> Iterator[np.ndarray]:
+                 batch_size: int = 64, copy: bool = True) -> Iterator[np.ndarray]:
     """uint8 (b, read_size, read_size, 3) batches in coords order, through cuCIM's own batch loader
     (read_region with a list of locations, num_workers threads, 2 batches prefetched). Each batch is
-    copied out: a view of it would hold another batch's pixels once the iterator moves on."""
+    copied out unless `copy=False`: a view of it holds another batch's pixels once the iterator moves
+    on, so a view must be used up before the next batch is asked for (the benchmark does that)."""
     locs = [(int(x), int(y)) for x, y in np.asarray(coords).reshape(-1, 2)]
     if not locs:
         return
     it = img.read_region(locs, (read_size, read_size), level, num_workers=max(1, workers), batch_size=batch_size)
-    for b in it:  # copied: the loader reuses a batch's memory once the iterator moves on
-        b = np.array(_rgb(b), copy=True)
+    for b in it:  # the loader reuses a batch's memory once the iterator moves on
+        b = np.array(_rgb(b), copy=True) if copy else _rgb(np.asarray(b))
         yield b if b.ndim == 4 else b[None]
 
 

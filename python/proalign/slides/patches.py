@@ -6,6 +6,10 @@ in a cache until their last patch is cut, then are dropped. So host (or GPU) mem
 band of tiles under the patches, whatever the slide's size, and no tile is decoded twice.
 Patches are cut at the best pyramid level for the requested downsample and resized to `out_size`
 with `resize_patches` (torch, bilinear with antialiasing), on the decoder's device.
+On the CPU the plan runs in C++ (proalign._C.PatchStream, engine/patch_stream.cpp): worker threads
+read, decode and place each tile (a tile only one patch covers straight into that patch) and hand
+over finished batches; the Python path below (decoder="imagecodecs", or no compiled stream) does
+the same with the tile engine's reads, a decoder thread pool and numpy pastes.
 Slides without the TIFF fast path (DICOM, NDPI, ...) go through OpenSlide's read_region, per patch,
 on a thread pool, then the same resize.
 """
@@ -25,7 +29,7 @@ from ..decode.cpu import CpuDecoder, NativeJpegDecoder, TileDecodeError, native_
 from ..errors import SlideError
 from .slide import OpenSlideSlide, Slide, TiffSlide, paste_tile, tiles_for_rect
 from .tiff_index import TiffPage
-from .tile_engine import stream_batches
+from .tile_engine import PyTileReader, stream_batches
 
 
 @dataclass
@@ -164,12 +168,12 @@ def _make_decoder(decoder: str | object, codec: str):
         return decoder
     if decoder == "auto":
         decoder = "dali-gpu" if codec in ("jpeg", "jpeg2000") and _gpu_decode_possible() else "cpu"
-    if decoder == "cpu":
+    if decoder in ("cpu", "imagecodecs"):
         return CpuDecoder(threads=_decode_threads or os.cpu_count() or 1)
     if decoder in ("dali-gpu", "dali-cpu"):
         from ..decode.dali_decode import DaliDecoder
         return DaliDecoder(device=decoder.split("-")[1])
-    raise ValueError(f"unknown decoder {decoder!r}: auto, cpu, dali-cpu or dali-gpu")
+    raise ValueError(f"unknown decoder {decoder!r}: auto, cpu, imagecodecs, dali-cpu or dali-gpu")
 
 
 def _has_dali() -> bool:
@@ -198,6 +202,11 @@ def iter_patches(slide: Slide, coords: np.ndarray, patch_size_level0: int, out_s
                  stats: PatchStats | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield (indices into coords, uint8 patches (b, out_size, out_size, 3)) until every patch was
     produced once. Patches come in the engine's visiting order, not coords order.
+    decoder: "cpu" (our CPU path: the C++ patch stream when proalign._C has it, which reads, decodes
+    and places JPEG, JPEG 2000, LZW, Deflate and raw tiles on its own threads; else the Python path),
+    "imagecodecs" (the Python path forced: C++ reads, imagecodecs decodes on a thread pool, numpy
+    pastes; same pixels), "dali-cpu", "dali-gpu", or "auto" (dali-gpu for JPEG / JPEG 2000 when a
+    GPU and DALI are there, else "cpu"). max_ahead: batches decoded ahead of the one handed out.
     edge_fill: the pixels of a patch beyond the image's edge (grids with edge="pad"): "white"
     (default) or "black" (what TRIDENT reads: OpenSlide's transparent outside, RGBA -> RGB).
     Tiles the slide's writer left out are white either way.
@@ -218,12 +227,78 @@ def iter_patches(slide: Slide, coords: np.ndarray, patch_size_level0: int, out_s
         yield from _iter_read_region(slide, coords, patch_size_level0, out_size, batch_size, stats, fill)
 
 
+def native_patches_available() -> bool:
+    """True when proalign._C has the C++ patch stream (built with libjpeg and zlib)."""
+    try:
+        from .. import _C
+    except ImportError:
+        return False
+    return hasattr(_C, "PatchStream")
+
+
+_openjpeg: str | None | bool = False  # False: not looked for yet; None: none loads
+
+
+def openjpeg_for_engine() -> str | None:
+    """The OpenJPEG version the patch stream decodes JPEG 2000 tiles with, loaded on first use: the
+    libopenjp2 that imagecodecs ships (so the engine and decode_tile run the same library), else the
+    system's; None when no 2.1+ library loads (JPEG 2000 then stays on the Python path)."""
+    global _openjpeg
+    if _openjpeg is not False:
+        return _openjpeg
+    _openjpeg = None
+    if not native_patches_available():
+        return None
+    import ctypes.util
+    import glob
+
+    from .. import _C
+    candidates = []
+    try:
+        import imagecodecs
+        libs = os.path.join(os.path.dirname(os.path.dirname(imagecodecs.__file__)), "imagecodecs.libs")
+        candidates += sorted(glob.glob(os.path.join(libs, "libopenjp2*.so*")))
+    except ImportError:
+        pass
+    found = ctypes.util.find_library("openjp2")
+    candidates += [found] if found else []
+    for path in candidates:
+        try:
+            _openjpeg = _C.load_openjpeg(path)
+            break
+        except RuntimeError:
+            continue
+    return _openjpeg
+
+
+_NATIVE_CODECS = {"jpeg", "lzw", "deflate", "none"}
+
+
+def native_codec_available(codec: str) -> bool:
+    """The C++ patch stream reads this codec's tiles here."""
+    if not native_patches_available():
+        return False
+    return codec in _NATIVE_CODECS or codec == "jpeg2000" and openjpeg_for_engine() is not None
+
+
+def _cpu_decoder_choice(decoder) -> bool:
+    """The pass decodes on the CPU with our own code: "cpu", "auto" without a GPU decoder, or
+    "imagecodecs" (the Python path forced)."""
+    return isinstance(decoder, str) and (decoder in ("cpu", "imagecodecs")
+                                         or decoder == "auto" and not _gpu_decode_possible())
+
+
 def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_size, decoder, tiles_per_batch,
                  max_ahead, shrink_on_load, stats: PatchStats, fill: int = 255):
     level, r0 = choose_level(slide, patch_size_level0, out_size)
     shrink = 1
-    if shrink_on_load and decoder in ("auto", "cpu") and not (decoder == "auto" and _gpu_decode_possible()):
+    if shrink_on_load and _cpu_decoder_choice(decoder):
         shrink = shrink_factor(slide.pages[level], r0, out_size)
+    if (decoder != "imagecodecs" and (shrink > 1 or _cpu_decoder_choice(decoder))
+            and native_codec_available(slide.formats[level].codec)
+            and not isinstance(slide.readers[level], PyTileReader)):
+        yield from _iter_native(slide, coords, patch_size_level0, out_size, batch_size, max_ahead, shrink, stats, fill)
+        return
     plan = plan_tiles(slide, coords, patch_size_level0, out_size, shrink)
     level, r = plan.level, plan.read_size
     stored, fmt = slide.pages[level], slide.formats[level]
@@ -318,6 +393,48 @@ def _iter_engine(slide: TiffSlide, coords, patch_size_level0, out_size, batch_si
         stats.max_queued_batches = getattr(stream, "max_queued", 0)
         if isinstance(decoder, str):
             dec.close()
+
+
+def _iter_native(slide: TiffSlide, coords, patch_size_level0, out_size, batch_size, max_ahead, shrink, stats: PatchStats,
+                 fill: int):
+    """A level through proalign._C.PatchStream: C++ threads read each tile once, decode it (libjpeg,
+    at 1/shrink size when asked; OpenJPEG; LZW; zlib) into the patches that need it, and hand over
+    finished batches; Python only resizes them. Same plan, pixels and errors as the Python path."""
+    from .. import _C
+
+    plan = plan_tiles(slide, coords, patch_size_level0, out_size, shrink)
+    level, r, page = plan.level, plan.read_size, plan.page
+    stored, fmt = slide.pages[level], slide.formats[level]
+    threads = _decode_threads or os.cpu_count() or 1
+    # at most max_ahead batches decode ahead of this one; big patches (a few hundred MB a batch) keep one
+    ahead = max_ahead if batch_size * r * r * 3 <= (96 << 20) else 1
+    stream = _C.PatchStream(slide.readers[level], page.width, page.height, page.tile_width, page.tile_height,
+                            page.tiles_across, r, shrink, fmt.tile_width, fmt.tile_height, not fmt.tiled, fill,
+                            stored.offsets, stored.bytecounts, plan.origins, batch_size, threads, ahead,
+                            fmt.codec, fmt.samples_per_pixel, fmt.predictor == 2, fmt.compression == 33003)
+    stats.level, stats.read_size, stats.tiles_needed = level, r, len(plan.tiles)
+    stats.decoder = {"jpeg": f"libjpeg-engine/{shrink}", "jpeg2000": f"openjpeg-engine {openjpeg_for_engine()}",
+                     "lzw": "lzw-engine", "deflate": "zlib-engine", "none": "raw-engine"}[fmt.codec]
+    stats.engine = "proalign._C.PatchStream"
+    stats.extra["shrink"] = shrink
+    p = 0
+    try:
+        for batch, error in stream:
+            if error is not None:
+                t, decoding, msg = error
+                where = f"level {level} tile (col {t % page.tiles_across}, row {t // page.tiles_across})"
+                raise SlideError(slide.path, f"{where} does not decode: {msg}" if decoding else f"{where}: {msg}")
+            idx = plan.order[p:p + len(batch)]
+            p += len(batch)
+            yield idx, resize_patches(torch.from_numpy(batch), out_size)
+    finally:
+        stats.tiles_read = stats.tiles_decoded = stream.tiles_decoded
+        stats.peak_cached_tiles = stream.peak_cached_tiles
+        stats.max_queued_batches = stream.max_batches_ahead
+        stats.extra["direct_tiles"] = stream.direct_tiles
+        stats.extra.update(worker_wait_s=stream.worker_wait_s, consumer_wait_s=stream.consumer_wait_s,
+                           assemble_s=stream.assemble_s)
+        del stream
 
 
 def _iter_read_region(slide: Slide, coords, patch_size_level0, out_size, batch_size, stats: PatchStats,
