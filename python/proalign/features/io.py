@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import FeatureFileError
-from .h5_chunks import read_row_chunked
+from .h5_chunks import prefetch, read_row_chunked
 
 FEATURE_SUFFIXES = (".h5", ".pt")
 LMDB_MAX_KEY_BYTES = 511
@@ -115,6 +115,7 @@ def _read_whole(ds: h5py.Dataset) -> np.ndarray:
 
 
 def _read_h5(path: Path, slide_id: str, with_coords: bool) -> FeatureFile:
+    prefetch(path)  # (nearly) the whole file is read: start it now, so HDF5's small reads wait less
     with h5py.File(path, "r") as f:
         if "features" not in f or not isinstance(f["features"], h5py.Dataset):
             raise FeatureFileError(path, f"no 'features' dataset (found: {sorted(f.keys())})", slide_id)
