@@ -96,6 +96,53 @@ def test_moments_match_float64(rng, backend, per_slide, d, k):
         np.testing.assert_allclose(g.cpu().numpy(), w, rtol=RTOL, atol=ATOL * np.abs(w).max(), err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,k", [(33, 5), (200, 17)])
+def test_numba_moments_of_half_inputs_match_float64(rng, dtype, d, k):
+    """float16 / bfloat16 features are read by the numba kernel as they are (converted per block
+    in registers): the moments of the rounded values against float64, odd d and K, a row of
+    float16 subnormals and one near its largest value."""
+    _live("numba")
+    lengths = [1, 300, 7, 4099]
+    x = (rng.standard_normal((sum(lengths), d)) * 1.5 + 0.5).astype(np.float32)
+    if dtype == torch.float16:
+        x[5] *= 1e-6  # subnormal in float16
+        x[6] = np.clip(x[6] * 3e4, -65504, 65504)
+    xt = torch.from_numpy(x).to(dtype)
+    x64 = xt.double().numpy()
+    mu = rng.standard_normal((1, k, d))
+    var = rng.uniform(0.5, 4.0, (1, k, d))
+    log_pi = np.log(rng.dirichlet(np.ones(k), 1))
+    shift = (0.3 * rng.standard_normal(d)).astype(np.float32)
+    a, b, cst = host.estep_params(*map(torch.from_numpy, (mu, var, log_pi)), torch.from_numpy(shift).double())
+    got = moments_function("numba")(xt, torch.tensor(lengths), torch.from_numpy(shift), a, b, cst)
+    want = _moments_float64(x64, lengths, shift, mu, var, log_pi)
+    for g, w, name in zip(got, want, ("n", "s1", "s2")):
+        np.testing.assert_allclose(g.numpy(), w, rtol=RTOL, atol=ATOL * np.abs(w).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_panther_moments_op_half_equals_float32_upcast(rng, dtype):
+    """The op's CPU kernel on half-precision x gives bit for bit the partials it gives on x upcast
+    to float32: the conversion in registers is exact."""
+    _live("numba")
+    from proalign.ops.plans import gpu_programs, padded_k
+
+    lengths, d, k = [300, 1, 517], 40, 5
+    x = torch.from_numpy(_data(rng, sum(lengths), d, k)[0]).to(dtype)
+    k_pad = padded_k(k, 8)
+    a, b, cst = torch.zeros(1, k_pad, d), torch.zeros(1, k_pad, d), torch.zeros(1, k_pad)
+    a[:, :k] = -0.5 / torch.rand(1, k, d).add(0.5)
+    b[:, :k] = torch.randn(1, k, d)
+    cst[:, :k] = torch.randn(1, k)
+    plan = gpu_programs(torch.tensor(lengths), torch_op.rows_per_program())
+    args = (torch.zeros(d), a, b, cst, *plan, k, torch_op.rows_per_program())
+    got = torch.ops.proalign.panther_moments(x, *args)
+    want = torch.ops.proalign.panther_moments(x.float(), *args)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 # --- PANTHER end to end ------------------------------------------------------------------------
 
 GRID = [(n, d, k) for n in (1, 7, 1000) for d in (64, 512, 768, 1024) for k in (1, 16, 32)]

@@ -51,6 +51,133 @@ def test_fused_cpu_extreme_inverse_temperature(rng, backend, tau):
     np.testing.assert_allclose(got, ref.proalign(x, c, tau), rtol=1e-3, atol=1e-3 * np.abs(x).max())
 
 
+# --- float16 / bfloat16 read by the numba kernel as they are (issue 15 item 2) -----------------
+
+def _half_data(rng, n, d, k, dtype):
+    """Rows of very different magnitudes: ordinary rows, rows of tiny values (float16: subnormals,
+    below 2^-14, so the converter's subnormal path is taken) and rows of large values (float16 up
+    to its largest finite value, 65504). bfloat16 spans float32's exponent range; its rows stay
+    within 1e-10..1e15, where the float32 sums of squares behind the cosine neither underflow nor
+    overflow and the norm stays above the normalisation's 1e-12 floor (as for float32 input)."""
+    x, c = _data(rng, n, d, k)
+    tiny, big = (1e-6, 65504.0) if dtype == torch.float16 else (1e-10, 1e15)
+    rows = rng.permutation(n)
+    x[rows[: n // 5]] *= tiny
+    x[rows[n // 5: 2 * n // 5]] = np.clip(x[rows[n // 5: 2 * n // 5]] * big / 4, -big, big)
+    xt = torch.from_numpy(x).to(dtype)
+    assert torch.isfinite(xt).all()
+    return xt, c
+
+
+HALF_CASES = [(1, 33, 1), (7, 96, 5), (1001, 200, 17), (4099, 64, 16), (9001, 512, 11)]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,d,k", HALF_CASES)
+def test_fused_cpu_half_inputs_match_float64(rng, backend, dtype, n, d, k):
+    """float16 / bfloat16 features against the float64 reference of the same rounded values, odd
+    sizes (d not a multiple of 16, K not of 4, a last work item of 3 rows), every reading."""
+    xt, c = _half_data(rng, n, d, k, dtype)
+    x64 = xt.double().numpy()
+    if dtype == torch.float16 and n >= 5:
+        assert ((np.abs(x64) < 2.0 ** -14) & (x64 != 0)).any()  # subnormal inputs present
+    taus = [0.02, 0.1, 1.0]
+    for opts in [dict(over="patches")] + VARIANTS:
+        got = proalign.aggregate(xt, torch.from_numpy(c), tau=taus, backend=backend, **opts)
+        want = ref.proalign_rows(x64, c, taus, **opts)
+        scale = max(1.0, float(np.abs(want).max()))  # the big rows: float32 sums, relative error
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=_tol(opts)["atol"] * scale, err_msg=str(opts))
+
+
+@pytest.fixture
+def kernel_inputs(monkeypatch):
+    """Records the array each call of the numba kernels receives as x."""
+    from proalign.ops.panther_moments import numba_cpu as moments_numba
+    from proalign.ops.proalign_attention import numba_cpu as attention_numba
+
+    seen = []
+    for module, name in ((attention_numba, "_partials"), (moments_numba, "_moments")):
+        kernel = getattr(module, name)
+
+        def recorded(x, *rest, _kernel=kernel):
+            seen.append(x)
+            return _kernel(x, *rest)
+        monkeypatch.setattr(module, name, recorded)
+    return seen
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_reach_the_kernel_without_a_float32_copy(rng, kernel_inputs, backend, dtype):
+    """The kernel reads the caller's own half-precision memory (a uint16 view of it), for a slide,
+    a ragged batch, PANTHER and the torch op's CPU kernel: no float32 copy of X is ever made."""
+    from proalign.ops.plans import gpu_programs
+    from proalign.ops.proalign_attention import torch_op
+
+    xt = torch.from_numpy(_data(rng, 3000, 96, 5)[0]).to(dtype)
+    c = torch.from_numpy(_data(rng, 1, 96, 5)[1])
+    proalign.aggregate(xt, c, backend=backend)
+    proalign.aggregate(xt, c, method="panther", backend=backend)
+    proalign.aggregate_batch([xt[:1000], xt[1000:]], c, backend=backend, over="patches", tau=0.1)
+    plan = gpu_programs(torch.tensor([3000]), torch_op.rows_per_program())
+    cn = torch.nn.functional.normalize(c, dim=1)
+    torch.ops.proalign.attention_partials(xt, cn, torch.tensor([10.0]), *plan, torch.zeros(96), 5,
+                                          torch_op.rows_per_program(), False, False)
+    assert len(kernel_inputs) == 4
+    for x in kernel_inputs:
+        assert x.dtype == np.uint16 and x.shape[1] == 96
+    for x in kernel_inputs[:2] + kernel_inputs[3:]:
+        assert x.ctypes.data == xt.data_ptr() and x.shape[0] == 3000
+    batch = kernel_inputs[2]  # aggregate_batch stacks the slides: one copy, still half precision
+    assert batch.shape[0] == 3000 and batch.nbytes == xt.numel() * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_partials_equal_float32_upcast(rng, dtype):
+    """Converting in registers is exact: the op's CPU kernel on half-precision x gives bit for bit
+    the partials it gives on x upcast to float32 (moments=2 and over=prototypes included)."""
+    if not CPU_FUSED:
+        pytest.skip("numba not available")
+    for over_prototypes, second in ((False, False), (True, True)):
+        args = list(_op_args(rng, "cpu", lengths=(300, 1, 517), d=72, k=5, over_prototypes=over_prototypes,
+                             second=second))
+        half = args[0].to(dtype)
+        got = torch.ops.proalign.attention_partials(half, *args[1:])
+        want = torch.ops.proalign.attention_partials(half.float(), *args[1:])
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+def test_numba_bit_identical_across_threads_and_batches(rng):
+    """A slide's embedding does not depend on the thread count nor on the slides batched with it
+    (before it, after it, or none), for float32 and bfloat16 input, ProAlign and PANTHER."""
+    if not CPU_FUSED:
+        pytest.skip("numba not available")
+    import numba
+
+    before = numba.get_num_threads()
+    counts = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+    x = _data(rng, 9001, 512, 16)[0]  # 3 work items; d a multiple of 64
+    others = [_data(rng, n, 512, 16)[0] for n in (5, 4101)]
+    c = _data(rng, 1, 512, 16)[1]
+    runs = [dict(over="patches", tau=[0.05, 0.5], moments=2), dict(), dict(method="panther")]
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            xs = [torch.from_numpy(v).to(dtype) for v in (x, *others)]
+            for opts in runs:
+                results = []
+                for threads in counts:
+                    numba.set_num_threads(threads)
+                    results.append(proalign.aggregate(xs[0], c, backend="numba", **opts))
+                    results.append(proalign.aggregate_batch([xs[1], xs[0], xs[2]], c, backend="numba", **opts)[1])
+                    results.append(proalign.aggregate_batch([xs[2], xs[0]], c, backend="numba", **opts)[1])
+                for r in results[1:]:
+                    assert np.array_equal(r, results[0]), (dtype, opts)
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_dispatch_prefers_fused_and_falls_back():
     from proalign.aggregate import resolve_backend
 

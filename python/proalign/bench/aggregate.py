@@ -1,12 +1,25 @@
-"""Benchmark of the aggregation backends against torch eager and the memory limit.
+"""Benchmark of the aggregation backends against torch eager and the machine's limits.
 
     python -m proalign.bench.aggregate [--method proalign|panther] [--n 100000] [--d 512] [--k 16] [--dtype float32]
         [--tau T ...] [--over patches|prototypes] [--moments 1|2] [--prior P ...]   (default: the default reading)
+    python -m proalign.bench.aggregate --suite cpu-limits [--n 100000] [--d 512] [--k 16] [--repeat 5]
 
 On one set of inputs, measured in one run: each live backend's time, its speed-up over torch
-eager (the reference in the input dtype, unfused), and its share of the memory limit (bytes of
-X read once / measured streaming bandwidth: a host read on CPU, a device-to-device copy on GPU).
-Each backend is also checked against the float64 reference on the same data.
+eager (the reference formulas in float32, unfused, the input upcast), and its share of the two
+limits of the machine, both measured in the same run:
+  - compute: the fused pass's multiply-adds / the fp32 FMA peak, measured as the best rate of a
+    large float32 matrix product (torch.mm, all cores; on a GPU, TF32 off). Multiply-adds per
+    pass: proalign N K d (1 + moments * T) with T the distinct taus (one similarity GEMM, one
+    pooling GEMM per tau and moment), PANTHER 4 N K d per EM step (two dots for the
+    log-likelihood, two moments);
+  - memory: bytes of X read once / the measured streaming bandwidth (a host read on CPU, a
+    device-to-device copy on GPU).
+Each backend is also checked against the float64 reference on the same data. Timings are the best
+of --repeat rounds, each round timing the peak, the bandwidth, torch eager and the backends one
+after another (interleaved), so a busy machine slows all of them alike.
+
+--suite cpu-limits runs the CPU configurations of issue 15 in one run: one tau with over=patches
+(the issue's), the default reading, PANTHER, each with float32, float16 and bfloat16 input.
 """
 from __future__ import annotations
 
@@ -14,30 +27,33 @@ import argparse
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..aggregate import BACKENDS, aggregate
+from ..defaults import DEFAULT_PROALIGN, default_prior, default_taus
 from ..ops.panther_moments.reference import panther
 from ..ops.proalign_attention.reference import proalign
-from ..defaults import DEFAULT_PROALIGN, default_prior, default_taus
+
+
+def _once(fn, sync=lambda: None) -> float:
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
 def _time(fn, repeat: int, sync=lambda: None) -> float:
     fn()
     sync()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(_once(fn, sync) for _ in range(repeat))
 
 
-def host_read_bandwidth(nbytes: int = 512 << 20) -> float:
-    """Bytes/s of a streaming read of a large array on all cores (numba parallel sum, else numpy)."""
+def host_read_bandwidth(nbytes: int = 512 << 20):
+    """A timer of a streaming read of a large array on all cores (numba parallel sum, else numpy):
+    returns (bytes read, fn)."""
     a = np.ones(nbytes // 4, np.float32)
     try:
         from numba import njit, prange
@@ -49,17 +65,33 @@ def host_read_bandwidth(nbytes: int = 512 << 20) -> float:
                 s += v[i]
             return s
 
-        fn = lambda: _sum(a)  # noqa: E731
+        return a.nbytes, lambda: _sum(a)
     except ImportError:
-        fn = a.sum
-    return a.nbytes / _time(fn, 5)
+        return a.nbytes, a.sum
 
 
-def device_copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes/s moved by a device-to-device copy (read + write)."""
+def device_copy_bandwidth(nbytes: int = 1 << 30):
+    """A timer of a device-to-device copy: returns (bytes moved, fn)."""
     a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
     b = torch.empty_like(a)
-    return 2 * a.nbytes / _time(lambda: b.copy_(a), 10, torch.cuda.synchronize)
+    return 2 * a.nbytes, lambda: b.copy_(a)
+
+
+def fma_peak(device: str, n: int | None = None):
+    """A timer of an n x n x n float32 matrix product (all cores / the GPU, TF32 off): returns
+    (multiply-adds, fn)."""
+    n = n or (2048 if device == "cpu" else 8192)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    return n ** 3, lambda: torch.mm(a, b)
+
+
+def fma_count(method: str, n: int, d: int, k: int, taus=(), moments: int = 1, em_steps: int = 1) -> int:
+    """Multiply-adds of one fused pass (see the module docstring)."""
+    if method == "panther":
+        return 4 * n * k * d * em_steps
+    return n * k * d * (1 + moments * len(set(float(t) for t in taus)))
 
 
 def torch_eager(x: torch.Tensor, c: torch.Tensor, taus: list[float], method: str = "proalign", **opts) -> torch.Tensor:
@@ -69,8 +101,97 @@ def torch_eager(x: torch.Tensor, c: torch.Tensor, taus: list[float], method: str
     return proalign(x.float(), c.float(), taus, **opts)
 
 
+@dataclass
+class Config:
+    label: str
+    method: str
+    taus: list = field(default_factory=list)
+    opts: dict = field(default_factory=dict)
+    dtype: str = "float32"
+
+
+def _reference(x64, c64, cfg: Config):
+    return (panther(x64, c64) if cfg.method == "panther" else proalign(x64, c64, cfg.taus, **cfg.opts)).cpu().numpy()
+
+
+def run_configs(configs: list[Config], n: int, d: int, k: int, device: str, repeat: int, check: bool,
+                backends: list[str] | None = None) -> list[str]:
+    """Time every config on `device` (interleaved rounds, best of `repeat`), print one table;
+    returns the failures (results off float64 by more than rtol 1e-3)."""
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(n, d, generator=gen, dtype=torch.float64) + torch.randn(d, generator=gen, dtype=torch.float64)
+    c64 = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    bw_bytes, bw_fn = device_copy_bandwidth() if device == "cuda" else host_read_bandwidth()
+    peak_fmas, peak_fn = fma_peak(device)
+    bw_fn(), peak_fn()
+    best = {"bw": float("inf"), "peak": float("inf")}
+    failed, rows = [], []
+    for cfg in configs:
+        x, c = x64.to(device, getattr(torch, cfg.dtype)), c64.to(device, torch.float32)
+        live = [b for b in BACKENDS.values() if b.name != "torch" and b.supports(cfg.method, x, cfg.opts)
+                and b.available() is None and (backends is None or b.name in backends)]
+        want = _reference(x.double(), c.double(), cfg)  # the rounded input's own float64 result
+
+        def ours(name):
+            return aggregate(x, c, method=cfg.method, tau=cfg.taus, backend=name, **cfg.opts)
+        errs = {}
+        for b in live:
+            got = ours(b.name).cpu().numpy()
+            errs[b.name] = float(np.abs(got - want).max())
+            if errs[b.name] > 1e-3 * max(1.0, float(np.abs(want).max())):
+                failed.append(f"{cfg.label}, {b.name} on {device}: max |err| {errs[b.name]:.2e}")
+        timers = {"bw": bw_fn, "peak": peak_fn, "eager": lambda: torch_eager(x, c, cfg.taus, cfg.method, **cfg.opts)}
+        timers.update({b.name: (lambda name=b.name: ours(name)) for b in live})
+        times = {name: float("inf") for name in timers}
+        for fn in timers.values():  # warm-up (numba compiles on its first call)
+            fn()
+        sync()
+        for _ in range(repeat):
+            for name, fn in timers.items():
+                times[name] = min(times[name], _once(fn, sync))
+        best["bw"], best["peak"] = min(best["bw"], times.pop("bw")), min(best["peak"], times.pop("peak"))
+        rows.append((cfg, x.numel() * x.element_size(), times, errs))
+    bw, peak = bw_bytes / best["bw"], peak_fmas / best["peak"]
+    name = torch.cuda.get_device_name() if device == "cuda" else f"host, {torch.get_num_threads()} threads"
+    print(f"\n[{device}] {name}: fp32 FMA peak {peak / 1e9:.1f} G FMA/s (torch.mm, {round(peak_fmas ** (1 / 3))}^3), "
+          f"streaming bandwidth {bw / 1e9:.1f} GB/s; N={n} d={d} K={k}, best of {repeat} interleaved rounds")
+    print("  G FMA: multiply-adds of the pass; floor: max(G FMA / peak, bytes of X / bandwidth); % peak, % mem: "
+          "the backend's share of each limit")
+    print(f"  {'config':44s} {'G FMA':>6s} {'floor':>8s} {'eager':>9s} {'backend':>8s} {'time':>9s} {'x eager':>7s} "
+          f"{'% peak':>6s} {'% mem':>6s}  max |err| vs float64")
+    for cfg, nbytes, times, errs in rows:
+        fmas = fma_count(cfg.method, n, d, k, cfg.taus, cfg.opts.get("moments", 1))
+        floor = max(fmas / peak, nbytes / bw)
+        for b, err in errs.items():
+            t = times[b]
+            print(f"  {cfg.label:44s} {fmas / 1e9:6.2f} {floor * 1e3:6.2f}ms {times['eager'] * 1e3:7.2f}ms {b:>8s} "
+                  f"{t * 1e3:7.2f}ms {times['eager'] / t:6.2f}x {fmas / t / peak * 100:5.1f}% "
+                  f"{nbytes / t / bw * 100:5.1f}%  {err:.1e}")
+        if not errs:
+            print(f"  {cfg.label:44s} {fmas / 1e9:6.2f} {floor * 1e3:6.2f}ms {times['eager'] * 1e3:7.2f}ms  "
+                  "(no fused backend)")
+    return failed
+
+
+def cpu_limits_suite() -> list[Config]:
+    """Issue 15's CPU configurations: the one-tau pass (over=patches), the default reading, PANTHER,
+    each with float32, float16 and bfloat16 input."""
+    default = {k: v for k, v in DEFAULT_PROALIGN.items() if k != "tau"}
+    taus = list(default_taus())
+    out = []
+    for dtype in ("float32", "float16", "bfloat16"):
+        out += [Config(f"proalign tau=0.1 over=patches, {dtype}", "proalign", [0.1],
+                       {"over": "patches", "moments": 1, "prior": 0.0}, dtype),
+                Config(f"default reading (3 distinct tau), {dtype}", "proalign", taus, dict(default), dtype),
+                Config(f"panther (1 EM step), {dtype}", "panther", [], {}, dtype)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["cpu-limits"], default=None,
+                    help="cpu-limits: issue 15's CPU configurations in one run (ignores the per-config options)")
     ap.add_argument("--method", default="proalign", choices=["proalign", "panther"],
                     help="panther: the fused E-step moments + M-step (default eps and prior strength)")
     ap.add_argument("--n", type=int, default=100_000)
@@ -87,42 +208,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--check", action="store_true", help="Exit 1 when a backend differs from float64 (rtol 1e-3).")
     args = ap.parse_args(argv)
-    taus = args.tau or list(default_taus())
-    prior = default_prior(args.over, taus) if args.prior is None else (
-        args.prior[0] if len(args.prior) == 1 else args.prior)  # one value: every row
-    opts = {"over": args.over, "moments": args.moments, "prior": prior} if args.method == "proalign" else {}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "auto":
         devices = [args.device]
-    print(f"proalign.bench.aggregate  {args.method}  N={args.n} d={args.d} K={args.k} tau={taus} {opts} {args.dtype}  "
-          f"torch {torch.__version__}  {platform.processor() or platform.machine()}  threads={torch.get_num_threads()}")
-    gen = torch.Generator().manual_seed(0)
-    x64 = torch.randn(args.n, args.d, generator=gen, dtype=torch.float64) + torch.randn(args.d, generator=gen, dtype=torch.float64)
-    c64 = torch.randn(args.k, args.d, generator=gen, dtype=torch.float64)
-    dtype = getattr(torch, args.dtype)
+    if args.suite:
+        configs = cpu_limits_suite()
+        devices = ["cpu"] if args.device == "auto" else devices
+        head = f"suite {args.suite}"
+    else:
+        taus = args.tau or list(default_taus())
+        prior = default_prior(args.over, taus) if args.prior is None else (
+            args.prior[0] if len(args.prior) == 1 else args.prior)  # one value: every row
+        opts = {"over": args.over, "moments": args.moments, "prior": prior} if args.method == "proalign" else {}
+        configs = [Config(f"{args.method} {args.dtype}", args.method, taus if args.method == "proalign" else [],
+                          opts, args.dtype)]
+        head = f"{args.method} tau={taus} {opts} {args.dtype}"
+    print(f"proalign.bench.aggregate  {head}  N={args.n} d={args.d} K={args.k}  torch {torch.__version__}  "
+          f"{platform.processor() or platform.machine()}  threads={torch.get_num_threads()}")
     failed = []
     for dev in devices:
-        x, c = x64.to(dev, dtype), c64.to(dev, torch.float32)
-        want = (panther(x.double(), c.double()) if args.method == "panther" else
-                proalign(x.double(), c.double(), taus, **opts)).cpu().numpy()
-        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-        bw = device_copy_bandwidth() if dev == "cuda" else host_read_bandwidth()
-        limit_s = x.numel() * x.element_size() / bw
-        name = torch.cuda.get_device_name() if dev == "cuda" else "host"
-        print(f"\n[{dev}] {name}: streaming bandwidth {bw / 1e9:.1f} GB/s -> memory limit {limit_s * 1e3:.2f} ms "
-              f"(X = {x.numel() * x.element_size() / 1e6:.0f} MB read once)")
-        t_eager = _time(lambda: torch_eager(x, c, taus, args.method, **opts), args.repeat, sync)
-        print(f"  {'torch eager':12s} {t_eager * 1e3:9.2f} ms   1.00x eager   {limit_s / t_eager * 100:5.1f}% of memory limit")
-        for b in BACKENDS.values():
-            if b.name == "torch" or not b.supports(args.method, x, opts) or b.available() is not None:
-                continue
-            got = aggregate(x, c, method=args.method, tau=taus, backend=b.name, **opts).cpu().numpy()
-            err = float(np.abs(got - want).max())
-            if err > 1e-3 * max(1.0, float(np.abs(want).max())):
-                failed.append(f"{b.name} on {dev}: max |err| {err:.2e}")
-            t = _time(lambda: aggregate(x, c, method=args.method, tau=taus, backend=b.name, **opts), args.repeat, sync)
-            print(f"  {b.name:12s} {t * 1e3:9.2f} ms  {t_eager / t:5.2f}x eager   {limit_s / t * 100:5.1f}% of memory "
-                  f"limit   max |err| vs float64 {err:.1e}")
+        failed += run_configs(configs, args.n, args.d, args.k, dev, args.repeat, args.check)
     for f in failed:
         print(f"WRONG: {f}")
     return 1 if (failed and args.check) else 0

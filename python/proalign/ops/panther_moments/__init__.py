@@ -13,7 +13,8 @@ from . import host, numba_cpu, torch_op
 
 
 def _numba_moments(x, lengths, shift, a, b, cst):
-    out = numba_cpu.moments(x.numpy(), lengths.numpy(), shift.numpy(), a.numpy(), b.numpy(), cst.numpy())
+    # x as it is: float16 / bfloat16 reach the kernel as their bits (converted per block)
+    out = numba_cpu.moments(x, lengths.numpy(), shift.numpy(), a.numpy(), b.numpy(), cst.numpy())
     return tuple(torch.from_numpy(v) for v in out)
 
 
@@ -32,6 +33,6 @@ def moments_function(backend: str) -> host.Moments:
 
 def run(backend: str, x: torch.Tensor, lengths: torch.Tensor, prototypes: torch.Tensor, **options) -> torch.Tensor:
     """(S, 1, K + 2*K*d) float64 PANTHER embeddings of the S slides stacked in x on a fused backend."""
-    if backend == "numba":
-        x = x.float().contiguous()
+    if backend == "numba" and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        x = x.float()
     return host.panther_ragged(moments_function(backend), x, lengths.to(torch.int64), prototypes, **options)

@@ -2,103 +2,120 @@
 of the Gaussian log-likelihood) and their moments in one pass over X for a ragged batch of slides
 (work items as for ProAlign, `plans.cpu_items`); q is never stored, the items' partials are
 summed per slide in float64.
+
+Each item streams its rows in blocks of ROWS_PER_BLOCK, read from memory once (float16/bfloat16
+converted in registers) into a float32 buffer holding [x' | x'^2] per row (x' = x - shift). The
+log-likelihood of every row and component is one small GEMM on that buffer against [b | a]
+(`numba_simd.block_scores`), the responsibilities a softmax over components with a vectorised
+float32 exp, and the moments [s1 | s2] += q^T [x' | x'^2] a second small GEMM
+(`numba_simd.block_pool`): 2 K d + 2 K d multiply-adds per row.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from ..plans import check_lengths, cpu_items
 from ..runtime import numba_unavailable
 
-TILE = 8  # rows per register tile: C and the accumulator are loaded once per 8 rows
+ROWS_PER_BLOCK = 64  # rows in the block buffer at a time (64 x 2d floats stay in L2)
 
 
 if numba_unavailable() is None:
     from numba import njit, prange
 
+    from ..numba_simd import (COLS, W, block_pool, block_scores, kernel_input, load_row, vadd, vbcast, vdiv, vexp,
+                              vhsum, vload, vmax, vmul, vstore, vsub, vzero)
+
+    @njit(fastmath=True, nogil=True, cache=True)
+    def _item(x, fmt, shiftp, a, b, cst, p, k, start, end, it, nq_out, s1_out, s2_out):
+        d = x.shape[1]
+        dp = shiftp.shape[0]
+        w2 = 2 * dp  # a buffer row: [x' | x'^2], each padded to dp columns
+        kp = (k + 3) // 4 * 4
+        rb = ROWS_PER_BLOCK
+        cm = np.zeros(kp * w2, dtype=np.float32)  # [b | a] per component: z = x' . b + x'^2 . a + cst
+        for kk in range(k):
+            for j in range(d):
+                cm[kk * w2 + j] = b[p, kk, j]
+                cm[kk * w2 + dp + j] = a[p, kk, j]
+        buf = np.zeros(rb * w2, dtype=np.float32)
+        z = np.zeros(kp * rb, dtype=np.float32)  # log-likelihoods, component-major
+        q = np.zeros(kp * rb, dtype=np.float32)  # responsibilities, component-major (0 past k)
+        ok = np.zeros(rb, dtype=np.float32)  # 1 for the block's rows, 0 past them
+        acc = np.zeros(kp * w2, dtype=np.float32)
+        ones = np.ones(kp, dtype=np.float32)
+        nq = np.zeros(k)
+        qblk = np.zeros(k * W, dtype=np.float32)
+        for r0 in range(start, end, rb):
+            rows = min(rb, end - r0)
+            for r in range(rb):
+                ok[r] = 1.0 if r < rows else 0.0
+            for r in range(rows):
+                o = r * w2
+                load_row(x, fmt, r0 + r, d, buf, o)
+                for j in range(0, dp, W):
+                    v = vsub(vload(buf, o + j), vload(shiftp, j))  # padding: 0 - 0
+                    vstore(buf, o + j, v)
+                    vstore(buf, o + dp + j, vmul(v, v))
+            # the next block is prefetched while this one is computed: half during each GEMM
+            nxt, nxt_end = (r0 + rb) * d, min(r0 + 2 * rb, end) * d
+            half = nxt + max(nxt_end - nxt, 0) // 2
+            block_scores(buf, 0, w2, rows, cm, w2, kp, w2, z, rb, x, nxt, half)
+            for i in range(0, k * W, W):
+                vstore(qblk, i, vzero())
+            for r in range(0, (rows + W - 1) // W * W, W):  # softmax over components, 16 rows at a time
+                mx = vbcast(-np.inf)
+                for kk in range(k):
+                    zv = vadd(vload(z, kk * rb + r), vbcast(cst[p, kk]))
+                    vstore(z, kk * rb + r, zv)
+                    mx = vmax(mx, zv)
+                tot = vzero()
+                for kk in range(k):
+                    ev = vexp(vsub(vload(z, kk * rb + r), mx))
+                    vstore(q, kk * rb + r, ev)
+                    tot = vadd(tot, ev)
+                rt = vdiv(vload(ok, r), tot)  # 0 for the rows past the block's
+                for kk in range(k):
+                    qv = vmul(vload(q, kk * rb + r), rt)
+                    vstore(q, kk * rb + r, qv)
+                    vstore(qblk, kk * W, vadd(vload(qblk, kk * W), qv))
+            for kk in range(k):
+                nq[kk] += vhsum(vload(qblk, kk * W))
+            block_pool(buf, 0, w2, rows, q, 0, rb, 1, kp, w2, acc, 0, w2, ones, 0, x, half, nxt_end)
+        for kk in range(k):
+            nq_out[it, kk] = nq[kk]
+            for j in range(d):
+                s1_out[it, kk, j] = acc[kk * w2 + j]
+                s2_out[it, kk, j] = acc[kk * w2 + dp + j]
+
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _moments(x, shift, a, b, cst, item_start, item_end, item_par):
+    def _moments(x, fmt, shift, a, b, cst, item_start, item_end, item_par):
+        """Per work item: sum q (items, K) float64, sum q x' and sum q x'^2 (items, K, d) float32.
+        x (N, d): float32, or float16 / bfloat16 bits (uint16, fmt numba_simd.FMT_*); a, b (P, K, d)
+        float32 and cst (P, K) of the GMM item_par[item] uses."""
         d = x.shape[1]
         k = a.shape[1]
+        dp = (d + COLS - 1) // COLS * COLS
+        shiftp = np.zeros(dp, dtype=np.float32)
+        for j in range(d):
+            shiftp[j] = shift[j]
         n_items = item_start.shape[0]
         nq_out = np.zeros((n_items, k))
         s1_out = np.zeros((n_items, k, d), dtype=np.float32)
         s2_out = np.zeros((n_items, k, d), dtype=np.float32)
         for it in prange(n_items):
-            p = item_par[it]
-            end = item_end[it]
-            xs = np.empty((TILE, d), dtype=np.float32)  # x - shift of the tile's rows
-            x2 = np.empty((TILE, d), dtype=np.float32)  # its square
-            z = np.empty((TILE, k))
-            q = np.empty((TILE, k), dtype=np.float32)
-            nq = nq_out[it]
-            s1 = s1_out[it]
-            s2 = s2_out[it]
-            for r0 in range(item_start[it], end, TILE):
-                rows = min(TILE, end - r0)
-                for r in range(TILE):  # a short last tile is padded with zero rows (q = 0 there)
-                    for j in range(d):
-                        v = x[r0 + r, j] - shift[j] if r < rows else np.float32(0.0)
-                        xs[r, j] = v
-                        x2[r, j] = v * v
-                # log-likelihood (up to a constant) of 8 rows per pass over a component's a and b
-                for kk in range(k):
-                    ak = a[p, kk]
-                    bk = b[p, kk]
-                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-                    for j in range(d):
-                        av, bv = ak[j], bk[j]
-                        a0 += x2[0, j] * av + xs[0, j] * bv
-                        a1 += x2[1, j] * av + xs[1, j] * bv
-                        a2 += x2[2, j] * av + xs[2, j] * bv
-                        a3 += x2[3, j] * av + xs[3, j] * bv
-                        a4 += x2[4, j] * av + xs[4, j] * bv
-                        a5 += x2[5, j] * av + xs[5, j] * bv
-                        a6 += x2[6, j] * av + xs[6, j] * bv
-                        a7 += x2[7, j] * av + xs[7, j] * bv
-                    c = cst[p, kk]
-                    z[0, kk], z[1, kk], z[2, kk], z[3, kk] = a0 + c, a1 + c, a2 + c, a3 + c
-                    z[4, kk], z[5, kk], z[6, kk], z[7, kk] = a4 + c, a5 + c, a6 + c, a7 + c
-                # responsibilities: softmax over components, max-subtracted (no overflow)
-                for r in range(TILE):
-                    if r >= rows:
-                        for kk in range(k):
-                            q[r, kk] = 0.0
-                        continue
-                    mx = -np.inf
-                    for kk in range(k):
-                        mx = max(mx, z[r, kk])
-                    tot = 0.0
-                    for kk in range(k):
-                        z[r, kk] = math.exp(z[r, kk] - mx)
-                        tot += z[r, kk]
-                    for kk in range(k):
-                        qv = z[r, kk] / tot
-                        q[r, kk] = qv
-                        nq[kk] += qv
-                # moments: s1_k += sum_r q_rk x'_r, s2_k += sum_r q_rk x'_r^2, eight rows at a time
-                for kk in range(k):
-                    q0, q1, q2, q3 = q[0, kk], q[1, kk], q[2, kk], q[3, kk]
-                    q4, q5, q6, q7 = q[4, kk], q[5, kk], q[6, kk], q[7, kk]
-                    s1k = s1[kk]
-                    s2k = s2[kk]
-                    for j in range(d):
-                        s1k[j] += (q0 * xs[0, j] + q1 * xs[1, j] + q2 * xs[2, j] + q3 * xs[3, j]
-                                   + q4 * xs[4, j] + q5 * xs[5, j] + q6 * xs[6, j] + q7 * xs[7, j])
-                        s2k[j] += (q0 * x2[0, j] + q1 * x2[1, j] + q2 * x2[2, j] + q3 * x2[3, j]
-                                   + q4 * x2[4, j] + q5 * x2[5, j] + q6 * x2[6, j] + q7 * x2[7, j])
+            _item(x, fmt, shiftp, a, b, cst, item_par[it], k, item_start[it], item_end[it], it, nq_out, s1_out, s2_out)
         return nq_out, s1_out, s2_out
 
 
-def moments(x: np.ndarray, lengths, shift: np.ndarray, a: np.ndarray, b: np.ndarray, cst: np.ndarray):
-    """PANTHER E-step moments of S slides stacked in x (sum N, d); see host.
+def moments(x, lengths, shift: np.ndarray, a: np.ndarray, b: np.ndarray, cst: np.ndarray):
+    """PANTHER E-step moments of S slides stacked in x (sum N, d); see host. x: a numpy array or CPU
+    tensor; float32, float16 and bfloat16 are read as they are (no float32 copy).
     Returns float64 n (S, K), s1 and s2 (S, K, d)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x, fmt = kernel_input(x)
     lengths = check_lengths(x.shape[0], lengths)
     item_start, item_end, item_slide, first = cpu_items(lengths)
     item_par = item_slide if a.shape[0] > 1 else np.zeros_like(item_slide)
     f32 = [np.ascontiguousarray(v, dtype=np.float32) for v in (shift, a, b)]
-    nq, s1, s2 = _moments(x, *f32, np.ascontiguousarray(cst, dtype=np.float64), item_start, item_end, item_par)
+    nq, s1, s2 = _moments(x, fmt, *f32, np.ascontiguousarray(cst, dtype=np.float64), item_start, item_end, item_par)
     return tuple(np.add.reduceat(v, first, axis=0, dtype=np.float64) for v in (nq, s1, s2))

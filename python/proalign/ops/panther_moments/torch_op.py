@@ -50,12 +50,13 @@ def panther_moments(x: Tensor, shift: Tensor, a: Tensor, b: Tensor, cst: Tensor,
 
 @panther_moments.register_kernel("cpu")
 def _cpu(x, shift, a, b, cst, prog_slide, prog_start, seg_end, k, rows_per_prog):
+    from ..numba_simd import kernel_input
     from .numba_cpu import _moments
 
     _check(x, shift, a, b, cst, prog_slide, prog_start, seg_end, k)
     ends = torch.minimum(prog_start + rows_per_prog, seg_end[prog_slide.long()])
     par = prog_slide.long() if a.shape[0] > 1 else torch.zeros(len(prog_slide), dtype=torch.int64)
-    out = _moments(x.float().contiguous().numpy(), shift.numpy(), a[:, :k].contiguous().numpy(),
+    out = _moments(*kernel_input(x), shift.numpy(), a[:, :k].contiguous().numpy(),
                    b[:, :k].contiguous().numpy(), cst[:, :k].double().contiguous().numpy(), prog_start.numpy(),
                    ends.numpy(), par.numpy())
     full = _fake(x, shift, a, b, cst, prog_slide, prog_start, seg_end, k, rows_per_prog)

@@ -19,8 +19,9 @@ def run(backend: str, x: torch.Tensor, lengths: torch.Tensor, prototypes: torch.
     """(S, T, K + moments*K*d) float64 embeddings of the S slides stacked in x (lengths (S,)) on a
     fused backend: numba (CPU), triton or cuda."""
     if backend == "numba":
-        out = numba_cpu.proalign_ragged(x.float().contiguous().numpy(), lengths.to(torch.int64).numpy(),
-                                        prototypes.double().numpy(), taus, **options)
+        # float16 / bfloat16 reach the kernel as their bits (converted per block), never as a float32 copy
+        out = numba_cpu.proalign_ragged(x, lengths.to(torch.int64).numpy(), prototypes.double().numpy(), taus,
+                                        **options)
         return torch.from_numpy(out)
     if backend == "triton":
         from ...kernels import proalign_attention as kern

@@ -3,11 +3,19 @@ ragged batch of slides in one call.
 
 The slides' rows lie one after another in one array; `plans.cpu_items` cuts them into work items
 (a slide's row range each, never spanning two slides) and a prange over the items streams their
-rows in tiles of 8: cosine similarities to the K prototypes, an online softmax over patches per
-prototype (running max m, sum l, rescaled accumulator, flash-attention style) and the per-patch
-softmax over prototypes for pi, for every tau (over=prototypes: that per-patch softmax is the
-weight, nothing to rescale; moments=2: a second accumulator of weight * (x - shift)^2). The
-N x K matrix is never stored; the items' partials are merged per slide by `host`.
+rows in blocks of ROWS_PER_BLOCK, each read from memory once (converted from float16/bfloat16 in
+registers) into a float32 buffer that stays in cache while:
+  1. the cosine similarities of the block's rows to the K prototypes are one small GEMM
+     (`numba_simd.block_scores`, 16-lane vectors, 4 x 4 register tiles);
+  2. for every distinct tau, the weights: the per-patch softmax over prototypes (pi, and the
+     weight itself for over=prototypes) and, for over=patches, the online softmax over patches
+     per prototype (the block's column max updates the running max m; the item's sums so far
+     are rescaled by exp(m_old - m_new) when the block is added), with a vectorised float32 exp;
+  3. the pooling acc_k += sum_r w_rk x_r (moments=2: also acc2_k += sum_r w_rk (x_r - shift)^2)
+     is one small GEMM per tau on the same buffer (`numba_simd.block_pool`).
+Work per row: K d multiply-adds for the similarities, T K d for the pooling (T distinct taus;
+moments=2 doubles the pooling). The N x K matrix is never stored; the items' partials (the
+`host` contract: m, l, pi, acc, acc2 per item) are merged per slide by `host`.
 """
 from __future__ import annotations
 
@@ -20,157 +28,162 @@ import torch
 from ..plans import check_lengths, cpu_items
 from ..runtime import numba_unavailable
 
-TILE = 8  # rows per register tile: C and the accumulator are loaded once per 8 rows
-EXP_REUSE_MAX = 300.0  # 1/tau up to which exp(s/tau - m) is rebuilt from per-row/per-k factors
+ROWS_PER_BLOCK = 64  # rows read into the block buffer at a time (64 x d floats stay in L2)
 
 
 if numba_unavailable() is None:
     from numba import njit, prange
 
+    from ..numba_simd import (COLS, W, block_pool, block_scores, kernel_input, load_row, vadd, vbcast, vdiv, vexp,
+                              vhmax, vhsum, vload, vmax, vmul, vstore, vsub, vzero)
+
+    @njit(fastmath=True, nogil=True, cache=True)
+    def _weights(s, inv, ok, rows, it, k, over_prototypes, m, scale, w, wo, lsum, pisum, e, lblk, pblk, t):
+        """The weights of one block for one tau, 16 rows per vector: w[wo + kk * RB + r] for r < rows
+        (0 past them), and the item's running sums m (over=patches), l and pi updated; scale[kk] is
+        what the item's earlier sums are multiplied by when this block's pooled sums are added (1
+        for over=prototypes). s: the block's scores, prototype-major (kk * RB + r); ok: 1 for the
+        block's rows, 0 past them."""
+        rb = ROWS_PER_BLOCK
+        kp = (k + 3) // 4 * 4
+        to = t * kp
+        nrv = (rows + W - 1) // W * W
+        itv = vbcast(it)
+        if not over_prototypes:  # online softmax over patches: the block's column max first
+            for kk in range(k):
+                cmax = vbcast(-np.inf)
+                for r in range(0, nrv, W):
+                    v = vmul(vmul(vload(s, kk * rb + r), vload(inv, r)), itv)
+                    cmax = vmax(cmax, vadd(v, vload(ok, rb + r)))  # ok[rb:] is 0 / -inf
+                m_new = max(m[to + kk], vhmax(cmax))
+                scale[to + kk] = math.exp(m[to + kk] - m_new)  # 0 on the first block (m = -inf)
+                m[to + kk] = m_new
+        for i in range(0, k * W, W):
+            vstore(lblk, i, vzero())
+            vstore(pblk, i, vzero())
+        for r in range(0, nrv, W):
+            f = vmul(vload(inv, r), itv)
+            mx = vbcast(-np.inf)  # each row's softmax over the K prototypes (pi)
+            for kk in range(k):
+                mx = vmax(mx, vmul(vload(s, kk * rb + r), f))
+            tot = vzero()
+            for kk in range(k):
+                ev = vexp(vsub(vmul(vload(s, kk * rb + r), f), mx))
+                vstore(e, kk * W, ev)
+                tot = vadd(tot, ev)
+            rt = vdiv(vload(ok, r), tot)  # 0 for the rows past the block's
+            for kk in range(k):
+                p = vmul(vload(e, kk * W), rt)
+                vstore(pblk, kk * W, vadd(vload(pblk, kk * W), p))
+                if over_prototypes:
+                    vstore(w, wo + kk * rb + r, p)
+                else:  # exp(s/tau - m_k): the weight of these patches for prototype k
+                    wv = vmul(vexp(vsub(vmul(vload(s, kk * rb + r), f), vbcast(m[to + kk]))), vload(ok, r))
+                    vstore(w, wo + kk * rb + r, wv)
+                    vstore(lblk, kk * W, vadd(vload(lblk, kk * W), wv))
+        for kk in range(k):
+            pb = vhsum(vload(pblk, kk * W))
+            pisum[to + kk] += pb
+            if over_prototypes:
+                lsum[to + kk] += pb
+            else:
+                lsum[to + kk] = lsum[to + kk] * scale[to + kk] + vhsum(vload(lblk, kk * W))
+
+    @njit(fastmath=True, nogil=True, cache=True)
+    def _item(x, fmt, cnp, k, inv_taus, start, end, over_prototypes, shiftp, second, b, m_out, l_out, pi_out,
+              acc_out, acc2_out):
+        """One work item (rows start..end of one slide): its partials into m/l/pi/acc/acc2_out[b]."""
+        d = x.shape[1]
+        dp = shiftp.shape[0]
+        nt = inv_taus.shape[0]
+        kp = (k + 3) // 4 * 4  # prototypes the GEMMs compute (zero rows past k)
+        rb = ROWS_PER_BLOCK
+        buf = np.zeros(rb * dp, dtype=np.float32)
+        sq = np.zeros(rb * dp if second else 0, dtype=np.float32)
+        s = np.zeros(kp * rb, dtype=np.float32)  # scores, prototype-major
+        w = np.zeros(nt * kp * rb, dtype=np.float32)  # weights per tau, prototype-major (0 past k)
+        inv = np.zeros(rb, dtype=np.float32)  # 1 / |x_r|
+        ok = np.zeros(2 * rb, dtype=np.float32)  # 1 / 0 for the block's rows and past them; then 0 / -inf
+        acc = np.zeros(nt * kp * dp, dtype=acc_out.dtype)
+        acc2 = np.zeros(nt * kp * dp if second else 0, dtype=acc_out.dtype)
+        m = np.full(nt * kp, 0.0 if over_prototypes else -np.inf, dtype=np.float32)
+        scale = np.ones(nt * kp, dtype=np.float32)
+        lsum = np.zeros(nt * kp)
+        pisum = np.zeros(nt * kp)
+        e = np.zeros(k * W, dtype=np.float32)
+        lblk = np.zeros(k * W, dtype=np.float32)
+        pblk = np.zeros(k * W, dtype=np.float32)
+        for r0 in range(start, end, rb):
+            rows = min(rb, end - r0)
+            for r in range(rb):
+                ok[r] = 1.0 if r < rows else 0.0
+                ok[rb + r] = 0.0 if r < rows else -np.inf
+            for r in range(rows):
+                nrm = load_row(x, fmt, r0 + r, d, buf, r * dp)
+                inv[r] = np.float32(1.0 / max(math.sqrt(nrm), 1e-12))
+                if second:
+                    for j in range(0, dp, W):
+                        v = vsub(vload(buf, r * dp + j), vload(shiftp, j))
+                        vstore(sq, r * dp + j, vmul(v, v))
+            # the next block is prefetched while this one is computed: half during the scores,
+            # half during the pooling
+            nxt, nxt_end = (r0 + rb) * d, min(r0 + 2 * rb, end) * d
+            half = nxt + max(nxt_end - nxt, 0) // 2
+            block_scores(buf, 0, dp, rows, cnp, dp, kp, dp, s, rb, x, nxt, half)
+            for t in range(nt):
+                _weights(s, inv, ok, rows, inv_taus[t], k, over_prototypes, m, scale, w, t * kp * rb, lsum, pisum,
+                         e, lblk, pblk, t)
+            block_pool(buf, 0, dp, rows, w, kp * rb, rb, nt, kp, dp, acc, kp * dp, dp, scale, kp, x, half, nxt_end)
+            if second:
+                block_pool(sq, 0, dp, rows, w, kp * rb, rb, nt, kp, dp, acc2, kp * dp, dp, scale, kp, x, 0, 0)
+        for t in range(nt):
+            for kk in range(k):
+                m_out[b, t, kk] = m[t * kp + kk]
+                l_out[b, t, kk] = lsum[t * kp + kk]
+                pi_out[b, t, kk] = pisum[t * kp + kk]
+                o = (t * kp + kk) * dp
+                for j in range(d):
+                    acc_out[b, t, kk, j] = acc[o + j]
+                if second:
+                    for j in range(d):
+                        acc2_out[b, t, kk, j] = acc2[o + j]
+
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _partials(x, cn, inv_taus, item_start, item_end, over_prototypes, shift, second, acc_out, acc2_out):
+    def _partials(x, fmt, cn, inv_taus, item_start, item_end, over_prototypes, shift, second, acc_out, acc2_out):
+        """Partials of every work item: m, l, pi (items, T, K) float64 and acc_out, acc2_out (items,
+        T, K, d; acc2_out only with `second`) filled. x (N, d): float32, or the bits of float16 /
+        bfloat16 values (uint16, fmt numba_simd.FMT_*); cn (K, d) unit-norm prototypes."""
         d = x.shape[1]
         k = cn.shape[0]
         nt = inv_taus.shape[0]
+        dp = (d + COLS - 1) // COLS * COLS
+        kp = (k + 3) // 4 * 4
+        cnp = np.zeros(kp * dp, dtype=np.float32)  # prototypes padded with zeros to kp x dp
+        shiftp = np.zeros(dp, dtype=np.float32)
+        for kk in range(k):
+            for j in range(d):
+                cnp[kk * dp + j] = cn[kk, j]
+        for j in range(d):
+            shiftp[j] = shift[j]
         nblocks = item_start.shape[0]
         # over=prototypes: weights are each row's softmax over prototypes; no running max (m = 0)
         m_out = np.zeros((nblocks, nt, k)) if over_prototypes else np.full((nblocks, nt, k), -np.inf)
         l_out = np.zeros((nblocks, nt, k))
         pi_out = np.zeros((nblocks, nt, k))
         for b in prange(nblocks):
-            start = item_start[b]
-            end = item_end[b]
-            s = np.empty((TILE, k), dtype=np.float32)
-            w = np.empty((TILE, k), dtype=np.float32)
-            e = np.empty((TILE, k))
-            row_scale = np.empty(TILE)
-            xsq = np.empty((TILE, d if second else 0), dtype=np.float32)
-            m = m_out[b]
-            l = l_out[b]
-            acc = acc_out[b]
-            acc2 = acc2_out[b if second else 0:b + 1 if second else 0]
-            for r0 in range(start, end, TILE):
-                rows = min(TILE, end - r0)
-                if second:
-                    for r in range(rows):
-                        for j in range(d):
-                            v = x[r0 + r, j] - shift[j]
-                            xsq[r, j] = v * v
-                # cosine similarity of each row of the tile to each prototype (cn is unit-norm)
-                for r in range(rows):
-                    nrm = np.float32(0.0)
-                    for j in range(d):
-                        nrm += x[r0 + r, j] * x[r0 + r, j]
-                    w[r, 0] = np.float32(1.0 / max(math.sqrt(nrm), 1e-12))
-                if rows == TILE:  # 8 rows x 2 prototypes per pass over d: 10 loads per 16 FMAs
-                    for k0 in range(0, k, 2):
-                        k1 = min(k0 + 1, k - 1)  # odd K: the last pair computes one prototype twice
-                        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-                        b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = np.float32(0.0)
-                        for j in range(d):
-                            c0, c1 = cn[k0, j], cn[k1, j]
-                            x0, x1, x2, x3 = x[r0, j], x[r0 + 1, j], x[r0 + 2, j], x[r0 + 3, j]
-                            x4, x5, x6, x7 = x[r0 + 4, j], x[r0 + 5, j], x[r0 + 6, j], x[r0 + 7, j]
-                            a0 += x0 * c0; a1 += x1 * c0; a2 += x2 * c0; a3 += x3 * c0  # noqa: E702
-                            a4 += x4 * c0; a5 += x5 * c0; a6 += x6 * c0; a7 += x7 * c0  # noqa: E702
-                            b0 += x0 * c1; b1 += x1 * c1; b2 += x2 * c1; b3 += x3 * c1  # noqa: E702
-                            b4 += x4 * c1; b5 += x5 * c1; b6 += x6 * c1; b7 += x7 * c1  # noqa: E702
-                        s[0, k0], s[1, k0], s[2, k0], s[3, k0] = a0, a1, a2, a3
-                        s[4, k0], s[5, k0], s[6, k0], s[7, k0] = a4, a5, a6, a7
-                        s[0, k1], s[1, k1], s[2, k1], s[3, k1] = b0, b1, b2, b3
-                        s[4, k1], s[5, k1], s[6, k1], s[7, k1] = b4, b5, b6, b7
-                    for r in range(TILE):
-                        for kk in range(k):
-                            s[r, kk] *= w[r, 0]
-                else:
-                    for r in range(rows):
-                        for kk in range(k):
-                            dot = np.float32(0.0)
-                            for j in range(d):
-                                dot += x[r0 + r, j] * cn[kk, j]
-                            s[r, kk] = dot * w[r, 0]
-                for t in range(nt):
-                    it = inv_taus[t]
-                    # pi: softmax over prototypes of each row; e[r, k] = exp(s_rk/tau - max_k)
-                    for r in range(rows):
-                        mx = -np.inf
-                        for kk in range(k):
-                            mx = max(mx, s[r, kk] * it)
-                        tot = 0.0
-                        for kk in range(k):
-                            e[r, kk] = math.exp(s[r, kk] * it - mx)
-                            tot += e[r, kk]
-                        for kk in range(k):
-                            pi_out[b, t, kk] += e[r, kk] / tot
-                            if over_prototypes:
-                                wt = e[r, kk] / tot
-                                w[r, kk] = wt
-                                l[t, kk] += wt
-                        row_scale[r] = math.exp(mx)
-                    # online softmax over patches, per prototype. exp(s/tau - m_k) is e[r, k] *
-                    # exp(max_r) * exp(-m_k): rows + K exps per tile instead of rows * K; safe in
-                    # float64 while 1/tau <= EXP_REUSE_MAX, else computed directly.
-                    if not over_prototypes:
-                        for kk in range(k):
-                            mt = -np.inf
-                            for r in range(rows):
-                                mt = max(mt, s[r, kk] * it)
-                            if mt > m[t, kk]:
-                                scale = math.exp(m[t, kk] - mt)  # 0 on the first tile (m = -inf)
-                                l[t, kk] *= scale
-                                for j in range(d):
-                                    acc[t, kk, j] *= scale
-                                if second:
-                                    for j in range(d):
-                                        acc2[0, t, kk, j] *= scale
-                                m[t, kk] = mt
-                            col_scale = math.exp(-m[t, kk])
-                            for r in range(rows):
-                                if it <= EXP_REUSE_MAX:
-                                    wt = e[r, kk] * row_scale[r] * col_scale
-                                else:
-                                    wt = math.exp(s[r, kk] * it - m[t, kk])
-                                w[r, kk] = wt
-                                l[t, kk] += wt
-                    # acc_k += sum_r w_rk x_r, eight rows at a time
-                    if rows == TILE:
-                        for kk in range(k):
-                            w0, w1, w2, w3 = w[0, kk], w[1, kk], w[2, kk], w[3, kk]
-                            w4, w5, w6, w7 = w[4, kk], w[5, kk], w[6, kk], w[7, kk]
-                            for j in range(d):
-                                acc[t, kk, j] += (w0 * x[r0, j] + w1 * x[r0 + 1, j] + w2 * x[r0 + 2, j]
-                                                  + w3 * x[r0 + 3, j] + w4 * x[r0 + 4, j] + w5 * x[r0 + 5, j]
-                                                  + w6 * x[r0 + 6, j] + w7 * x[r0 + 7, j])
-                    else:
-                        for kk in range(k):
-                            for r in range(rows):
-                                wr = w[r, kk]
-                                for j in range(d):
-                                    acc[t, kk, j] += wr * x[r0 + r, j]
-                    if second and rows == TILE:
-                        for kk in range(k):
-                            w0, w1, w2, w3 = w[0, kk], w[1, kk], w[2, kk], w[3, kk]
-                            w4, w5, w6, w7 = w[4, kk], w[5, kk], w[6, kk], w[7, kk]
-                            for j in range(d):
-                                acc2[0, t, kk, j] += (w0 * xsq[0, j] + w1 * xsq[1, j] + w2 * xsq[2, j]
-                                                      + w3 * xsq[3, j] + w4 * xsq[4, j] + w5 * xsq[5, j]
-                                                      + w6 * xsq[6, j] + w7 * xsq[7, j])
-                    elif second:
-                        for kk in range(k):
-                            for r in range(rows):
-                                wr = w[r, kk]
-                                for j in range(d):
-                                    acc2[0, t, kk, j] += wr * xsq[r, j]
+            _item(x, fmt, cnp, k, inv_taus, item_start[b], item_end[b], over_prototypes, shiftp, second, b, m_out,
+                  l_out, pi_out, acc_out, acc2_out)
         return m_out, l_out, pi_out, acc_out, acc2_out
 
 
-def proalign_ragged(x: np.ndarray, lengths, prototypes: np.ndarray, taus, over: str = "patches",
-                    moments: int = 1, prior: float | Sequence[float] = 0.0) -> np.ndarray:
+def proalign_ragged(x, lengths, prototypes: np.ndarray, taus, over: str = "patches", moments: int = 1,
+                    prior: float | Sequence[float] = 0.0) -> np.ndarray:
     """(S, T, K + moments*K*d) float64 ProAlign embeddings of S slides stacked in x (sum N, d), per
-    tau (reference.proalign's options); the items' partials are merged by host."""
+    tau (reference.proalign's options); the items' partials are merged by host. x: a numpy array
+    or CPU tensor; float32, float16 and bfloat16 are read as they are (no float32 copy)."""
     from .host import combine, distinct_taus, finish, rows_of, second_moment_shift
 
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x, fmt = kernel_input(x)
     lengths = check_lengths(x.shape[0], lengths)
     c = torch.from_numpy(np.asarray(prototypes, dtype=np.float64))
     cn = np.ascontiguousarray(torch.nn.functional.normalize(c, dim=1).numpy(), dtype=np.float32)
@@ -181,20 +194,20 @@ def proalign_ragged(x: np.ndarray, lengths, prototypes: np.ndarray, taus, over: 
     # acc: sum_r w_rk x_r; acc2 (moments=2): sum_r w_rk (x_r - shift)^2. The variance is acc2/l
     # minus (acc/l - shift)^2, a difference that float32 running sums over thousands of rows left
     # up to ~3e-4 off (relative) at sharp tau; moments=2 accumulates both in float64 (fed by float32
-    # sums of 8 rows), moments=1 keeps float32 (half the accumulator traffic, the default's speed).
+    # sums of a block's rows), moments=1 keeps float32 (half the accumulator traffic).
     second = moments == 2
     acc_dtype = np.float64 if second else np.float32
     nt, k, d = len(distinct), cn.shape[0], x.shape[1]
     acc_out = np.zeros((len(item_start), nt, k, d), dtype=acc_dtype)
     acc2_out = np.zeros((len(item_start) if second else 0, nt, k, d), dtype=acc_dtype)
-    m, l, pi, acc, acc2 = _partials(x, cn, inv_taus, item_start, item_end, over == "prototypes", shift.numpy(),
+    m, l, pi, acc, acc2 = _partials(x, fmt, cn, inv_taus, item_start, item_end, over == "prototypes", shift.numpy(),
                                     second, acc_out, acc2_out)
     parts = [torch.from_numpy(v) for v in (m, l, pi, acc)] + [torch.from_numpy(acc2) if second else None]
     sums = combine(torch.from_numpy(item_slide), *parts, len(lengths))
     return finish(*rows_of(sums, rows), torch.from_numpy(lengths), c, shift, over, prior).numpy()
 
 
-def proalign(x: np.ndarray, prototypes: np.ndarray, taus, over: str = "patches", moments: int = 1,
+def proalign(x, prototypes: np.ndarray, taus, over: str = "patches", moments: int = 1,
              prior: float | Sequence[float] = 0.0) -> np.ndarray:
     """(T, K + moments*K*d) float64 ProAlign embeddings of one slide x (N, d) for each tau."""
     return proalign_ragged(x, [x.shape[0]], prototypes, taus, over, moments, prior)[0]

@@ -67,6 +67,7 @@ def attention_partials(x: Tensor, cn: Tensor, inv_taus: Tensor, prog_slide: Tens
 
 @attention_partials.register_kernel("cpu")
 def _cpu(x, cn, inv_taus, prog_slide, prog_start, seg_end, shift, k, rows_per_prog, over_prototypes, second):
+    from ..numba_simd import kernel_input
     from .numba_cpu import _partials
 
     _check(x, cn, inv_taus, prog_slide, prog_start, seg_end, shift, k)
@@ -75,7 +76,7 @@ def _cpu(x, cn, inv_taus, prog_slide, prog_start, seg_end, shift, k, rows_per_pr
     n_prog, n_t, _, d = big
     acc = np.zeros((n_prog, n_t, k, d), dtype=np.float64 if second else np.float32)
     acc2 = np.zeros((n_prog if second else 0, n_t, k, d), dtype=np.float64)
-    out = _partials(x.float().contiguous().numpy(), cn[:k].numpy(), inv_taus.double().numpy(), prog_start.numpy(),
+    out = _partials(*kernel_input(x), cn[:k].contiguous().numpy(), inv_taus.double().numpy(), prog_start.numpy(),
                     ends.numpy(), over_prototypes, shift.numpy(), second, acc, acc2)
     full = [torch.zeros(s, dtype=torch.float32) for s in (small, small, small, big, second_shape)]
     for f, v in zip(full, out):
