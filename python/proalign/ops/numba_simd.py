@@ -24,6 +24,8 @@ numba caches a kernel keyed on its own file only: after editing this file, delet
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -564,6 +566,21 @@ def convert(x, fmt):
     out = np.empty(flat.shape[0], dtype=np.float32)
     load_row(flat, fmt, 0, flat.shape[0], out, 0)
     return out
+
+
+@contextmanager
+def items_one_at_a_time():
+    """Within: a numba prange hands its iterations (the kernels' work items) to threads one at a
+    time instead of in one equal share each, so a thread slowed by other work on the machine takes
+    fewer. Results do not change: each item writes only its own partials. (Set from Python: a
+    kernel setting it itself could not be cached.)"""
+    import numba
+
+    before = numba.set_parallel_chunksize(1)
+    try:
+        yield
+    finally:
+        numba.set_parallel_chunksize(before)
 
 
 def kernel_input(x):

@@ -23,8 +23,8 @@ ROWS_PER_BLOCK = 64  # rows in the block buffer at a time (64 x 2d floats stay i
 if numba_unavailable() is None:
     from numba import njit, prange
 
-    from ..numba_simd import (COLS, W, block_pool, block_scores, kernel_input, load_row, vadd, vbcast, vdiv, vexp,
-                              vhsum, vload, vmax, vmul, vstore, vsub, vzero)
+    from ..numba_simd import (COLS, W, block_pool, block_scores, items_one_at_a_time, kernel_input, load_row, vadd,
+                              vbcast, vdiv, vexp, vhsum, vload, vmax, vmul, vstore, vsub, vzero)
 
     @njit(fastmath=True, nogil=True, cache=True)
     def _item(x, fmt, shiftp, a, b, cst, p, k, start, end, it, nq_out, s1_out, s2_out):
@@ -89,7 +89,7 @@ if numba_unavailable() is None:
                 s2_out[it, kk, j] = acc[kk * w2 + dp + j]
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _moments(x, fmt, shift, a, b, cst, item_start, item_end, item_par):
+    def _moments_kernel(x, fmt, shift, a, b, cst, item_start, item_end, item_par):
         """Per work item: sum q (items, K) float64, sum q x' and sum q x'^2 (items, K, d) float32.
         x (N, d): float32, or float16 / bfloat16 bits (uint16, fmt numba_simd.FMT_*); a, b (P, K, d)
         float32 and cst (P, K) of the GMM item_par[item] uses."""
@@ -106,6 +106,11 @@ if numba_unavailable() is None:
         for it in prange(n_items):
             _item(x, fmt, shiftp, a, b, cst, item_par[it], k, item_start[it], item_end[it], it, nq_out, s1_out, s2_out)
         return nq_out, s1_out, s2_out
+
+    def _moments(x, fmt, shift, a, b, cst, item_start, item_end, item_par):
+        """Moments of every work item (see `_moments_kernel`), the items handed to threads one at a time."""
+        with items_one_at_a_time():
+            return _moments_kernel(x, fmt, shift, a, b, cst, item_start, item_end, item_par)
 
 
 def moments(x, lengths, shift: np.ndarray, a: np.ndarray, b: np.ndarray, cst: np.ndarray):

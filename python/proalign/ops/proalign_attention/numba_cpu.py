@@ -34,8 +34,8 @@ ROWS_PER_BLOCK = 64  # rows read into the block buffer at a time (64 x d floats 
 if numba_unavailable() is None:
     from numba import njit, prange
 
-    from ..numba_simd import (COLS, W, block_pool, block_scores, kernel_input, load_row, vadd, vbcast, vdiv, vexp,
-                              vhmax, vhsum, vload, vmax, vmul, vstore, vsub, vzero)
+    from ..numba_simd import (COLS, W, block_pool, block_scores, items_one_at_a_time, kernel_input, load_row, vadd,
+                              vbcast, vdiv, vexp, vhmax, vhsum, vload, vmax, vmul, vstore, vsub, vzero)
 
     @njit(fastmath=True, nogil=True, cache=True)
     def _weights(s, inv, ok, rows, it, k, over_prototypes, m, scale, w, wo, lsum, pisum, e, lblk, pblk, t):
@@ -149,7 +149,8 @@ if numba_unavailable() is None:
                         acc2_out[b, t, kk, j] = acc2[o + j]
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _partials(x, fmt, cn, inv_taus, item_start, item_end, over_prototypes, shift, second, acc_out, acc2_out):
+    def _partials_kernel(x, fmt, cn, inv_taus, item_start, item_end, over_prototypes, shift, second, acc_out,
+                         acc2_out):
         """Partials of every work item: m, l, pi (items, T, K) float64 and acc_out, acc2_out (items,
         T, K, d; acc2_out only with `second`) filled. x (N, d): float32, or the bits of float16 /
         bfloat16 values (uint16, fmt numba_simd.FMT_*); cn (K, d) unit-norm prototypes."""
@@ -174,6 +175,12 @@ if numba_unavailable() is None:
             _item(x, fmt, cnp, k, inv_taus, item_start[b], item_end[b], over_prototypes, shiftp, second, b, m_out,
                   l_out, pi_out, acc_out, acc2_out)
         return m_out, l_out, pi_out, acc_out, acc2_out
+
+    def _partials(x, fmt, cn, inv_taus, item_start, item_end, over_prototypes, shift, second, acc_out, acc2_out):
+        """Partials of every work item (see `_partials_kernel`), the items handed to threads one at a time."""
+        with items_one_at_a_time():
+            return _partials_kernel(x, fmt, cn, inv_taus, item_start, item_end, over_prototypes, shift, second,
+                                    acc_out, acc2_out)
 
 
 def proalign_ragged(x, lengths, prototypes: np.ndarray, taus, over: str = "patches", moments: int = 1,
