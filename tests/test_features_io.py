@@ -105,3 +105,17 @@ def test_manifest_and_folder_listing(tmp_path, rng):
     (tmp_path / "bad.csv").write_text("id,file\nx,feats/a.h5\n")
     with pytest.raises(ValueError, match="lacks column"):
         list_feature_files(manifest=tmp_path / "bad.csv")
+
+
+def test_nonfinite_rows_float16_bits_match_isfinite():
+    """The float16 exponent-bit test agrees with numpy's isfinite on every one of the 65,536 halves,
+    alone and in rows; other dtypes go through isfinite."""
+    from proalign.features.io import nonfinite_rows
+
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    np.testing.assert_array_equal(nonfinite_rows(every[:, None]), ~np.isfinite(every))
+    rows = np.random.default_rng(0).permutation(every).reshape(-1, 64)
+    np.testing.assert_array_equal(nonfinite_rows(rows), ~np.isfinite(rows).all(axis=1))
+    x = np.ones((3, 4), np.float32)
+    x[1, 2] = np.inf
+    assert nonfinite_rows(x).tolist() == [False, True, False]

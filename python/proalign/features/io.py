@@ -58,6 +58,14 @@ def plain_attr(v):
     return v
 
 
+
+def nonfinite_rows(feats: np.ndarray) -> np.ndarray:
+    """(N,) bool: rows holding a NaN or an infinity. float16 is tested on its exponent bits (all
+    ones = inf or NaN): numpy's isfinite converts each half to float, 2-3x slower."""
+    if feats.dtype == np.float16:
+        return ((feats.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
+    return ~np.isfinite(feats).all(axis=1)
+
 def _rows_shape(shape: tuple, name: str, path: Path, slide_id: str, width: int | None = None) -> tuple:
     """(N, w) of a dataset stored as (N, w) or (1, N, w); anything else is an error."""
     if len(shape) == 3 and shape[0] == 1:
@@ -80,7 +88,7 @@ def _check_features(feats: np.ndarray, path: Path, slide_id: str) -> np.ndarray:
         raise FeatureFileError(path, "zero patches (features has 0 rows)", slide_id)
     if feats.shape[1] == 0:
         raise FeatureFileError(path, "features have 0 columns", slide_id)
-    bad = ~np.isfinite(feats).all(axis=1)
+    bad = nonfinite_rows(feats)
     if bad.any():
         rows = np.flatnonzero(bad)
         raise FeatureFileError(
