@@ -32,6 +32,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
+# numba parallel options of the kernels: only their prange runs in parallel; the few small array
+# initialisations around it stay serial (auto-parallelised, each would be a scheduled region of
+# its own, one region per element with items handed out one at a time)
+PRANGE_ONLY = {"comprehension": False, "reduction": False, "inplace_binop": False, "setitem": False,
+               "numpy": False, "stencil": False, "fusion": False, "prange": True}
 W = 16  # lanes per vector
 COLS = 64  # columns per pooling tile (4 vectors); buffers are padded to a multiple of this
 FMT_F32, FMT_F16, FMT_BF16, FMT_F16_SOFT = 0, 1, 2, 3  # FMT_F16_SOFT: the integer path (tests)
@@ -557,6 +562,21 @@ def load_row(x, fmt, row, d, out, o):
         out[o + j] = v1
         tot += v1 * v1
     return tot
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def load_row_centred(x, fmt, row, d, shift, out, o, o2):
+    """out[o:o+d] = x' = row `row` of x (converted as load_row) minus shift, out[o2:o2+d] = x'^2."""
+    src = row * d
+    full = d - d % W
+    for j in range(0, full, W):
+        v = vsub(vload_src(x, src + j, fmt), vload(shift, j))
+        vstore(out, o + j, v)
+        vstore(out, o2 + j, vmul(v, v))
+    for j in range(full, d):
+        v1 = load_src(x, src + j, fmt) - shift[j]
+        out[o + j] = v1
+        out[o2 + j] = v1 * v1
 
 
 @njit(nogil=True, cache=True)

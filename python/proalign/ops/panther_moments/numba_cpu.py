@@ -23,22 +23,24 @@ ROWS_PER_BLOCK = 64  # rows in the block buffer at a time (64 x 2d floats stay i
 if numba_unavailable() is None:
     from numba import njit, prange
 
-    from ..numba_simd import (COLS, W, block_pool, block_scores, items_one_at_a_time, kernel_input, load_row, vadd,
-                              vbcast, vdiv, vexp, vhsum, vload, vmax, vmul, vstore, vsub, vzero)
+    from ..numba_simd import (COLS, PRANGE_ONLY, W, block_pool, block_scores, items_one_at_a_time, kernel_input,
+                              load_row_centred, vadd, vbcast, vdiv, vexp, vhsum, vload, vmax, vmul, vstore, vsub,
+                              vzero)
 
     @njit(fastmath=True, nogil=True, cache=True)
     def _item(x, fmt, shiftp, a, b, cst, p, k, start, end, it, nq_out, s1_out, s2_out):
         d = x.shape[1]
         dp = shiftp.shape[0]
         w2 = 2 * dp  # a buffer row: [x' | x'^2], each padded to dp columns
+        bs = w2 + W  # buffer row stride: not a power of two (see proalign_attention.numba_cpu)
         kp = (k + 3) // 4 * 4
         rb = ROWS_PER_BLOCK
-        cm = np.zeros(kp * w2, dtype=np.float32)  # [b | a] per component: z = x' . b + x'^2 . a + cst
+        cm = np.zeros(kp * bs, dtype=np.float32)  # [b | a] per component: z = x' . b + x'^2 . a + cst
         for kk in range(k):
             for j in range(d):
-                cm[kk * w2 + j] = b[p, kk, j]
-                cm[kk * w2 + dp + j] = a[p, kk, j]
-        buf = np.zeros(rb * w2, dtype=np.float32)
+                cm[kk * bs + j] = b[p, kk, j]
+                cm[kk * bs + dp + j] = a[p, kk, j]
+        buf = np.zeros(rb * bs, dtype=np.float32)
         z = np.zeros(kp * rb, dtype=np.float32)  # log-likelihoods, component-major
         q = np.zeros(kp * rb, dtype=np.float32)  # responsibilities, component-major (0 past k)
         ok = np.zeros(rb, dtype=np.float32)  # 1 for the block's rows, 0 past them
@@ -50,17 +52,12 @@ if numba_unavailable() is None:
             rows = min(rb, end - r0)
             for r in range(rb):
                 ok[r] = 1.0 if r < rows else 0.0
-            for r in range(rows):
-                o = r * w2
-                load_row(x, fmt, r0 + r, d, buf, o)
-                for j in range(0, dp, W):
-                    v = vsub(vload(buf, o + j), vload(shiftp, j))  # padding: 0 - 0
-                    vstore(buf, o + j, v)
-                    vstore(buf, o + dp + j, vmul(v, v))
+            for r in range(rows):  # the padding columns stay 0
+                load_row_centred(x, fmt, r0 + r, d, shiftp, buf, r * bs, r * bs + dp)
             # the next block is prefetched while this one is computed: half during each GEMM
             nxt, nxt_end = (r0 + rb) * d, min(r0 + 2 * rb, end) * d
             half = nxt + max(nxt_end - nxt, 0) // 2
-            block_scores(buf, 0, w2, rows, cm, w2, kp, w2, z, rb, x, nxt, half)
+            block_scores(buf, 0, bs, rows, cm, bs, kp, w2, z, rb, x, nxt, half)
             for i in range(0, k * W, W):
                 vstore(qblk, i, vzero())
             for r in range(0, (rows + W - 1) // W * W, W):  # softmax over components, 16 rows at a time
@@ -81,14 +78,14 @@ if numba_unavailable() is None:
                     vstore(qblk, kk * W, vadd(vload(qblk, kk * W), qv))
             for kk in range(k):
                 nq[kk] += vhsum(vload(qblk, kk * W))
-            block_pool(buf, 0, w2, rows, q, 0, rb, 1, kp, w2, acc, 0, w2, ones, 0, x, half, nxt_end)
+            block_pool(buf, 0, bs, rows, q, 0, rb, 1, kp, w2, acc, 0, w2, ones, 0, x, half, nxt_end)
         for kk in range(k):
             nq_out[it, kk] = nq[kk]
             for j in range(d):
                 s1_out[it, kk, j] = acc[kk * w2 + j]
                 s2_out[it, kk, j] = acc[kk * w2 + dp + j]
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @njit(parallel=dict(PRANGE_ONLY), fastmath=True, cache=True, nogil=True)
     def _moments_kernel(x, fmt, shift, a, b, cst, item_start, item_end, item_par):
         """Per work item: sum q (items, K) float64, sum q x' and sum q x'^2 (items, K, d) float32.
         x (N, d): float32, or float16 / bfloat16 bits (uint16, fmt numba_simd.FMT_*); a, b (P, K, d)

@@ -34,8 +34,9 @@ ROWS_PER_BLOCK = 64  # rows read into the block buffer at a time (64 x d floats 
 if numba_unavailable() is None:
     from numba import njit, prange
 
-    from ..numba_simd import (COLS, W, block_pool, block_scores, items_one_at_a_time, kernel_input, load_row, vadd,
-                              vbcast, vdiv, vexp, vhmax, vhsum, vload, vmax, vmul, vstore, vsub, vzero)
+    from ..numba_simd import (COLS, PRANGE_ONLY, W, block_pool, block_scores, items_one_at_a_time, kernel_input,
+                              load_row, vadd, vbcast, vdiv, vexp, vhmax, vhsum, vload, vmax, vmul, vstore, vsub,
+                              vzero)
 
     @njit(fastmath=True, nogil=True, cache=True)
     def _weights(s, inv, ok, rows, it, k, over_prototypes, m, scale, w, wo, lsum, pisum, e, lblk, pblk, t):
@@ -98,8 +99,10 @@ if numba_unavailable() is None:
         nt = inv_taus.shape[0]
         kp = (k + 3) // 4 * 4  # prototypes the GEMMs compute (zero rows past k)
         rb = ROWS_PER_BLOCK
-        buf = np.zeros(rb * dp, dtype=np.float32)
-        sq = np.zeros(rb * dp if second else 0, dtype=np.float32)
+        bs = dp + W  # buffer row stride: not a power of two, so a column stripe of the block's rows
+        # spreads over the L1 cache's sets instead of a few (the pooling re-reads it per prototype)
+        buf = np.zeros(rb * bs, dtype=np.float32)
+        sq = np.zeros(rb * bs if second else 0, dtype=np.float32)
         s = np.zeros(kp * rb, dtype=np.float32)  # scores, prototype-major
         w = np.zeros(nt * kp * rb, dtype=np.float32)  # weights per tau, prototype-major (0 past k)
         inv = np.zeros(rb, dtype=np.float32)  # 1 / |x_r|
@@ -119,23 +122,23 @@ if numba_unavailable() is None:
                 ok[r] = 1.0 if r < rows else 0.0
                 ok[rb + r] = 0.0 if r < rows else -np.inf
             for r in range(rows):
-                nrm = load_row(x, fmt, r0 + r, d, buf, r * dp)
+                nrm = load_row(x, fmt, r0 + r, d, buf, r * bs)
                 inv[r] = np.float32(1.0 / max(math.sqrt(nrm), 1e-12))
                 if second:
                     for j in range(0, dp, W):
-                        v = vsub(vload(buf, r * dp + j), vload(shiftp, j))
-                        vstore(sq, r * dp + j, vmul(v, v))
+                        v = vsub(vload(buf, r * bs + j), vload(shiftp, j))
+                        vstore(sq, r * bs + j, vmul(v, v))
             # the next block is prefetched while this one is computed: half during the scores,
             # half during the pooling
             nxt, nxt_end = (r0 + rb) * d, min(r0 + 2 * rb, end) * d
             half = nxt + max(nxt_end - nxt, 0) // 2
-            block_scores(buf, 0, dp, rows, cnp, dp, kp, dp, s, rb, x, nxt, half)
+            block_scores(buf, 0, bs, rows, cnp, bs, kp, dp, s, rb, x, nxt, half)
             for t in range(nt):
                 _weights(s, inv, ok, rows, inv_taus[t], k, over_prototypes, m, scale, w, t * kp * rb, lsum, pisum,
                          e, lblk, pblk, t)
-            block_pool(buf, 0, dp, rows, w, kp * rb, rb, nt, kp, dp, acc, kp * dp, dp, scale, kp, x, half, nxt_end)
+            block_pool(buf, 0, bs, rows, w, kp * rb, rb, nt, kp, dp, acc, kp * dp, dp, scale, kp, x, half, nxt_end)
             if second:
-                block_pool(sq, 0, dp, rows, w, kp * rb, rb, nt, kp, dp, acc2, kp * dp, dp, scale, kp, x, 0, 0)
+                block_pool(sq, 0, bs, rows, w, kp * rb, rb, nt, kp, dp, acc2, kp * dp, dp, scale, kp, x, 0, 0)
         for t in range(nt):
             for kk in range(k):
                 m_out[b, t, kk] = m[t * kp + kk]
@@ -148,7 +151,7 @@ if numba_unavailable() is None:
                     for j in range(d):
                         acc2_out[b, t, kk, j] = acc2[o + j]
 
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @njit(parallel=dict(PRANGE_ONLY), fastmath=True, cache=True, nogil=True)
     def _partials_kernel(x, fmt, cn, inv_taus, item_start, item_end, over_prototypes, shift, second, acc_out,
                          acc2_out):
         """Partials of every work item: m, l, pi (items, T, K) float64 and acc_out, acc2_out (items,
@@ -159,11 +162,11 @@ if numba_unavailable() is None:
         nt = inv_taus.shape[0]
         dp = (d + COLS - 1) // COLS * COLS
         kp = (k + 3) // 4 * 4
-        cnp = np.zeros(kp * dp, dtype=np.float32)  # prototypes padded with zeros to kp x dp
-        shiftp = np.zeros(dp, dtype=np.float32)
+        cnp = np.zeros(kp * (dp + W), dtype=np.float32)  # prototypes padded with zeros to kp x dp, row
+        shiftp = np.zeros(dp, dtype=np.float32)  # stride dp + W (not a power of two, as the block buffer)
         for kk in range(k):
             for j in range(d):
-                cnp[kk * dp + j] = cn[kk, j]
+                cnp[kk * (dp + W) + j] = cn[kk, j]
         for j in range(d):
             shiftp[j] = shift[j]
         nblocks = item_start.shape[0]
