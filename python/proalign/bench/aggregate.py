@@ -15,8 +15,9 @@ limits of the machine, both measured in the same run:
   - memory: bytes of X read once / the measured streaming bandwidth (a host read on CPU, a
     device-to-device copy on GPU).
 Each backend is also checked against the float64 reference on the same data. Timings are the best
-of --repeat rounds, each round timing the peak, the bandwidth, torch eager and the backends one
-after another (interleaved), so a busy machine slows all of them alike.
+of --repeat rounds, each round timing the peak, the bandwidth, then every configuration's torch
+eager and backends one after another (interleaved), so a machine busy with other work for a while
+slows all of them alike.
 
 --suite cpu-limits runs the CPU configurations of issue 15 in one run: one tau with over=patches
 (the issue's), the default reading, PANTHER, each with float32, float16 and bfloat16 input.
@@ -116,24 +117,27 @@ def _reference(x64, c64, cfg: Config):
 
 def run_configs(configs: list[Config], n: int, d: int, k: int, device: str, repeat: int, check: bool,
                 backends: list[str] | None = None) -> list[str]:
-    """Time every config on `device` (interleaved rounds, best of `repeat`), print one table;
-    returns the failures (results off float64 by more than rtol 1e-3)."""
+    """Time every config on `device`, print one table; returns the failures (results off float64 by
+    more than rtol 1e-3). Each of the `repeat` rounds times everything once, one after another
+    (the peak, the bandwidth, then every config's torch eager and backends); each is reported at
+    its best round, so a machine busy with other work for a while slows every timing alike."""
     gen = torch.Generator().manual_seed(0)
     x64 = torch.randn(n, d, generator=gen, dtype=torch.float64) + torch.randn(d, generator=gen, dtype=torch.float64)
     c64 = torch.randn(k, d, generator=gen, dtype=torch.float64)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     bw_bytes, bw_fn = device_copy_bandwidth() if device == "cuda" else host_read_bandwidth()
     peak_fmas, peak_fn = fma_peak(device)
-    bw_fn(), peak_fn()
-    best = {"bw": float("inf"), "peak": float("inf")}
-    failed, rows = [], []
-    for cfg in configs:
-        x, c = x64.to(device, getattr(torch, cfg.dtype)), c64.to(device, torch.float32)
+    timers = {"bw": bw_fn, "peak": peak_fn}
+    failed, rows, inputs = [], [], {}
+    for i, cfg in enumerate(configs):
+        if cfg.dtype not in inputs:
+            inputs[cfg.dtype] = x64.to(device, getattr(torch, cfg.dtype))
+        x, c = inputs[cfg.dtype], c64.to(device, torch.float32)
         live = [b for b in BACKENDS.values() if b.name != "torch" and b.supports(cfg.method, x, cfg.opts)
                 and b.available() is None and (backends is None or b.name in backends)]
         want = _reference(x.double(), c.double(), cfg)  # the rounded input's own float64 result
 
-        def ours(name):
+        def ours(name, x=x, c=c, cfg=cfg):
             return aggregate(x, c, method=cfg.method, tau=cfg.taus, backend=name, **cfg.opts)
         errs = {}
         for b in live:
@@ -141,17 +145,17 @@ def run_configs(configs: list[Config], n: int, d: int, k: int, device: str, repe
             errs[b.name] = float(np.abs(got - want).max())
             if errs[b.name] > 1e-3 * max(1.0, float(np.abs(want).max())):
                 failed.append(f"{cfg.label}, {b.name} on {device}: max |err| {errs[b.name]:.2e}")
-        timers = {"bw": bw_fn, "peak": peak_fn, "eager": lambda: torch_eager(x, c, cfg.taus, cfg.method, **cfg.opts)}
-        timers.update({b.name: (lambda name=b.name: ours(name)) for b in live})
-        times = {name: float("inf") for name in timers}
-        for fn in timers.values():  # warm-up (numba compiles on its first call)
-            fn()
-        sync()
-        for _ in range(repeat):
-            for name, fn in timers.items():
-                times[name] = min(times[name], _once(fn, sync))
-        best["bw"], best["peak"] = min(best["bw"], times.pop("bw")), min(best["peak"], times.pop("peak"))
-        rows.append((cfg, x.numel() * x.element_size(), times, errs))
+        timers[i, "eager"] = lambda x=x, c=c, cfg=cfg: torch_eager(x, c, cfg.taus, cfg.method, **cfg.opts)
+        timers.update({(i, b.name): (lambda name=b.name, f=ours: f(name)) for b in live})
+        rows.append((i, cfg, x.numel() * x.element_size(), errs))
+    for fn in timers.values():  # warm-up (numba compiles on its first call)
+        fn()
+    sync()
+    times = {name: float("inf") for name in timers}
+    for _ in range(repeat):
+        for name, fn in timers.items():
+            times[name] = min(times[name], _once(fn, sync))
+    best = {"bw": times["bw"], "peak": times["peak"]}
     bw, peak = bw_bytes / best["bw"], peak_fmas / best["peak"]
     name = torch.cuda.get_device_name() if device == "cuda" else f"host, {torch.get_num_threads()} threads"
     print(f"\n[{device}] {name}: fp32 FMA peak {peak / 1e9:.1f} G FMA/s (torch.mm, {round(peak_fmas ** (1 / 3))}^3), "
@@ -160,17 +164,17 @@ def run_configs(configs: list[Config], n: int, d: int, k: int, device: str, repe
           "the backend's share of each limit")
     print(f"  {'config':44s} {'G FMA':>6s} {'floor':>8s} {'eager':>9s} {'backend':>8s} {'time':>9s} {'x eager':>7s} "
           f"{'% peak':>6s} {'% mem':>6s}  max |err| vs float64")
-    for cfg, nbytes, times, errs in rows:
+    for i, cfg, nbytes, errs in rows:
         fmas = fma_count(cfg.method, n, d, k, cfg.taus, cfg.opts.get("moments", 1))
         floor = max(fmas / peak, nbytes / bw)
+        eager = times[i, "eager"]
         for b, err in errs.items():
-            t = times[b]
-            print(f"  {cfg.label:44s} {fmas / 1e9:6.2f} {floor * 1e3:6.2f}ms {times['eager'] * 1e3:7.2f}ms {b:>8s} "
-                  f"{t * 1e3:7.2f}ms {times['eager'] / t:6.2f}x {fmas / t / peak * 100:5.1f}% "
+            t = times[i, b]
+            print(f"  {cfg.label:44s} {fmas / 1e9:6.2f} {floor * 1e3:6.2f}ms {eager * 1e3:7.2f}ms {b:>8s} "
+                  f"{t * 1e3:7.2f}ms {eager / t:6.2f}x {fmas / t / peak * 100:5.1f}% "
                   f"{nbytes / t / bw * 100:5.1f}%  {err:.1e}")
         if not errs:
-            print(f"  {cfg.label:44s} {fmas / 1e9:6.2f} {floor * 1e3:6.2f}ms {times['eager'] * 1e3:7.2f}ms  "
-                  "(no fused backend)")
+            print(f"  {cfg.label:44s} {fmas / 1e9:6.2f} {floor * 1e3:6.2f}ms {eager * 1e3:7.2f}ms  (no fused backend)")
     return failed
 
 
