@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         if not why_no_cucim:
             agree_rows.append((path.name, _agree(path, args, mpp)))
         rows.append((kind, path.name, res))
-    _print_table(rows, why_no_cucim)
+    _print_table(rows, why_no_cucim, args.out_size)
 
     if not why_no_cucim and args.formats_size:
         s = args.formats_size
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_table(rows, why_no_cucim) -> None:
+def _print_table(rows, why_no_cucim, out_size: int) -> None:
     cc = not why_no_cucim
     print(f"\n{'format':18s} {'slide':30s} {'patches':>7s} {'ours/s':>7s} {'python/s':>8s} {'shrink/s':>8s} "
           f"{'osl/s':>6s}" + (f" {'cucim/s':>7s}" if cc else "") + f" {'ours/osl':>8s}"
@@ -415,7 +415,7 @@ def _print_table(rows, why_no_cucim) -> None:
             line += f" {c['peak_rss_mb']:8.0f}M {'yes' if c['checksum'] == osl['checksum'] else 'NO':>7s}"
         elif cc and c is not None:
             line += f"  cuCIM cannot read it: {c['error'][:80]}"
-        if o["checksum"] != osl["checksum"]:
+        if o["checksum"] != osl["checksum"] and o["read_size"] == out_size:  # no resize: the same pixels
             line += "  (ours != OpenSlide checksum)"
         print(line)
     print("ours: the C++ patch stream; python: the Python engine path (decoder='imagecodecs'); shrink: "
