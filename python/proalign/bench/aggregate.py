@@ -20,11 +20,17 @@ eager and backends one after another (interleaved), so a machine busy with other
 slows all of them alike.
 
 --suite cpu-limits runs the CPU configurations of issue 15 in one run: one tau with over=patches
-(the issue's), the default reading, PANTHER, each with float32, float16 and bfloat16 input.
+(the issue's), the default reading, PANTHER, each with float32, float16 and bfloat16 input; for
+numba it also times the kernel call alone ("pass"), whose share of the limits it reports.
+
+On a small machine shared with other jobs, run it with OMP_WAIT_POLICY=PASSIVE: with libgomp's
+default (spinning) wait, a torch operation's parallel region waits for a worker thread another
+process has preempted, and the host step's small torch operations took ~40 ms each there.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -111,6 +117,44 @@ class Config:
     dtype: str = "float32"
 
 
+def numba_pass(cfg: Config, x: torch.Tensor, c: torch.Tensor):
+    """A timer of the numba kernel call alone (the fused pass, without the float64 host step that
+    merges the work items' partials and finishes the embedding): the kernel's share of the limits."""
+    from ..ops.numba_simd import kernel_input
+    from ..ops.plans import cpu_items
+
+    arr, fmt = kernel_input(x)
+    n, d = arr.shape
+    k = c.shape[0]
+    start, end, _, _ = cpu_items(np.array([n]))
+    if cfg.method == "panther":
+        from ..ops.panther_moments import host as panther_host, numba_cpu as panther_numba
+        from ..ops.panther_moments.reference import PANTHER_EPS
+
+        m0 = c.double()
+        shift = m0.mean(dim=0).float()
+        log_pi = torch.full((1, k), -float(np.log(k)), dtype=torch.float64)
+        a, b, cst = panther_host.estep_params(m0[None], torch.full_like(m0, PANTHER_EPS)[None], log_pi, shift.double())
+        par = np.zeros(len(start), dtype=np.int64)
+        args = (shift.numpy(), a.numpy(), b.numpy(), cst.double().numpy(), start, end, par)
+        return lambda: panther_numba._moments(arr, fmt, *args)
+    from ..ops.proalign_attention import host as attention_host, numba_cpu as attention_numba
+
+    distinct, _ = attention_host.distinct_taus(cfg.taus)
+    inv_taus = 1.0 / np.asarray(distinct, dtype=np.float64)
+    cn = torch.nn.functional.normalize(c.double(), dim=1).float().numpy()
+    shift = attention_host.second_moment_shift(c.double()).numpy()
+    second = cfg.opts.get("moments", 1) == 2
+    acc_dtype = np.float64 if second else np.float32
+
+    def run():
+        acc = np.zeros((len(start), len(distinct), k, d), dtype=acc_dtype)
+        acc2 = np.zeros((len(start) if second else 0, len(distinct), k, d), dtype=acc_dtype)
+        return attention_numba._partials(arr, fmt, cn, inv_taus, start, end, cfg.opts.get("over") == "prototypes",
+                                         shift, second, acc, acc2)
+    return run
+
+
 def _reference(x64, c64, cfg: Config):
     return (panther(x64, c64) if cfg.method == "panther" else proalign(x64, c64, cfg.taus, **cfg.opts)).cpu().numpy()
 
@@ -147,6 +191,8 @@ def run_configs(configs: list[Config], n: int, d: int, k: int, device: str, repe
                 failed.append(f"{cfg.label}, {b.name} on {device}: max |err| {errs[b.name]:.2e}")
         timers[i, "eager"] = lambda x=x, c=c, cfg=cfg: torch_eager(x, c, cfg.taus, cfg.method, **cfg.opts)
         timers.update({(i, b.name): (lambda name=b.name, f=ours: f(name)) for b in live})
+        if any(b.name == "numba" for b in live):
+            timers[i, "numba pass"] = numba_pass(cfg, x, c)
         rows.append((i, cfg, x.numel() * x.element_size(), errs))
     for fn in timers.values():  # warm-up (numba compiles on its first call)
         fn()
@@ -160,19 +206,21 @@ def run_configs(configs: list[Config], n: int, d: int, k: int, device: str, repe
     name = torch.cuda.get_device_name() if device == "cuda" else f"host, {torch.get_num_threads()} threads"
     print(f"\n[{device}] {name}: fp32 FMA peak {peak / 1e9:.1f} G FMA/s (torch.mm, {round(peak_fmas ** (1 / 3))}^3), "
           f"streaming bandwidth {bw / 1e9:.1f} GB/s; N={n} d={d} K={k}, best of {repeat} interleaved rounds")
-    print("  G FMA: multiply-adds of the pass; floor: max(G FMA / peak, bytes of X / bandwidth); % peak, % mem: "
-          "the backend's share of each limit")
+    print("  G FMA: multiply-adds of the pass; floor: max(G FMA / peak, bytes of X / bandwidth); time: aggregate() "
+          "end to end; pass: the numba kernel call alone (no host step); % peak, % mem: the pass's share of each "
+          "limit (GPU backends: end to end)")
     print(f"  {'config':44s} {'G FMA':>6s} {'floor':>8s} {'eager':>9s} {'backend':>8s} {'time':>9s} {'x eager':>7s} "
-          f"{'% peak':>6s} {'% mem':>6s}  max |err| vs float64")
+          f"{'pass':>9s} {'% peak':>6s} {'% mem':>6s}  max |err| vs float64")
     for i, cfg, nbytes, errs in rows:
         fmas = fma_count(cfg.method, n, d, k, cfg.taus, cfg.opts.get("moments", 1))
         floor = max(fmas / peak, nbytes / bw)
         eager = times[i, "eager"]
         for b, err in errs.items():
             t = times[i, b]
+            tp = times.get((i, f"{b} pass"), t)
             print(f"  {cfg.label:44s} {fmas / 1e9:6.2f} {floor * 1e3:6.2f}ms {eager * 1e3:7.2f}ms {b:>8s} "
-                  f"{t * 1e3:7.2f}ms {eager / t:6.2f}x {fmas / t / peak * 100:5.1f}% "
-                  f"{nbytes / t / bw * 100:5.1f}%  {err:.1e}")
+                  f"{t * 1e3:7.2f}ms {eager / t:6.2f}x {tp * 1e3:7.2f}ms {fmas / tp / peak * 100:5.1f}% "
+                  f"{nbytes / tp / bw * 100:5.1f}%  {err:.1e}")
         if not errs:
             print(f"  {cfg.label:44s} {fmas / 1e9:6.2f} {floor * 1e3:6.2f}ms {eager * 1e3:7.2f}ms  (no fused backend)")
     return failed
@@ -228,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                           opts, args.dtype)]
         head = f"{args.method} tau={taus} {opts} {args.dtype}"
     print(f"proalign.bench.aggregate  {head}  N={args.n} d={args.d} K={args.k}  torch {torch.__version__}  "
-          f"{platform.processor() or platform.machine()}  threads={torch.get_num_threads()}")
+          f"{platform.processor() or platform.machine()}  threads={torch.get_num_threads()}  "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     failed = []
     for dev in devices:
         failed += run_configs(configs, args.n, args.d, args.k, dev, args.repeat, args.check)
