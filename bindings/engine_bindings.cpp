@@ -260,6 +260,11 @@ void register_engine(py::module_& mod) {
           "Load OpenJPEG 2.1+ (a libopenjp2 shared library) for the patch stream's JPEG 2000 tiles; returns its "
           "version, raises RuntimeError when it cannot");
   mod.def("openjpeg_loaded", &proalign::openjpeg_loaded);
+#ifdef PROALIGN_WITH_ZLIB
+  mod.attr("HAS_ZLIB") = true;
+#else
+  mod.attr("HAS_ZLIB") = false;
+#endif
   mod.def(
       "decode_tiles",
       [](const py::list& tiles, const std::string& codec, unsigned width, unsigned height, int samples, bool predictor,

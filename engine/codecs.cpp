@@ -1,7 +1,9 @@
 #include "codecs.hpp"
 
 #include <dlfcn.h>
+#ifdef PROALIGN_WITH_ZLIB
 #include <zlib.h>
+#endif
 
 #include <cmath>
 #include <cstdlib>
@@ -129,6 +131,12 @@ std::string lzw_decode(const uint8_t* in, size_t n, uint8_t* out, size_t limit, 
 }
 
 // ---------------------------------------------------------------------------------------------------
+#ifndef PROALIGN_WITH_ZLIB
+std::string inflate_tile(const uint8_t*, size_t, uint8_t*, size_t, size_t* n_out) {
+  *n_out = 0;
+  return "Deflate tiles need zlib when proalign._C is built";
+}
+#else
 std::string inflate_tile(const uint8_t* in, size_t n, uint8_t* out, size_t limit, size_t* n_out) {
   *n_out = 0;
   z_stream zs;
@@ -160,6 +168,7 @@ std::string inflate_tile(const uint8_t* in, size_t n, uint8_t* out, size_t limit
   if (!ended) return "Deflate stream is truncated (corrupt tile)";
   return std::string();
 }
+#endif
 
 void undo_horizontal_predictor(uint8_t* data, size_t rows, size_t width, size_t spp) {
   for (size_t y = 0; y < rows; ++y) {

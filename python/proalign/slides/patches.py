@@ -228,7 +228,7 @@ def iter_patches(slide: Slide, coords: np.ndarray, patch_size_level0: int, out_s
 
 
 def native_patches_available() -> bool:
-    """True when proalign._C has the C++ patch stream (built with libjpeg and zlib)."""
+    """True when proalign._C has the C++ patch stream (built with libjpeg; Deflate also needs zlib)."""
     try:
         from .. import _C
     except ImportError:
@@ -271,13 +271,16 @@ def openjpeg_for_engine() -> str | None:
     return _openjpeg
 
 
-_NATIVE_CODECS = {"jpeg", "lzw", "deflate", "none"}
+_NATIVE_CODECS = {"jpeg", "lzw", "none"}
 
 
 def native_codec_available(codec: str) -> bool:
     """The C++ patch stream reads this codec's tiles here."""
     if not native_patches_available():
         return False
+    if codec == "deflate":
+        from .. import _C
+        return bool(getattr(_C, "HAS_ZLIB", False))
     return codec in _NATIVE_CODECS or codec == "jpeg2000" and openjpeg_for_engine() is not None
 
 
