@@ -433,18 +433,22 @@ void PatchStream::work() {
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      done_[k] = 1;
-      tiles_done_.fetch_add(1);
-      if (!err.empty() && k < error_rank_) {
-        error_rank_ = k;
-        error_ = PatchBatch{nullptr, 0, true, tile_lin_[k], decode, err};
-      }
-      while (done_prefix_ < done_.size() && done_[done_prefix_]) ++done_prefix_;
+      mark_done(k, decode, err);
       // wake the consumer only when what it waits for is there (not once per tile)
       wake = waiting_ && (done_prefix_ >= waiting_for_ || error_rank_ != SIZE_MAX);
     }
     if (wake) done_cv_.notify_all();
   }
+}
+
+void PatchStream::mark_done(size_t k, bool decode, const std::string& err) {
+  done_[k] = 1;
+  tiles_done_.fetch_add(1);
+  if (!err.empty() && k < error_rank_) {  // the first failing tile in plan order is the one reported
+    error_rank_ = k;
+    error_ = PatchBatch{nullptr, 0, true, tile_lin_[k], decode, err};
+  }
+  while (done_prefix_ < done_.size() && done_[done_prefix_]) ++done_prefix_;
 }
 
 void PatchStream::paste(uint8_t* patch, size_t p, size_t k) const {
@@ -487,13 +491,7 @@ bool PatchStream::next(PatchBatch* out) {
         bool decode = false;
         std::string err = process(k, &w, &decode);
         std::lock_guard<std::mutex> l(mu_);
-        done_[k] = 1;
-        tiles_done_.fetch_add(1);
-        if (!err.empty() && k < error_rank_) {
-          error_rank_ = k;
-          error_ = PatchBatch{nullptr, 0, true, tile_lin_[k], decode, err};
-        }
-        while (done_prefix_ < done_.size() && done_[done_prefix_]) ++done_prefix_;
+        mark_done(k, decode, err);
       }
       lock.lock();
     }

@@ -129,6 +129,7 @@ class PatchStream {
   using Worker = TileWorkspace;
   std::string process(size_t k, Worker* w, bool* decode);
   void take_tile(size_t k);  // under mu_
+  void mark_done(size_t k, bool decode, const std::string& err);  // under mu_: tile k finished
   void paste(uint8_t* patch, size_t p, size_t k) const;
 
   const TileReader& reader_;
