@@ -15,7 +15,9 @@ registers) into a float32 buffer that stays in cache while:
      is one small GEMM per tau on the same buffer (`numba_simd.block_pool`).
 Work per row: K d multiply-adds for the similarities, T K d for the pooling (T distinct taus;
 moments=2 doubles the pooling). The N x K matrix is never stored; the items' partials (the
-`host` contract: m, l, pi, acc, acc2 per item) are merged per slide by `host`.
+`host` contract: m, l, pi, acc, acc2 per item, which the torch op's CPU kernel returns) are
+merged per slide in float64 (`_merge`, host.combine's formulas without its tensor temporaries)
+and finished by `host`.
 """
 from __future__ import annotations
 
@@ -179,6 +181,38 @@ if numba_unavailable() is None:
                   l_out, pi_out, acc_out, acc2_out)
         return m_out, l_out, pi_out, acc_out, acc2_out
 
+    @njit(cache=True, nogil=True)
+    def _merge(item_slide, n_slides, m, l, pi, acc, acc2, second):
+        """The items' partials merged per slide in float64, as host.combine does for the GPU programs
+        (pi sum, weight sum, acc, acc2 per slide; each item's sums rescaled from its running max to
+        the slide's), without its tensor temporaries. Items are added in order: a slide's sums do
+        not depend on the thread count nor on the other slides of the batch."""
+        n_items, nt, k = m.shape
+        d = acc.shape[3]
+        big = np.full((n_slides, nt, k), -np.inf)
+        for i in range(n_items):
+            sl = item_slide[i]
+            for t in range(nt):
+                for kk in range(k):
+                    big[sl, t, kk] = max(big[sl, t, kk], m[i, t, kk])
+        pi_sum = np.zeros((n_slides, nt, k))
+        denom = np.zeros((n_slides, nt, k))
+        s1 = np.zeros((n_slides, nt, k, d))
+        s2 = np.zeros((n_slides if second else 0, nt, k, d))
+        for i in range(n_items):
+            sl = item_slide[i]
+            for t in range(nt):
+                for kk in range(k):
+                    sc = math.exp(m[i, t, kk] - big[sl, t, kk]) if np.isfinite(m[i, t, kk]) else 0.0
+                    pi_sum[sl, t, kk] += pi[i, t, kk]
+                    denom[sl, t, kk] += l[i, t, kk] * sc
+                    for j in range(d):
+                        s1[sl, t, kk, j] += acc[i, t, kk, j] * sc
+                    if second:
+                        for j in range(d):
+                            s2[sl, t, kk, j] += acc2[i, t, kk, j] * sc
+        return pi_sum, denom, s1, s2
+
     def _partials(x, fmt, cn, inv_taus, item_start, item_end, over_prototypes, shift, second, acc_out, acc2_out):
         """Partials of every work item (see `_partials_kernel`), the items handed to threads one at a time."""
         with items_one_at_a_time():
@@ -189,9 +223,10 @@ if numba_unavailable() is None:
 def proalign_ragged(x, lengths, prototypes: np.ndarray, taus, over: str = "patches", moments: int = 1,
                     prior: float | Sequence[float] = 0.0) -> np.ndarray:
     """(S, T, K + moments*K*d) float64 ProAlign embeddings of S slides stacked in x (sum N, d), per
-    tau (reference.proalign's options); the items' partials are merged by host. x: a numpy array
-    or CPU tensor; float32, float16 and bfloat16 are read as they are (no float32 copy)."""
-    from .host import combine, distinct_taus, finish, rows_of, second_moment_shift
+    tau (reference.proalign's options); the items' partials are merged per slide (`_merge`) and
+    finished by host. x: a numpy array or CPU tensor; float32, float16 and bfloat16 are read as
+    they are (no float32 copy)."""
+    from .host import distinct_taus, finish, rows_of, second_moment_shift
 
     x, fmt = kernel_input(x)
     lengths = check_lengths(x.shape[0], lengths)
@@ -212,8 +247,8 @@ def proalign_ragged(x, lengths, prototypes: np.ndarray, taus, over: str = "patch
     acc2_out = np.zeros((len(item_start) if second else 0, nt, k, d), dtype=acc_dtype)
     m, l, pi, acc, acc2 = _partials(x, fmt, cn, inv_taus, item_start, item_end, over == "prototypes", shift.numpy(),
                                     second, acc_out, acc2_out)
-    parts = [torch.from_numpy(v) for v in (m, l, pi, acc)] + [torch.from_numpy(acc2) if second else None]
-    sums = combine(torch.from_numpy(item_slide), *parts, len(lengths))
+    pi_sum, denom, s1, s2 = _merge(item_slide, len(lengths), m, l, pi, acc, acc2, second)
+    sums = [torch.from_numpy(v) for v in (pi_sum, denom, s1)] + [torch.from_numpy(s2) if second else None]
     return finish(*rows_of(sums, rows), torch.from_numpy(lengths), c, shift, over, prior).numpy()
 
 
