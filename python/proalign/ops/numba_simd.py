@@ -422,21 +422,19 @@ def block_scores(buf, boff, bstride, rows, cm, cstride, kp, width, s, sstride, x
     to 4 (the buffer's rows past `rows` must hold finite numbers), k < kp (a multiple of 4), j < width
     (a multiple of 16): the block's scores, prototype-major. Register tile: 4 rows x 4 prototypes,
     16 accumulators.
-    Meanwhile x[pf:pf_end] (flat; the kernel's next block) is prefetched, a few cache lines per
-    tile, so the next block's read from memory overlaps this block's arithmetic."""
+    Meanwhile x[pf:pf_end] (flat; the kernel's next block) is prefetched, one cache line every few
+    inner iterations (evenly over the GEMM: a burst would hold every line-fill buffer and stall the
+    GEMM's own loads), so the next block's read from memory overlaps this block's arithmetic."""
     line = 64 // x.itemsize  # elements per cache line
-    tiles = ((rows + 3) // 4) * (kp // 4)
-    per_tile = (max(pf_end - pf, 0) // line + tiles) // tiles
+    steps = ((rows + 3) // 4) * (kp // 4) * (width // W)  # inner iterations
+    every = max(1, steps // max(1, (max(pf_end - pf, 0) + line - 1) // line))  # one line per `every`
+    count = every
     for r in range(0, rows, 4):
         x0o = boff + r * bstride
         x1o = x0o + bstride
         x2o = x1o + bstride
         x3o = x2o + bstride
         for k in range(0, kp, 4):
-            for _ in range(per_tile):
-                if pf < pf_end:
-                    prefetch(x, pf)
-                    pf += line
             c0o = k * cstride
             c1o = c0o + cstride
             c2o = c1o + cstride
@@ -444,6 +442,12 @@ def block_scores(buf, boff, bstride, rows, cm, cstride, kp, width, s, sstride, x
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = vzero()
             a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = vzero()
             for j in range(0, width, W):
+                count -= 1
+                if count == 0:
+                    count = every
+                    if pf < pf_end:
+                        prefetch(x, pf)
+                        pf += line
                 x0 = vload(buf, x0o + j)
                 x1 = vload(buf, x1o + j)
                 x2 = vload(buf, x2o + j)
@@ -482,20 +486,23 @@ def block_pool(buf, boff, bstride, rows, w, wt_stride, wk_stride, nt, kp, width,
     starting from zero) and added once into acc (float32 or float64). x[pf:pf_end] is prefetched
     meanwhile, as in block_scores."""
     line = 64 // x.itemsize
-    tiles = (width // COLS) * nt * (kp // 4)
-    per_tile = (max(pf_end - pf, 0) // line + tiles) // tiles
+    steps = (width // COLS) * nt * (kp // 4) * rows  # inner iterations
+    every = max(1, steps // max(1, (max(pf_end - pf, 0) + line - 1) // line))  # one line per `every`
+    count = every
     for j in range(0, width, COLS):
         for t in range(nt):
             for k in range(0, kp, 4):
-                for _ in range(per_tile):
-                    if pf < pf_end:
-                        prefetch(x, pf)
-                        pf += line
                 a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = vzero()
                 a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = vzero()
                 wo = t * wt_stride + k * wk_stride
                 xo = boff + j
                 for r in range(rows):
+                    count -= 1
+                    if count == 0:
+                        count = every
+                        if pf < pf_end:
+                            prefetch(x, pf)
+                            pf += line
                     x0 = vload(buf, xo)
                     x1 = vload(buf, xo + 16)
                     x2 = vload(buf, xo + 32)
