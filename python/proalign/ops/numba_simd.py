@@ -62,11 +62,6 @@ class _F32x16Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _V)
 
 
-def padded_cols(d: int) -> int:
-    """Columns of a block buffer row: d rounded up to a multiple of COLS."""
-    return -(-int(d) // COLS) * COLS
-
-
 # --- IR helpers ---------------------------------------------------------------------------------
 
 def _splat(ty, value):
