@@ -131,8 +131,9 @@ _PACKAGE_REASON = re.compile(r"not installed|does not import|could not import|no
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU or the CUDA toolkit (skips without)")
     config.addinivalue_line("markers", "optional: needs an optional package (skips without it)")
-    config.addinivalue_line("markers", "slow: an end-to-end run of tens of seconds or more (soak, Ray, the "
-                                       "quality suite, the demo): `make test-slow`, run by CI after `make test`")
+    config.addinivalue_line("markers", "slow: an end-to-end run of many seconds (soak, Ray, signals and kills, "
+                                       "two writers, slide timeouts, the quality suite, the demo, report rendering, "
+                                       "whole-archive mpp runs): `make test-slow`, run by CI after `make test`")
 
 
 def pytest_collection_modifyitems(config, items):

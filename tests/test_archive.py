@@ -184,6 +184,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, cohort):
     _assert_equal_to_clean(out, ref)
 
 
+@pytest.mark.slow
 def test_sigkill_workers_loses_only_their_slides(tmp_path, cohort):
     """SIGKILL both workers mid-run: their slides are retried (or requeued untried), nothing else is
     lost or redone."""
@@ -213,6 +214,7 @@ def test_sigkill_workers_loses_only_their_slides(tmp_path, cohort):
     _assert_equal_to_clean(out, ref)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_and_exits_3(tmp_path, cohort):
     feats, ppath, ref = cohort
     out = tmp_path / "s.lmdb"
@@ -245,6 +247,7 @@ def test_sigterm_finishes_in_flight_and_exits_3(tmp_path, cohort):
     _assert_equal_to_clean(out, ref)
 
 
+@pytest.mark.slow
 def test_second_sigint_drops_the_slide_in_process(tmp_path, cohort):
     """In-process (--workers 1): SIGINT twice stops at once; whatever is stored is whole."""
     feats, ppath, ref = cohort
@@ -265,6 +268,7 @@ def test_second_sigint_drops_the_slide_in_process(tmp_path, cohort):
     _assert_equal_to_clean(out, ref, rep["done"])
 
 
+@pytest.mark.slow
 def test_two_writers_on_one_store(tmp_path, cohort):
     """A second run on a store being written gets a clear error (exit 2) and writes nothing;
     readers go on; the first run completes and the store is whole."""
@@ -445,6 +449,7 @@ def test_gpus_flag_is_checked(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_slide_timeout_runs_from_the_start_of_the_slide(tmp_path, cohort):
     """--slide-timeout counts from when a worker starts the slide, not from the submit: workers
     whose setup (4 s, a model being loaded) outlasts the timeout (3 s), at the start and after a

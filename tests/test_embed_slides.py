@@ -27,7 +27,9 @@ def slide_path(tmp_path_factory):
     return p
 
 
-@pytest.mark.parametrize("method, kw", [("proalign", {"tau": [0.1, 0.5]}), ("panther", {}), ("mean", {})])
+@pytest.mark.parametrize("method, kw", [("proalign", {"tau": [0.1, 0.5]}),
+                                       pytest.param("panther", {}, marks=pytest.mark.slow),
+                                       pytest.param("mean", {}, marks=pytest.mark.slow)])
 def test_embed_slide_equals_whole_slide_steps(slide_path, conch_folder, tmp_path, method, kw, rng):
     folder, _, over = conch_folder
     enc = create_encoder("conch_v1", folder, **over)

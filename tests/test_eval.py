@@ -834,6 +834,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--no-first-run"]
 
 
+@pytest.mark.slow
 def test_report_self_contained_and_renders(planted, cli, tmp_path):
     ej, sj = tmp_path / "cls.json", tmp_path / "surv.json"
     assert _invoke("eval", "--store", planted["store"], "--labels", planted["labels"], "--task", "classify", "--head",

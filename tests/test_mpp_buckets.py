@@ -78,6 +78,7 @@ def test_patch_magnification_from_mpp_buckets(tmp_path):
     assert (rows["appmag"]["objective_power"], rows["appmag"]["magnification"]) == ("20.0", "40")
 
 
+@pytest.mark.slow
 def test_custom_mpp_keys_and_missing_mpp_reported_once(tmp_path):
     """Slides whose mpp sits under a non-standard key: found with --custom-mpp-keys (Aperio field or
     a generic TIFF's description, full or short key name); without it every such slide fails and
@@ -114,6 +115,7 @@ def test_custom_mpp_keys_and_missing_mpp_reported_once(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_embed_nested_archive_keys_duplicates_and_missing_mpp(tmp_path, conch):
     """embed --archive searches nested folders; a second file with a taken slide id is reported
     (not embedded); --custom-mpp-keys reaches the workers; slides without an mpp fail and the fix
