@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import with_options
+from .options import encoder_options, with_options
 
 
 eval_opts = [
@@ -46,12 +46,7 @@ eval_opts = [
 
 
 # `heatmap` straight from a slide file: the encoder and patching options of `embed --archive`
-slide_opts = [
-    click.option("--encoder", default=None, help="Without --feature-file: conch_v1, open_clip:<arch>, timm:<name>."),
-    click.option("--weights", type=click.Path(exists=True), default=None, help="Local weights file or folder."),
-    click.option("--encoder-arg", "encoder_args", multiple=True, metavar="KEY=VALUE",
-                 help="Extra create_encoder argument (e.g. tokenizer=PATH); repeatable."),
-    click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)."),
+slide_opts = encoder_options("Without --feature-file: conch_v1, open_clip:<arch>, timm:<name>.") + [
     click.option("--slide-mpp", type=float, default=None, help="Level-0 mpp for a slide without one."),
     click.option("--mag", type=float, default=None, help="Target magnification (default: the encoder's)."),
     click.option("--patch-size", type=click.IntRange(1), default=None, help="Patch px at --mag (default: encoder's)."),
@@ -309,24 +304,18 @@ def register(main: click.Group) -> None:
     @click.option("--out", required=True, type=click.Path(dir_okay=False))
     def plot_roc(eval_json, out):
         """ROC curves from a classification `eval --json` output."""
-        from ..eval.plots import load_run, roc_figure
+        from ..eval.plots import roc_figure
 
-        try:
-            click.echo(f"wrote {roc_figure(load_run(eval_json), out)}")
-        except (ValueError, FileNotFoundError) as e:
-            raise click.ClickException(str(e)) from e
+        _figure_from_run(roc_figure, eval_json, out)
 
     @plot.command("km")
     @click.option("--eval-json", required=True, type=click.Path(exists=True, dir_okay=False))
     @click.option("--out", required=True, type=click.Path(dir_okay=False))
     def plot_km(eval_json, out):
         """Kaplan-Meier curves of predicted risk halves from a survival `eval --json` output."""
-        from ..eval.plots import km_figure, load_run
+        from ..eval.plots import km_figure
 
-        try:
-            click.echo(f"wrote {km_figure(load_run(eval_json), out)}")
-        except (ValueError, FileNotFoundError) as e:
-            raise click.ClickException(str(e)) from e
+        _figure_from_run(km_figure, eval_json, out)
 
     @main.command("report")
     @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False))
@@ -347,3 +336,13 @@ def register(main: click.Group) -> None:
         except (ValueError, OSError) as e:
             raise click.ClickException(str(e)) from e
         click.echo(f"wrote {p} ({p.stat().st_size // 1024} KiB)")
+
+
+def _figure_from_run(figure, eval_json, out) -> None:
+    """Draw `figure(run, out)` from an `eval --json` output; a run it cannot draw is a command error."""
+    from ..eval.plots import load_run
+
+    try:
+        click.echo(f"wrote {figure(load_run(eval_json), out)}")
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e

@@ -55,13 +55,18 @@ features_opts = [
 ]
 
 
-encoder_opts = [
-    click.option("--encoder", default=None, help="conch_v1, open_clip:<arch>, timm:<name> (see README)."),
+def encoder_options(encoder_help: str = "conch_v1, open_clip:<arch>, timm:<name> (see README).") -> list:
+    """--encoder (with a command's own help), --weights, --encoder-arg, --device."""
+    return [click.option("--encoder", default=None, help=encoder_help)] + _weights_opts
+
+
+_weights_opts = [
     click.option("--weights", type=click.Path(exists=True), default=None, help="Local weights file or folder."),
     click.option("--encoder-arg", "encoder_args", multiple=True, metavar="KEY=VALUE",
                  help="Extra create_encoder argument (e.g. tokenizer=PATH); repeatable."),
     click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)."),
 ]
+encoder_opts = encoder_options()
 def _keep_mpp_keys(ctx, param, value):
     # not a parameter of the commands: mpp_options reads it from the context (one rule for all of them)
     ctx.meta["custom_mpp_keys"] = value
