@@ -110,3 +110,76 @@ def test_max_excluded_is_checked():
     with pytest.raises(ValueError, match="max_excluded"):
         patch_grid(m, (100.0, 100.0), (1000, 1000), patch_size=64, target_mpp=0.5, slide_mpp=0.5,
                    exclude=m, max_excluded=1.5)
+
+
+def _strip_penmark_option(store_path) -> None:
+    """Rewrite every record as a version before pen-mark exclusion wrote it: no keep_penmarks."""
+    from proalign import open_store
+
+    with open_store(store_path, write=True) as s:
+        for sid in list(s):
+            rec = s.record(sid)
+            opts, slide_opts = ({k: v for k, v in rec.meta[name].items() if k != "keep_penmarks"}
+                                for name in ("options", "slide_options"))
+            s.put(sid, rec.embedding, rec.n_patches, dict(rec.meta, options=opts, slide_options=slide_opts))
+
+
+def _options(store_path) -> dict:
+    from proalign import open_store
+
+    with open_store(store_path) as s:
+        return {sid: s.meta(sid)["options"] for sid in s}
+
+
+def test_records_state_penmark_exclusion_and_old_stores_count_as_kept(tmp_path, cli, conch):
+    """Every slide record says whether pen marks were excluded; a record without it (made before
+    the exclusion existed) counts as keep_penmarks=True; a run with the other setting is refused,
+    naming the option, before anything is embedded; old stores stay readable and resumable."""
+    folder, _, ppath, _ = conch
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    write_aperio_svs(archive / "s0.svs", 1024, 768, tile=256, levels=(1, 4), seed=0, mpp=0.5, app_mag=20,
+                     pen_marks=True)
+
+    def embed(out, *flags, check):
+        return cli("embed", "--archive", archive, "--encoder", "conch_v1", "--weights", folder, "--patch-size", 128,
+                   "--mag", 20, "--prototypes", ppath, "--out", out, "--retries", 0, *flags, check=check)
+
+    new = tmp_path / "new.lmdb"
+    embed(new, check=0)
+    assert [o["keep_penmarks"] for o in _options(new).values()] == [False]
+    before = _options(new)
+    r = embed(new, "--keep-penmarks", check=2)
+    assert "keep_penmarks: False vs True" in r.stderr and "drop --keep-penmarks" in r.stderr, r.stderr
+    assert _options(new) == before
+
+    old = tmp_path / "old.lmdb"
+    embed(old, "--keep-penmarks", check=0)
+    assert [o["keep_penmarks"] for o in _options(old).values()] == [True]
+    _strip_penmark_option(old)
+    r = cli("store", "show", old, "s0", check=0)  # readable as it is
+    assert "keep_penmarks" not in r.stdout
+    assert "0 embedded, 1 already stored" in embed(old, "--keep-penmarks", check=0).stdout
+    # appending a slide with exclusion on (the default) to the old store: refused, nothing written
+    write_aperio_svs(archive / "s1.svs", 1024, 768, tile=256, levels=(1, 4), seed=1, mpp=0.5, app_mag=20)
+    r = embed(old, check=2)
+    assert "keep_penmarks: True vs False" in r.stderr and "add --keep-penmarks" in r.stderr, r.stderr
+    assert sorted(_options(old)) == ["s0"]
+    r = embed(old, "--keep-penmarks", check=0)
+    assert "1 embedded, 1 already stored" in r.stdout
+    assert _options(old)["s1"]["keep_penmarks"] is True and "keep_penmarks" not in _options(old)["s0"]
+    # and the two stores cannot be merged: the message names the option
+    r = cli("store", "merge", tmp_path / "all.lmdb", new, old, check=None)
+    assert r.returncode == 2 and "keep_penmarks: False vs True" in r.stderr, r.stderr
+
+
+def test_slide_options_key_states_penmarks():
+    from proalign.pipeline.embed_slides import SlideOptions
+    from proalign.store import normalise_options
+
+    assert SlideOptions().key("e")["keep_penmarks"] is False
+    assert SlideOptions(keep_penmarks=True).key("e")["keep_penmarks"] is True
+    assert SlideOptions(coords_dir="c").key("e")["keep_penmarks"] is True  # a given grid: nothing excluded
+    legacy = {k: v for k, v in SlideOptions().key("e").items() if k != "keep_penmarks"}
+    assert normalise_options(legacy)["keep_penmarks"] is True
+    assert "keep_penmarks" not in normalise_options({"method": "mean", "dtype": "float16"})  # a features record

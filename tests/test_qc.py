@@ -222,4 +222,4 @@ def test_embed_slide_writes_qc(qc_run, conch_folder, tmp_path, rng):
                         options=SlideOptions(magnification=20, patch_size=256, tissue_geojson=str(tmp_path / "qc")))
     np.testing.assert_array_equal(again.grid.coords, res.grid.coords)
     assert SlideOptions(keep_penmarks=True, tissue_geojson="x").key("e")["keep_penmarks"] is True
-    assert "keep_penmarks" not in SlideOptions().key("e")
+    assert SlideOptions().key("e")["keep_penmarks"] is False

@@ -65,8 +65,9 @@ class SlideOptions:
                "coords": bool(self.coords_dir), "shrink_on_load": self.shrink_on_load}
         if self.edge_fill != "white":  # only when set, so the records of earlier stores still match
             key["edge_fill"] = self.edge_fill
-        if self.keep_penmarks:
-            key["keep_penmarks"] = True
+        # Always stated (stores of earlier versions, which kept the ink, read as True: normalise_options).
+        # Coords read from files are a given grid: nothing was excluded.
+        key["keep_penmarks"] = self.keep_penmarks or bool(self.coords_dir)
         if self.tissue_geojson:
             key["tissue_geojson"] = True
         return key

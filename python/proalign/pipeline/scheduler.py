@@ -310,7 +310,7 @@ def _stored_metas(store, key: dict, overwrite: bool, run_ids: set[str]) -> dict[
     damaged record, which is redone). A store holds one option set: records of other options are
     refused (StoreOptionsError) unless `overwrite` redoes them; other-option records outside this
     run are reported."""
-    from ..store import normalise_options
+    from ..store import normalise_options, option_diff
 
     out: dict[str, dict | None] = {}
     other: dict[str, list] = {}
@@ -326,13 +326,25 @@ def _stored_metas(store, key: dict, overwrite: bool, run_ids: set[str]) -> dict[
             other.setdefault(json.dumps(meta["options"], sort_keys=True), []).append(sid)
     if other:
         opts, ids = next(iter(other.items()))
-        what = (f"{sum(map(len, other.values()))} records of {store.path} were made with other options, e.g. "
-                f"{ids[0]!r}: {opts}; this run makes {json.dumps(key, sort_keys=True)}")
+        diff = option_diff(json.loads(opts), key)
+        what = (f"{sum(map(len, other.values()))} records of {store.path} were made with other options "
+                f"[stored vs this run: {diff}], e.g. {ids[0]!r}: {opts}; this run makes "
+                f"{json.dumps(key, sort_keys=True)}{_option_hint(diff)}")
         if not overwrite:
             raise StoreOptionsError(f"{what}. One store holds one option set: write to another --out, repeat the "
                                     "store's options, or --overwrite to redo this run's slides")
         log.warning("%s; those not in this run stay as they are", what)
     return out
+
+
+def _option_hint(diff: str) -> str:
+    """How to match a store whose records differ in pen-mark exclusion (records made before it
+    existed count as keep_penmarks=True)."""
+    if "keep_penmarks: True vs False" in diff:
+        return " (the store's slides were cut with pen marks kept: add --keep-penmarks to add to it)"
+    if "keep_penmarks: False vs True" in diff:
+        return " (the store's slides were cut with pen marks excluded, the default: drop --keep-penmarks)"
+    return ""
 
 
 def _note_changed_sources(report: RunReport, store_path) -> None:

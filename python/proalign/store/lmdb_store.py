@@ -46,16 +46,31 @@ class Record:
     meta: dict
 
 
-# Options a ProAlign record made before they existed was made with: old stores stay readable and
+# Options a record made before they existed was made with: old stores stay readable and
 # resumable, their records counting as made with these.
 LEGACY_PROALIGN = {"moments": 1, "prior": 0.0}
+# A slide-file record (its options name the grid's `min_tissue`) made before pen-mark exclusion
+# existed kept the patches under the ink.
+LEGACY_SLIDES = {"keep_penmarks": True}
 
 
 def normalise_options(options: dict | None) -> dict | None:
-    """A stored record's `options`, with the ProAlign options older versions did not record."""
-    if not options or options.get("method") != "proalign":
+    """A stored record's `options`, with the options older versions did not record."""
+    if not options:
         return options
-    return {**LEGACY_PROALIGN, **options}
+    if options.get("method") == "proalign":
+        options = {**LEGACY_PROALIGN, **options}
+    if "min_tissue" in options:
+        options = {**LEGACY_SLIDES, **options}
+    return options
+
+
+def option_diff(a: dict | None, b: dict | None) -> str:
+    """The options two (normalised) option sets differ in: 'name: a vs b; ...'."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return "one has no options recorded"
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "; ".join(f"{'prototype set' if k == 'prototypes' else k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys)
 
 
 def encode_record(embedding: np.ndarray, n_patches: int, meta: dict) -> bytes:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..report_file import write_report
-from .lmdb_store import decode_record, hold_reader_lock, normalise_options, open_store
+from .lmdb_store import decode_record, hold_reader_lock, normalise_options, open_store, option_diff
 
 
 class StoreMergeError(StoreError):
@@ -60,17 +60,6 @@ class _Seen:
 
 def _describe_options(o) -> str:
     return json.dumps(o, sort_keys=True) if o is not None else "(no options recorded)"
-
-
-def _option_diff(a, b) -> str:
-    if not isinstance(a, dict) or not isinstance(b, dict):
-        return "one has no options recorded"
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    parts = []
-    for k in keys:
-        what = "prototype set" if k == "prototypes" else k
-        parts.append(f"{what}: {a.get(k)!r} vs {b.get(k)!r}")
-    return "; ".join(parts)
 
 
 def _value_diff(a, b) -> str:
@@ -166,7 +155,7 @@ def merge_stores(out: str | os.PathLike, shards: Sequence[str | os.PathLike],
             raise StoreMergeError(
                 f"the stores were embedded with different options or prototype sets and cannot be merged: "
                 f"{sources[ia][0]} (e.g. slide {sa!r}) has {_describe_options(oa)}, {sources[ib][0]} (e.g. slide "
-                f"{sb!r}) has {_describe_options(ob)} [{_option_diff(oa, ob)}]"
+                f"{sb!r}) has {_describe_options(ob)} [{option_diff(oa, ob)}]"
                 + (f" ({len(vals)} different option sets in all)" if len(vals) > 2 else ""))
         if conflicts:
             more = f" (and {len(conflicts) - 20} more)" if len(conflicts) > 20 else ""
