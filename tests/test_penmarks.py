@@ -183,3 +183,19 @@ def test_slide_options_key_states_penmarks():
     legacy = {k: v for k, v in SlideOptions().key("e").items() if k != "keep_penmarks"}
     assert normalise_options(legacy)["keep_penmarks"] is True
     assert "keep_penmarks" not in normalise_options({"method": "mean", "dtype": "float16"})  # a features record
+
+
+def test_records_of_the_first_penmark_version_read_from_their_slide_options():
+    """The version that added pen-mark exclusion put keep_penmarks in `options` only when true, but
+    its records' `slide_options` hold every field: those records read as what they were made with."""
+    from dataclasses import asdict
+
+    from proalign.pipeline.embed_slides import SlideOptions
+    from proalign.store import normalise_options
+
+    legacy = {k: v for k, v in SlideOptions().key("e").items() if k != "keep_penmarks"}
+    assert normalise_options(legacy, asdict(SlideOptions()))["keep_penmarks"] is False
+    assert normalise_options(legacy, asdict(SlideOptions(keep_penmarks=True)))["keep_penmarks"] is True
+    before = {k: v for k, v in asdict(SlideOptions()).items() if k != "keep_penmarks"}  # before the rule
+    assert normalise_options(legacy, before)["keep_penmarks"] is True
+    assert normalise_options({**legacy, "coords": True}, asdict(SlideOptions()))["keep_penmarks"] is True

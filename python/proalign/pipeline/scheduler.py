@@ -321,7 +321,7 @@ def _stored_metas(store, key: dict, overwrite: bool, run_ids: set[str]) -> dict[
             log.warning("%s: stored record is damaged (%s); a run that includes it embeds it again", sid, err)
             out[sid] = None
             continue
-        out[sid] = meta = {**meta, "options": normalise_options(meta.get("options"))}
+        out[sid] = meta = {**meta, "options": normalise_options(meta.get("options"), meta.get("slide_options"))}
         if meta["options"] != key and (not overwrite or sid not in run_ids):
             other.setdefault(json.dumps(meta["options"], sort_keys=True), []).append(sid)
     if other:

@@ -54,14 +54,17 @@ LEGACY_PROALIGN = {"moments": 1, "prior": 0.0}
 LEGACY_SLIDES = {"keep_penmarks": True}
 
 
-def normalise_options(options: dict | None) -> dict | None:
-    """A stored record's `options`, with the options older versions did not record."""
+def normalise_options(options: dict | None, slide_options: dict | None = None) -> dict | None:
+    """A stored record's `options`, with the options older versions did not record. `slide_options`:
+    the record's `slide_options` (all SlideOptions fields), which versions that put keep_penmarks in
+    `options` only when true already held in full."""
     if not options:
         return options
     if options.get("method") == "proalign":
         options = {**LEGACY_PROALIGN, **options}
-    if "min_tissue" in options:
-        options = {**LEGACY_SLIDES, **options}
+    if "min_tissue" in options and "keep_penmarks" not in options:
+        kept = (slide_options or {}).get("keep_penmarks", LEGACY_SLIDES["keep_penmarks"])
+        options = {**options, "keep_penmarks": bool(kept or options.get("coords"))}
     return options
 
 

@@ -86,7 +86,7 @@ def _scan(name: str, store, idx: int, sources: list, seen: dict, options: dict, 
                 rec = decode_record(v, sid, verify=True, store=name)  # the error names the shard
             except StoreError as e:
                 raise StoreMergeError(f"{e}; repair or re-embed that slide before merging") from e
-            o = normalise_options(rec.meta.get("options"))
+            o = normalise_options(rec.meta.get("options"), rec.meta.get("slide_options"))
             options.setdefault(json.dumps(o, sort_keys=True), (o, idx, sid))
             count += 1
             body = rec.embedding.tobytes()
