@@ -415,7 +415,7 @@ def test_patch_cli_skips_a_corrupt_slide_and_writes_the_next(tmp_path):
     assert r.returncode == 1
     assert "FAILED: " in r.stderr and "bad.tif" in r.stderr and "ImageWidth 0 is out of range" in r.stderr
     assert "1 of 2 slides failed" in r.stderr
-    assert (tmp_path / "job" / "patches" / "good_patches.h5").is_file()
+    assert (tmp_path / "job" / "20x_64px_0px_overlap" / "patches" / "good_patches.h5").is_file()
 
 
 def test_patch_cli_survives_an_unexpected_error(tmp_path, monkeypatch):
@@ -437,7 +437,7 @@ def test_patch_cli_survives_an_unexpected_error(tmp_path, monkeypatch):
                                   "--min-tissue", "0", "--out", str(tmp_path / "job")])
     assert r.exit_code == 1, r.output
     assert "first.svs: unexpected RuntimeError: a reader bug" in r.output
-    assert (tmp_path / "job" / "patches" / "good_patches.h5").is_file()
+    assert (tmp_path / "job" / "20x_64px_0px_overlap" / "patches" / "good_patches.h5").is_file()
 
 
 @pytest.mark.optional

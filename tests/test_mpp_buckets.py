@@ -34,7 +34,7 @@ def _tif(path: Path, mpp: float | None, seed: int = 0, **kw) -> Path:
 
 
 def _coords_attrs(job: Path, stem: str) -> dict:
-    with h5py.File(job / "patches" / f"{stem}_patches.h5", "r") as f:
+    with h5py.File(job / "20x_128px_0px_overlap" / "patches" / f"{stem}_patches.h5", "r") as f:
         return dict(f["coords"].attrs)
 
 

@@ -28,7 +28,7 @@ def qc_run(tmp_path_factory):
     res = CliRunner().invoke(main, ["patch", str(slide), "--out", str(d / "job"), "--patch-size", "128",
                                     "--qc", str(d / "qc"), "--dump-patches", "5"])
     assert res.exit_code == 0, res.output
-    return d, slide, read_coords_h5(d / "job" / "patches" / "DEMO-00_patches.h5")
+    return d, slide, read_coords_h5(d / "job" / "20x_128px_0px_overlap" / "patches" / "DEMO-00_patches.h5")
 
 
 def rerun(d, slide, geojson_dir, out):

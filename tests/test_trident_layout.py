@@ -23,10 +23,12 @@ from conftest import run_cli
 from proalign import open_store
 from proalign.slides.patches import read_patches
 from proalign.encoders import create_encoder
+from proalign.features import list_feature_files
 from proalign.features.io import read_features
 from proalign.pipeline.embed_slides import SlideOptions, embed_slide, find_coords
 from proalign.slides.coords_io import read_coords_h5, trident_job_name
 from proalign.slides.slide import open_slide
+from proalign.testing.synthetic_features import write_cohort
 from proalign.testing.synthetic_slides import write_aperio_svs
 
 W, H = 1000, 900  # not multiples of the 128 px patches: the pad grid has partial edge patches
@@ -77,7 +79,7 @@ def test_patch_trident_layout_and_grid_preset(tmp_path, archive):
     slides = sorted(archive.glob("*.svs"))
     job = tmp_path / "job"
     r = run_cli("patch", *slides, "--mag", "20", "--patch-size", "128", "--grid-preset", "trident",
-                "--layout", "trident", "--out", job)
+                "--out", job)  # --layout trident is the default
     assert r.returncode == 0, r.stderr
     assert not (job / "patches").exists()
     assert sorted(p.relative_to(job).as_posix() for p in job.rglob("*.h5")) == \
@@ -96,8 +98,9 @@ def test_patch_trident_layout_and_grid_preset(tmp_path, archive):
         g = read_coords_h5(f, level_downsamples=[1.0, 4.0])
         assert np.array_equal(g.coords, c) and g.patch_size_level0 == 128 and g.edge == "pad"
 
-    # the default layout is unchanged: OUT/patches/<slide>_patches.h5, the inside rule, min tissue 0.1
-    r = run_cli("patch", slides[0], "--mag", "20", "--patch-size", "128", "--out", tmp_path / "flat")
+    # --layout flat: OUT/patches/<slide>_patches.h5; the default grid: the inside rule, min tissue 0.1
+    r = run_cli("patch", slides[0], "--mag", "20", "--patch-size", "128", "--layout", "flat",
+                "--out", tmp_path / "flat")
     assert r.returncode == 0, r.stderr
     with h5py.File(tmp_path / "flat" / "patches" / "s0_patches.h5", "r") as h:
         check_trident_coords(h["coords"], "s0", tmp_path / "flat", W, H)
@@ -132,7 +135,7 @@ def test_embed_save_features_trident_layout(tmp_path, archive, conch):
     common = ("--encoder", "conch_v1", "--weights", weights, *args, "--patch-size", "128", "--mag", "20",
               "--prototypes", protos, "--dtype", "float32", "--retries", "0", "--no-progress")
     r = run_cli("embed", "--archive", archive, *common, "--out", tmp_path / "a.lmdb", "--save-features", job,
-                "--layout", "trident", "--grid-preset", "trident", "--edge-fill", "black")
+                "--grid-preset", "trident", "--edge-fill", "black")  # --layout trident is the default
     assert r.returncode == 0, r.stdout + r.stderr
     feats_dir = job / JOB / "features_conch_v1"
     assert sorted(p.relative_to(job).as_posix() for p in job.rglob("*.h5")) == sorted(
@@ -156,12 +159,14 @@ def test_embed_save_features_trident_layout(tmp_path, archive, conch):
             for k in ca:
                 assert ca[k] == pa[k] and type(ca[k]) is type(pa[k]), k
             assert pa["edge"] == "pad" and pa["min_tissue"] == 0.0
-    # our reader records the encoder of our own files, and `embed --features` stores it
+    # our reader records the encoder of our own files, and `embed --features` stores it; the job
+    # folder itself is read through its one features folder (the coords files beside it are no features)
     ff = read_features(feats_dir / "s0.h5")
     assert ff.attrs["encoder"] == "conch_v1" and ff.source["encoder"] == "conch_v1"
-    r = run_cli("embed", "--features", feats_dir, "--prototypes", protos, "--out", tmp_path / "f.lmdb",
+    r = run_cli("embed", "--features", job, "--prototypes", protos, "--out", tmp_path / "f.lmdb",
                 "--dtype", "float32", "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.count(f"reading the feature files in {feats_dir}") == 1, r.stderr
     with open_store(tmp_path / "f.lmdb") as s:
         assert sorted(s) == ["s0", "s1"] and s.meta("s0")["encoder"] == "conch_v1"
     with open_store(tmp_path / "a.lmdb") as s:
@@ -172,10 +177,105 @@ def test_embed_save_features_trident_layout(tmp_path, archive, conch):
     r = run_cli("embed", "--features", feats_dir, "--prototypes", protos, "--out", tmp_path / "g.lmdb",
                 "--layout", "trident", "--no-progress")
     assert r.returncode == 2 and "--archive" in r.stderr
+    # --layout flat: DIR/<slide>.h5, no coords files beside
+    r = run_cli("embed", "--archive", archive, *common, "--out", tmp_path / "h.lmdb", "--save-features",
+                tmp_path / "flat", "--layout", "flat")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in (tmp_path / "flat").rglob("*.h5")) == ["s0.h5", "s1.h5"]
+    r = run_cli("embed", "--archive", archive, *common, "--out", tmp_path / "i.lmdb", "--layout", "flat")
+    assert r.returncode == 2 and "give --save-features DIR" in r.stderr
+
+
+def test_clam_coords_save_features_in_trident_folders(tmp_path, archive, conch):
+    """CLAM coords record no magnification: the slide's mpp names the TRIDENT folder; a slide without
+    one fails naming the fixes, and --layout flat needs none."""
+    weights, args, protos, _ = conch
+    clam = tmp_path / "clam" / "patches"
+    clam.mkdir(parents=True)
+    nompp = tmp_path / "nompp"
+    nompp.mkdir()
+    write_aperio_svs(nompp / "s2.svs", W, H, tile=256, levels=(1, 4), seed=3, tissue="dense", mpp=None, app_mag=None)
+    for sid in ("s0", "s2"):
+        with h5py.File(clam / f"{sid}.h5", "w") as f:
+            c = f.create_dataset("coords", data=np.array([[0, 0], [128, 128], [256, 0]], np.int64))
+            c.attrs.update(patch_level=0, patch_size=128)
+    common = ("--encoder", "conch_v1", "--weights", weights, *args, "--coords", clam.parent, "--prototypes", protos,
+              "--retries", "0", "--no-progress")
+    r = run_cli("embed", "--archive", archive, *common, "--out", tmp_path / "a.lmdb", "--save-features",
+                tmp_path / "feats")
+    assert r.returncode == 1, r.stdout + r.stderr  # s1 has no coords file: that slide fails, s0 is written
+    assert (tmp_path / "feats" / JOB / "features_conch_v1" / "s0.h5").is_file()
+    r = run_cli("embed", "--archive", nompp, *common, "--out", tmp_path / "b.lmdb", "--save-features",
+                tmp_path / "feats2")
+    assert r.returncode == 1 and "--slide-mpp" in r.stderr and "--layout flat" in r.stderr, r.stdout + r.stderr
+    r = run_cli("embed", "--archive", nompp, *common, "--out", tmp_path / "c.lmdb", "--save-features",
+                tmp_path / "feats3", "--layout", "flat")
+    assert r.returncode == 0 and (tmp_path / "feats3" / "s2.h5").is_file(), r.stdout + r.stderr
+
+
+# --- embed --features on a TRIDENT job folder ----------------------------------------------------------
+
+def _job_with_features(job: Path, *encoders: str, n_slides: int = 3) -> None:
+    """A TRIDENT job folder: coords files in patches/, one features_<encoder>/ folder per encoder."""
+    (job / JOB / "patches").mkdir(parents=True)
+    for i in range(n_slides):
+        with h5py.File(job / JOB / "patches" / f"SYN-00-{i:05d}_patches.h5", "w") as f:
+            f.create_dataset("coords", data=np.zeros((4, 2), np.int64))
+    for enc in encoders:
+        write_cohort(job / JOB / f"features_{enc}", n_slides=n_slides, d=16, n_range=(10, 30), g=3)
+
+
+@pytest.fixture
+def protos16(tmp_path):
+    from proalign.prototypes.io import save_prototypes
+
+    p = tmp_path / "p16.safetensors"
+    save_prototypes(p, np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32), {})
+    return p
+
+
+def test_features_job_folder_with_one_features_folder(tmp_path, protos16):
+    job = tmp_path / "job"
+    _job_with_features(job, "conch_v15")
+    r = run_cli("embed", "--features", job, "--prototypes", protos16, "--out", tmp_path / "s.lmdb", "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.count("is a TRIDENT job folder: reading the feature files in") == 1, r.stderr
+    with open_store(tmp_path / "s.lmdb") as s:
+        assert sorted(s) == [f"SYN-00-{i:05d}" for i in range(3)]
+        assert all(f"{JOB}/features_conch_v15/" in s.meta(sid)["feature_source"]["path"] for sid in s)
+    r = run_cli("prototypes", "build", "--features", job, "--init", "kmeans", "--k", 2, "--seed", 0,
+                "--out", tmp_path / "k.safetensors")
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the library call resolves it the same way
+    assert [e.path.parent for e in list_feature_files(features=job)] == [job / JOB / "features_conch_v15"] * 3
+
+
+def test_features_job_folder_with_several_features_folders(tmp_path, protos16):
+    job = tmp_path / "job"
+    _job_with_features(job, "conch_v15", "uni_v1")
+    r = run_cli("embed", "--features", job, "--prototypes", protos16, "--out", tmp_path / "s.lmdb", "--no-progress")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert (f"{JOB}/features_conch_v15, {JOB}/features_uni_v1" in r.stderr
+            and f"--features {job / JOB / 'features_conch_v15'}" in r.stderr), r.stderr
+    assert not (tmp_path / "s.lmdb").exists()
+    r = run_cli("embed", "--features", job / JOB / "features_uni_v1", "--prototypes", protos16,
+                "--out", tmp_path / "s.lmdb", "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_features_job_folder_without_features(tmp_path, protos16):
+    job = tmp_path / "job"
+    _job_with_features(job)  # coords only, as `patch` writes it
+    r = run_cli("embed", "--features", job, "--prototypes", protos16, "--out", tmp_path / "s.lmdb", "--no-progress")
+    assert r.returncode == 2 and "without a features_<encoder>/ folder" in r.stderr, r.stdout + r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("embed", "--features", empty, "--prototypes", protos16, "--out", tmp_path / "t.lmdb", "--no-progress")
+    assert r.returncode == 2 and "no .h5 or .pt feature files found" in r.stderr, r.stdout + r.stderr
 
 
 def test_flat_features_carry_trident_attributes(tmp_path, archive, conch):
-    """The default (flat) layout still writes DIR/<slide>.h5, now with the features attributes."""
+    """SlideOptions' flat layout (the Python API's default) writes DIR/<slide>.h5, with the features attributes."""
     weights, _, _, over = conch
     enc = create_encoder("conch_v1", weights, **over)
     c = np.random.default_rng(0).standard_normal((3, enc.feature_dim)).astype(np.float32)

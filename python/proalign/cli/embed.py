@@ -19,9 +19,10 @@ slide_file_opts = archive_opts + encoder_opts + [
                  help="--archive: read TRIDENT/CLAM coords from this folder instead of detecting tissue."),
     click.option("--save-features", type=click.Path(file_okay=False), default=None,
                  help="--archive: also write TRIDENT-style per-slide features .h5 here."),
-    click.option("--layout", type=click.Choice(["flat", "trident"]), default="flat", show_default=True,
-                 help="--save-features: flat DIR/<slide>.h5, or TRIDENT's job folders DIR/<mag>x_<patch>px_<overlap>px_"
-                      "overlap/{patches,features_<encoder>}/ (what TRIDENT-based code such as PANTHER reads)."),
+    click.option("--layout", type=click.Choice(["trident", "flat"]), default=None,
+                 help="--save-features: trident (default) TRIDENT's job folders DIR/<mag>x_<patch>px_<overlap>px_"
+                      "overlap/{patches,features_<encoder>}/ (what TRIDENT-based code such as PANTHER reads; "
+                      "--features DIR reads them back), or flat DIR/<slide>.h5."),
     click.option("--edge-fill", type=click.Choice(["white", "black"]), default="white", show_default=True,
                  help="--archive: the pixels of edge patches beyond the slide; black is what TRIDENT reads."),
     click.option("--grid-preset", type=click.Choice(["trident"]), default=None,
@@ -229,11 +230,11 @@ def _slide_options(kw: dict):
     """SlideOptions (patching, decoding, saving features) from the slide-file options."""
     from ..pipeline.embed_slides import SlideOptions
 
-    if kw["layout"] != "flat" and not kw["save_features"]:
+    if kw["layout"] and not kw["save_features"]:
         raise click.UsageError("--layout is where --save-features writes: give --save-features DIR")
     edge, min_tissue = apply_grid_preset(kw["grid_preset"], "inside", kw["min_tissue"])
     return SlideOptions(magnification=kw["mag"], patch_size=kw["patch_size"], min_tissue=min_tissue, edge=edge,
                         decoder=kw["decoder"], shrink_on_load=kw["shrink_on_load"], batch_size=kw["batch_size"],
-                        coords_dir=kw["coords_dir"], features_dir=kw["save_features"], layout=kw["layout"],
+                        coords_dir=kw["coords_dir"], features_dir=kw["save_features"], layout=kw["layout"] or "trident",
                         edge_fill=kw["edge_fill"], keep_penmarks=kw["keep_penmarks"],
                         tissue_geojson=kw["tissue_geojson"], qc_dir=kw["qc_dir"])

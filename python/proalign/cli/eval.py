@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import encoder_options, with_options
+from .options import encoder_options, feature_entries, with_options
 
 
 eval_opts = [
@@ -145,7 +145,6 @@ def register(main: click.Group) -> None:
                      batch_size, warmup_epochs, standardize, backend):
         """Embed the same features with several methods and evaluate them side by side (same folds)."""
         from ..aggregate import METHODS
-        from ..features import list_feature_files
         from ..eval.compare import compare_methods
 
         if not (labels and task):
@@ -156,9 +155,7 @@ def register(main: click.Group) -> None:
         bad = [m for m in meths if m not in METHODS]
         if bad or not meths:
             raise click.UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
-        entries = list_feature_files(features=features, manifest=manifest)
-        if not entries:
-            raise click.UsageError(f"no .h5 or .pt feature files found in {features or manifest}")
+        entries = feature_entries(features, manifest)
         opts = _head_opts(task, head, epochs, lr, weight_decay, batch_size, warmup_epochs, C, alpha, inner_folds,
                           standardize, seed)
         lab = _read_labels(labels, task, label_col, time_col, event_col, patient_col)

@@ -92,9 +92,10 @@ def manifest_cmd(archive, out, slide_mpp, mpp_csv, workers, progress):
               help="trident = TRIDENT's grid: --edge pad --min-tissue 0 (an explicit --edge/--min-tissue wins).")
 @click.option("--out", required=True, type=click.Path(),
               help="coords .h5 for one slide, else a job folder (see --layout).")
-@click.option("--layout", type=click.Choice(["flat", "trident"]), default="flat", show_default=True,
-              help="Job folder: flat OUT/patches/<slide>_patches.h5; trident OUT/<mag>x_<patch>px_<overlap>px_overlap/"
-                   "patches/<slide>_patches.h5, TRIDENT's folders (what PANTHER and other TRIDENT-based code read).")
+@click.option("--layout", type=click.Choice(["trident", "flat"]), default=None,
+              help="Job folder: trident (default) OUT/<mag>x_<patch>px_<overlap>px_overlap/patches/<slide>_patches.h5, "
+                   "TRIDENT's folders (what PANTHER and other TRIDENT-based code read); flat OUT/patches/"
+                   "<slide>_patches.h5.")
 @with_options(qc_opts(""))
 @click.option("--dump-patches", default=0, show_default=True, type=click.IntRange(0), metavar="N",
               help="Write a sample of N patch images per slide (PNG): QC/<slide>_patches/ with --qc, else "
@@ -109,8 +110,9 @@ def patch(slides, mag, target_mpp, patch_size, overlap, min_tissue, edge, slide_
     if mag is not None and target_mpp is not None:
         raise click.UsageError("give --mag or --mpp, not both")
     single = len(slides) == 1 and out.endswith(".h5")
-    if single and layout != "flat":
+    if single and layout:
         raise click.UsageError(f"--layout {layout} lays out a job folder; --out {out} is one coords file")
+    layout = layout or "trident"
     edge, min_tissue = apply_grid_preset(grid_preset, edge, min_tissue)
     job = Path(out)
     if layout == "trident":  # the folder is named by the request, as TRIDENT's is (--mpp: 10 / mpp)

@@ -8,8 +8,10 @@ Any float dtype is accepted; nothing is converted until the caller asks.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,10 @@ from .h5_chunks import prefetch, read_row_chunked
 
 FEATURE_SUFFIXES = (".h5", ".pt")
 LMDB_MAX_KEY_BYTES = 511
+# a TRIDENT job's folder for one patching setting, e.g. 20x_256px_0px_overlap (slides/coords_io.py)
+TRIDENT_JOB = re.compile(r"^[0-9.]+x_[0-9]+px_[0-9]+px_overlap$")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -187,9 +193,33 @@ def check_slide_id(slide_id: str, where: str) -> None:
                                       f"{LMDB_MAX_KEY_BYTES} bytes", slide_id[:40] + "...")
 
 
+def _trident_features(root: Path, files: list[Path]) -> list[Path]:
+    """`files` (every feature file under `root`), or, when all of them lie in TRIDENT job folders
+    (`root/<mag>x_<patch>px_<overlap>px_overlap/...`, as `--layout trident` writes), those of its one
+    `features_<encoder>/` folder: the coords files beside it are no features. A job folder with
+    several features folders, or none, is a ValueError naming them."""
+    def job_parts(p: Path) -> tuple[str, ...]:
+        rel = p.relative_to(root).parts
+        return rel if len(rel) > 2 and TRIDENT_JOB.match(rel[0]) else ()
+
+    if not files or any(not job_parts(p) for p in files):
+        return files
+    folders = sorted({root / rel[0] / rel[1] for rel in map(job_parts, files) if rel[1].startswith("features_")})
+    if len(folders) == 1:
+        log.info("%s is a TRIDENT job folder: reading the feature files in %s", root, folders[0])
+        return [p for p in files if folders[0] in p.parents]
+    if folders:
+        names = ", ".join(str(f.relative_to(root)) for f in folders)
+        raise ValueError(f"{root} is a TRIDENT job folder with {len(folders)} features folders ({names}): pass the "
+                         f"one to read, e.g. --features {folders[0]}")
+    raise ValueError(f"{root} is a TRIDENT job folder without a features_<encoder>/ folder (its .h5 files are "
+                     f"coords, e.g. {files[0].relative_to(root)}): extract features first (embed --archive ... "
+                     "--save-features DIR) or pass a folder of feature files")
+
+
 def list_feature_files(features: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None) -> list[FeatureFileEntry]:
     """Slides of a cohort, sorted by id: every .h5/.pt file under a folder (id = file name
-    without extension), or the rows of a manifest CSV with columns `slide_id` and `path`
+    without extension; a TRIDENT job folder: its one features_<encoder>/ folder), or the rows of a manifest CSV with columns `slide_id` and `path`
     (relative paths are taken from the manifest's folder)."""
     if (features is None) == (manifest is None):
         raise ValueError("give exactly one of a features folder or a manifest")
@@ -197,7 +227,8 @@ def list_feature_files(features: str | os.PathLike | None = None, manifest: str 
         root = Path(features)
         if not root.is_dir():
             raise FileNotFoundError(f"features folder not found: {root}")
-        entries = [FeatureFileEntry(p.stem, p) for p in sorted(root.rglob("*")) if p.suffix in FEATURE_SUFFIXES]
+        files = sorted(p for p in root.rglob("*") if p.suffix in FEATURE_SUFFIXES)
+        entries = [FeatureFileEntry(p.stem, p) for p in _trident_features(root, files)]
     else:
         mpath = Path(manifest)
         with open(mpath, newline="") as fh:

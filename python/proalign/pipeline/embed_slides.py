@@ -155,7 +155,9 @@ def embed_slide(path: str | Path, encoder: Any, prototypes, *, method: str | Non
     try:
         patch_size = options.patch_size or encoder.patch_size
         if options.coords_dir:
-            grid = read_coords_h5(find_coords(options.coords_dir, slide_id), level_downsamples=slide.downsamples)
+            # the slide's resolution completes a CLAM file's grid (which records none): TRIDENT's folder name needs it
+            grid = read_coords_h5(find_coords(options.coords_dir, slide_id), level_downsamples=slide.downsamples,
+                                  slide_mpp=slide.mpp, slide_magnification=slide.objective_power)
         else:
             grid = slide_grid(slide, patch_size=patch_size,
                               target_magnification=options.magnification or encoder.magnification,
@@ -236,7 +238,8 @@ class _FeatureWriter:
                 mag = 10.0 / grid.target_mpp
             if mag is None:
                 raise SlideError(slide_id, "the grid has no target magnification for TRIDENT's folder name "
-                                           "(<mag>x_<patch>px_<overlap>px_overlap): use the flat layout")
+                                           "(<mag>x_<patch>px_<overlap>px_overlap): give the slide's mpp "
+                                           "(--slide-mpp, --mpp-csv) or use --layout flat")
             job = Path(options.features_dir) / trident_job_name(mag, grid.patch_size, grid.overlap)
             path = trident_features_dir(options.features_dir, job.name, encoder or "encoder") / f"{slide_id}.h5"
             savetodir = str(job)
