@@ -23,8 +23,8 @@ Facts and where they come from (the `source` of each record):
   tokens, LayerScale) with the model card's SwiGLUPacked / SiLU; the feature is the class token
   concatenated with the mean of the patch tokens (register tokens left out): 2560-d.
 - H-optimus-0 / H-optimus-1: bioptimus' configs (timm `vit_giant_patch14_reg4_dinov2`, 224 px,
-  class token) with the model cards' init_values=1e-5, dynamic_img_size=False and their own
-  mean / std; 224 px patches at 0.5 um/px.
+  class token) with the model cards' init_values=1e-5, dynamic_img_size=False and H-optimus-0's
+  mean / std, which TRIDENT's H-optimus-1 encoder uses too; 224 px patches at 0.5 um/px.
 - Phikon-v2: owkin/phikon-v2, transformers' `Dinov2Model` (ViT-L/16, 224 px, LayerScale, GELU
   MLP), feature `last_hidden_state[:, 0]`; ImageNet mean/std.
 - Prov-GigaPath tile encoder: its hub config (timm `vit_giant_patch14_dinov2` with patch_size 16,
@@ -163,7 +163,10 @@ PRESETS: dict[str, EncoderPreset] = {p.name: p for p in [
        img_size=224, resize=224, interpolation="bilinear", mean=HOPTIMUS[0], std=HOPTIMUS[1],
        magnification=20, patch_px=224, output="cls", feature_dim=1536, joint_dim=None,
        files=("model.safetensors", "pytorch_model.bin"), repo="bioptimus/H-optimus-1", gated=True,
-       source="hub config + model card; TRIDENT HOptimus1InferenceEncoder"),
+       # mean/std: H-optimus-0's, as TRIDENT's H-optimus-1 encoder normalises (docs/ENCODERS.md)
+       source="TRIDENT HOptimus1InferenceEncoder (mahmoodlab/TRIDENT 40ace3e, same at a91fa84): timm "
+              "vit_giant_patch14_reg4_dinov2, init_values 1e-5, 224 px, Resize(224) + H-optimus-0's mean/std "
+              "(0.707223, 0.578729, 0.703617) / (0.211883, 0.230117, 0.177517); the gated hub card not read here"),
     _p(name="phikon_v2", model="Phikon-v2", family="hf_dinov2", arch="transformers Dinov2Model",
        arch_kwargs=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16,
                         image_size=224, mlp_ratio=4, layer_norm_eps=1e-6, layerscale_value=1.0, hidden_act="gelu",
