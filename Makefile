@@ -37,7 +37,9 @@ clean:
 # only beside PyPI's own torch. The conch package is on no registry: it comes from
 # PROALIGN_CONCH_SRC (a CONCH checkout or wheel) when given, else from its git URL when that is
 # reachable; without it, the conch-package test skips and CONCH is checked against timm and
-# open_clip parts wired as CONCH.
+# open_clip parts wired as CONCH. CONCH v1.5's official code is TRIDENT's model file, also on no
+# registry: PROALIGN_TRIDENT_SRC (a TRIDENT checkout) adds the check against it, with einops and
+# einops-exts from PyPI (installed only then); without it that test skips (docs/ENCODERS.md).
 PARITY_VENV ?= .venv-parity
 PARITY_PY := $(PARITY_VENV)/bin/python
 PARITY_PIP := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_NO_INDEX \
@@ -60,8 +62,9 @@ parity-install: $(PARITY_VENV)/.installed
 parity: $(PARITY_VENV)/.installed
 	@if [ -n "$(PROALIGN_CONCH_SRC)" ]; then \
 	  $(PARITY_PIP) install --no-deps "$(PROALIGN_CONCH_SRC)" && touch $(PARITY_VENV)/.conch; fi
+	@if [ -n "$(PROALIGN_TRIDENT_SRC)" ]; then $(PARITY_PIP) install --no-deps einops==0.8.2 einops-exts==0.0.4; fi
 	mkdir -p build && rm -f $(PARITY_REPORT)
-	PROALIGN_REQUIRE_OFFICIAL="torchvision,timm,open_clip,transformers$$([ -f $(PARITY_VENV)/.conch ] && echo ,conch)" \
-	PROALIGN_PARITY_REPORT=$(PARITY_REPORT) \
+	PROALIGN_REQUIRE_OFFICIAL="torchvision,timm,open_clip,transformers$$([ -f $(PARITY_VENV)/.conch ] && echo ,conch)$$([ -n "$(PROALIGN_TRIDENT_SRC)" ] && echo ,einops,einops_exts)" \
+	PROALIGN_TRIDENT_SRC="$(PROALIGN_TRIDENT_SRC)" PROALIGN_PARITY_REPORT=$(PARITY_REPORT) \
 	$(PARITY_PY) -m pytest -q -p no:cacheprovider tests/test_official_parity.py tests/test_encoders.py
 	$(PARITY_PY) tests/test_official_parity.py $(PARITY_REPORT)

@@ -542,8 +542,9 @@ def _conch_v15_from_official_parts():
     VisionTransformer with the iBOT `vit_large` settings (ViT-L/16, 224 px position table, qkv bias,
     LayerScale init 1.0, no head), `attn_pool_contrast` its AttentionalPooler (768-d, keys 1024-d,
     8 heads, 1 query; to_q / to_kv / to_out without bias, LayerNorms ln_q / ln_k), `ln_contrast` a
-    LayerNorm. The pooler (einops in TRIDENT, not on the parity environment) is written out here
-    step for step as that code computes it."""
+    LayerNorm. The pooler (einops in TRIDENT, not in CI's parity environment) is written out here
+    step for step as that code computes it; test_trident_conch_v15_equals_ours checks this model
+    against TRIDENT's own file where a checkout is given (measured bit-equal: docs/ENCODERS.md)."""
     timm = optional_import("timm")
     from torch import nn
 
@@ -623,6 +624,71 @@ def test_conch_v15_equals_official_parts(scratch):
     _record("conch_v15", **rec)
     print("conch_v15", rec)
     assert rec["image_max_abs"] < FEATURE_TOL, rec
+    check_preprocess("conch_v15", rec)
+
+
+def _trident_conch_v15_module():
+    """TRIDENT's own CONCH v1.5 model file (`trident/patch_encoder_models/model_zoo/conchv1_5/
+    conchv1_5.py` under $PROALIGN_TRIDENT_SRC, a TRIDENT checkout), loaded on its own: TRIDENT is on
+    no registry (PyPI's `trident` is an unrelated astrophysics package) and its package's __init__
+    imports its whole slide stack; the file itself needs timm, einops and einops_exts (PyPI)."""
+    import importlib.util
+
+    src = os.environ.get("PROALIGN_TRIDENT_SRC")
+    if not src:
+        pytest.skip("TRIDENT's code is on no registry: `make parity PROALIGN_TRIDENT_SRC=<a TRIDENT checkout>` "
+                    "runs this (docs/ENCODERS.md)")
+    for name in ("einops", "einops_exts"):
+        optional_import(name, "`make parity PROALIGN_TRIDENT_SRC=...` installs it")
+    path = Path(src) / "trident" / "patch_encoder_models" / "model_zoo" / "conchv1_5" / "conchv1_5.py"
+    if not path.is_file():
+        pytest.fail(f"PROALIGN_TRIDENT_SRC={src}: no {path}", pytrace=False)
+    spec = importlib.util.spec_from_file_location("trident_conchv1_5", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trident_conch_v15_equals_ours(tmp_path):
+    """CONCH v1.5 against TRIDENT's own code at real size (outside CI: _trident_conch_v15_module),
+    and the timm-parts model CI checks against (test_conch_v15_equals_official_parts) against it."""
+    T = optional_import("torchvision.transforms")
+    from PIL import Image
+
+    tri = _trident_conch_v15_module()
+    t0 = time.perf_counter()
+    with no_init():
+        official = randomize_(tri.CONCHVisionTower(), seed=16)
+    state = official.state_dict()
+    # as its create_model_from_pretrained loads a checkpoint (the 224 px table stays as it is)
+    state["trunk.pos_embed"] = tri.resize_pos_embed(official.trunk, state["trunk.pos_embed"], verbose=False)
+    official.load_state_dict(state, strict=True)
+    torch.save(state, tmp_path / "pytorch_model_vision.bin")
+    n_params = sum(p.numel() for p in official.parameters())
+    # its create_model_from_pretrained transform (img_size 448)
+    tf = T.Compose([T.Resize(448, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(448), T.ToTensor(),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    patches = _preset_patches("conch_v15")
+    px = torch.stack([tf(Image.fromarray(p)) for p in patches])
+    with torch.inference_mode():
+        want = official(px)
+    del official
+    gc.collect()
+    parts = _conch_v15_from_official_parts()
+    parts.load_state_dict(state, strict=True)
+    with torch.inference_mode():
+        rec = {"params_M": round(n_params / 1e6, 1), "input": 448,
+               "parts_vs_trident_max_abs": _max_diff(parts.eval()(px), want)}
+    del parts, state
+    gc.collect()
+    enc = create_encoder("conch_v15", tmp_path)
+    rec["image_max_abs"] = _max_diff(enc.encode_image(px), want)
+    rec.update(preprocess_parity(enc, tf, patches))
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    rec["reference"] = "TRIDENT conchv1_5.py"
+    _record("conch_v15 (TRIDENT code)", **rec)
+    print("conch_v15 (TRIDENT code)", rec)
+    assert rec["image_max_abs"] < FEATURE_TOL and rec["parts_vs_trident_max_abs"] < FEATURE_TOL, rec
     check_preprocess("conch_v15", rec)
 
 
