@@ -74,11 +74,12 @@ def _exp(x):
 
 
 def test_vector_exp():
-    x = np.linspace(-87.3, 88.0, 16 * 60_000).astype(np.float32)
+    x = np.linspace(-50.0, 88.0, 16 * 60_000).astype(np.float32)
     got = _exp(x).astype(np.float64)
     want = np.exp(x.astype(np.float64))
     assert (np.abs(got - want) / want).max() < 2.5e-7  # about 2 float32 ulp
-    special = np.array([-np.inf, -1e30, -88.0, -87.5, 0.0, -0.0, 1e-30, 100.0] * 2, np.float32)
+    # below -50: 0, never a subnormal weight (see numba_simd._EXP_MIN)
+    special = np.array([-np.inf, -1e30, -88.0, -50.01, 0.0, -0.0, 1e-30, 100.0] * 2, np.float32)
     out = _exp(special)
     assert list(out[:8]) == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, np.float32(np.exp(np.float32(88.0)))]
 
@@ -108,3 +109,29 @@ def test_block_pool(rng, acc_dtype, rows, nt, kp, width):
                         buf.reshape(rb, width)[:rows].astype(np.float64)))
     ns.block_pool(buf, 0, width, rows, w, kp * rb, rb, nt, kp, width, acc, kp * width, width, scale, kp, buf, 0, 0)
     np.testing.assert_allclose(acc.reshape(nt, kp, width), want, rtol=1e-5, atol=1e-4)
+
+
+def test_stale_kernel_caches_dropped(tmp_path):
+    """numba keys a cached kernel on its own file: when numba_simd.py (which kernels inline) changes,
+    every ops kernel cache goes; while nothing changes, they stay."""
+    (tmp_path / "numba_simd.py").write_text("A = 1\n")
+    (tmp_path / "op").mkdir()
+    (tmp_path / "op" / "numba_cpu.py").write_text("B = 1\n")
+    caches = [tmp_path / "__pycache__" / "numba_simd.f-1.py311.nbi",
+              tmp_path / "op" / "__pycache__" / "numba_cpu.g-2.py311.1.nbc"]
+
+    def cache():
+        for f in caches:
+            f.parent.mkdir(exist_ok=True)
+            f.write_bytes(b"x")
+    ns.drop_stale_caches(tmp_path)  # no stamp yet: a first run drops whatever is there
+    cache()
+    ns.drop_stale_caches(tmp_path)
+    assert all(f.exists() for f in caches)
+    (tmp_path / "numba_simd.py").write_text("A = 2\n")
+    ns.drop_stale_caches(tmp_path)
+    assert not any(f.exists() for f in caches)
+    cache()
+    (tmp_path / "op" / "numba_cpu.py").write_text("B = 2\n")
+    ns.drop_stale_caches(tmp_path)
+    assert not any(f.exists() for f in caches)
