@@ -25,6 +25,7 @@ drops the ops' cached kernels whenever these sources change.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from contextlib import contextmanager
@@ -585,6 +586,18 @@ def block_pool(buf, boff, bstride, rows, w, wt_stride, wk_stride, nt, kp, width,
                 vaccumulate(acc, o + 48, a33, scale[so + 3])
 
 
+@njit(nogil=True, cache=True)
+def aligned_zeros(n, dtype):
+    """n zeros of dtype whose first element starts a 64-byte cache line, so that every 16-lane
+    vector at a multiple-of-16 index (every row of the kernels' buffers) is one line. numba aligns
+    its arrays to 32 bytes only: half of them then split every vector load and store across two
+    lines, and a kernel ran at half speed or not by the luck of its allocations (PANTHER's pass
+    35 or 82 ms on the same data)."""
+    raw = np.zeros(n + 64, dtype=dtype)
+    off = (64 - raw.ctypes.data % 64) % 64 // raw.itemsize
+    return raw[off:off + n]
+
+
 @njit(fastmath=True, nogil=True, cache=True)
 def load_row(x, fmt, row, d, out, o):
     """out[o:o+d] = row `row` of x (float32, or float16/bfloat16 bits), converted; returns the
@@ -626,6 +639,26 @@ def convert(x, fmt):
     out = np.empty(flat.shape[0], dtype=np.float32)
     load_row(flat, fmt, 0, flat.shape[0], out, 0)
     return out
+
+
+def parallel_kernel(func):
+    """`func` (a kernel whose prange runs over work items) compiled by numba with the kernels'
+    options, one dispatcher per combination of its arrays' dtypes and ranks. A parallel dispatcher
+    compiled its second specialisation into code that ran at half speed (PANTHER's pass 84-105 ms
+    for the type compiled second vs 28-44 ms compiled first, whichever of float32 and float16 came
+    first; numba 0.68; the serial kernel and one dispatcher per type were not affected), so each
+    input type gets a dispatcher of its own, whose first specialisation it is."""
+    kernels = {}
+
+    @functools.wraps(func)
+    def call(*args):
+        key = tuple((a.dtype.str, a.ndim) for a in args if isinstance(a, np.ndarray))
+        kernel = kernels.get(key)
+        if kernel is None:
+            kernel = kernels[key] = njit(parallel=dict(PRANGE_ONLY), fastmath=True, cache=True, nogil=True)(func)
+        return kernel(*args)
+    call.kernels = kernels
+    return call
 
 
 @contextmanager

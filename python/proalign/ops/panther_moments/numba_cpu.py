@@ -24,9 +24,9 @@ ROWS_PER_BLOCK = 64  # rows in the block buffer at a time (64 x 2d floats stay i
 if numba_unavailable() is None:
     from numba import njit, prange
 
-    from ..numba_simd import (COLS, PRANGE_ONLY, W, block_pool, block_scores, items_one_at_a_time, kernel_input,
-                              load_row_centred, vadd, vbcast, vdiv, vexp, vhsum, vload, vmax, vmul, vstore, vsub,
-                              vzero)
+    from ..numba_simd import (COLS, W, aligned_zeros, block_pool, block_scores, items_one_at_a_time, parallel_kernel,
+                              kernel_input, load_row_centred, vadd, vbcast, vdiv, vexp, vhsum, vload, vmax, vmul,
+                              vstore, vsub, vzero)
 
     @njit(fastmath=True, nogil=True, cache=True)
     def _item(x, fmt, shiftp, a, b, cst, p, k, start, end, it, nq_out, s1_out, s2_out):
@@ -39,21 +39,21 @@ if numba_unavailable() is None:
         # z = x' . b + x'^2 . a + cst: b and a apart (each kp x dp, row stride cs), so that each of
         # the two score GEMMs keeps its operand in L1 (both together would not fit)
         cs = dp + W
-        cmb = np.zeros(kp * cs, dtype=np.float32)
-        cma = np.zeros(kp * cs, dtype=np.float32)
+        cmb = aligned_zeros(kp * cs, np.float32)
+        cma = aligned_zeros(kp * cs, np.float32)
         for kk in range(k):
             for j in range(d):
                 cmb[kk * cs + j] = b[p, kk, j]
                 cma[kk * cs + j] = a[p, kk, j]
-        buf = np.zeros(rb * bs, dtype=np.float32)
-        z = np.zeros(kp * rb, dtype=np.float32)  # log-likelihoods, component-major: x' . b, then the sum
-        z2 = np.zeros(kp * rb, dtype=np.float32)  # x'^2 . a
-        q = np.zeros(kp * rb, dtype=np.float32)  # responsibilities, component-major (0 past k)
-        ok = np.zeros(rb, dtype=np.float32)  # 1 for the block's rows, 0 past them
-        acc = np.zeros(kp * w2, dtype=np.float32)
+        buf = aligned_zeros(rb * bs, np.float32)
+        z = aligned_zeros(kp * rb, np.float32)  # log-likelihoods, component-major: x' . b, then the sum
+        z2 = aligned_zeros(kp * rb, np.float32)  # x'^2 . a
+        q = aligned_zeros(kp * rb, np.float32)  # responsibilities, component-major (0 past k)
+        ok = aligned_zeros(rb, np.float32)  # 1 for the block's rows, 0 past them
+        acc = aligned_zeros(kp * w2, np.float32)
         ones = np.ones(kp, dtype=np.float32)
         nq = np.zeros(k)
-        qblk = np.zeros(k * W, dtype=np.float32)
+        qblk = aligned_zeros(k * W, np.float32)
         for r0 in range(start, end, rb):
             rows = min(rb, end - r0)
             for r in range(rb):
@@ -94,7 +94,7 @@ if numba_unavailable() is None:
                 s1_out[it, kk, j] = acc[kk * w2 + j]
                 s2_out[it, kk, j] = acc[kk * w2 + dp + j]
 
-    @njit(parallel=dict(PRANGE_ONLY), fastmath=True, cache=True, nogil=True)
+    @parallel_kernel
     def _moments_kernel(x, fmt, shift, a, b, cst, item_start, item_end, item_par):
         """Per work item: sum q (items, K) float64, sum q x' and sum q x'^2 (items, K, d) float32.
         x (N, d): float32, or float16 / bfloat16 bits (uint16, fmt numba_simd.FMT_*); a, b (P, K, d)
@@ -102,7 +102,7 @@ if numba_unavailable() is None:
         d = x.shape[1]
         k = a.shape[1]
         dp = (d + COLS - 1) // COLS * COLS
-        shiftp = np.zeros(dp, dtype=np.float32)
+        shiftp = aligned_zeros(dp, np.float32)
         for j in range(d):
             shiftp[j] = shift[j]
         n_items = item_start.shape[0]

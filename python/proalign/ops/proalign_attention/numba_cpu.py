@@ -36,9 +36,9 @@ ROWS_PER_BLOCK = 64  # rows read into the block buffer at a time (64 x d floats 
 if numba_unavailable() is None:
     from numba import njit, prange
 
-    from ..numba_simd import (COLS, PRANGE_ONLY, W, block_pool, block_scores, items_one_at_a_time, kernel_input,
-                              load_row, vadd, vbcast, vdiv, vexp, vhmax, vhsum, vload, vmax, vmul, vstore, vsub,
-                              vzero)
+    from ..numba_simd import (COLS, W, aligned_zeros, block_pool, block_scores, items_one_at_a_time, parallel_kernel,
+                              kernel_input, load_row, vadd, vbcast, vdiv, vexp, vhmax, vhsum, vload, vmax, vmul,
+                              vstore, vsub, vzero)
 
     @njit(fastmath=True, nogil=True, cache=True)
     def _weights(s, inv, ok, rows, it, k, over_prototypes, m, scale, w, wo, lsum, pisum, e, lblk, pblk, t):
@@ -103,21 +103,21 @@ if numba_unavailable() is None:
         rb = ROWS_PER_BLOCK
         bs = dp + W  # buffer row stride: not a power of two, so a column stripe of the block's rows
         # spreads over the L1 cache's sets instead of a few (the pooling re-reads it per prototype)
-        buf = np.zeros(rb * bs, dtype=np.float32)
-        sq = np.zeros(rb * bs if second else 0, dtype=np.float32)
-        s = np.zeros(kp * rb, dtype=np.float32)  # scores, prototype-major
-        w = np.zeros(nt * kp * rb, dtype=np.float32)  # weights per tau, prototype-major (0 past k)
-        inv = np.zeros(rb, dtype=np.float32)  # 1 / |x_r|
-        ok = np.zeros(2 * rb, dtype=np.float32)  # 1 / 0 for the block's rows and past them; then 0 / -inf
-        acc = np.zeros(nt * kp * dp, dtype=acc_out.dtype)
-        acc2 = np.zeros(nt * kp * dp if second else 0, dtype=acc_out.dtype)
+        buf = aligned_zeros(rb * bs, np.float32)
+        sq = aligned_zeros(rb * bs if second else 0, np.float32)
+        s = aligned_zeros(kp * rb, np.float32)  # scores, prototype-major
+        w = aligned_zeros(nt * kp * rb, np.float32)  # weights per tau, prototype-major (0 past k)
+        inv = aligned_zeros(rb, np.float32)  # 1 / |x_r|
+        ok = aligned_zeros(2 * rb, np.float32)  # 1 / 0 for the block's rows and past them; then 0 / -inf
+        acc = aligned_zeros(nt * kp * dp, acc_out.dtype)
+        acc2 = aligned_zeros(nt * kp * dp if second else 0, acc_out.dtype)
         m = np.full(nt * kp, 0.0 if over_prototypes else -np.inf, dtype=np.float32)
         scale = np.ones(nt * kp, dtype=np.float32)
         lsum = np.zeros(nt * kp)
         pisum = np.zeros(nt * kp)
-        e = np.zeros(k * W, dtype=np.float32)
-        lblk = np.zeros(k * W, dtype=np.float32)
-        pblk = np.zeros(k * W, dtype=np.float32)
+        e = aligned_zeros(k * W, np.float32)
+        lblk = aligned_zeros(k * W, np.float32)
+        pblk = aligned_zeros(k * W, np.float32)
         for r0 in range(start, end, rb):
             rows = min(rb, end - r0)
             for r in range(rb):
@@ -153,7 +153,7 @@ if numba_unavailable() is None:
                     for j in range(d):
                         acc2_out[b, t, kk, j] = acc2[o + j]
 
-    @njit(parallel=dict(PRANGE_ONLY), fastmath=True, cache=True, nogil=True)
+    @parallel_kernel
     def _partials_kernel(x, fmt, cn, inv_taus, item_start, item_end, over_prototypes, shift, second, acc_out,
                          acc2_out):
         """Partials of every work item: m, l, pi (items, T, K) float64 and acc_out, acc2_out (items,
@@ -164,8 +164,8 @@ if numba_unavailable() is None:
         nt = inv_taus.shape[0]
         dp = (d + COLS - 1) // COLS * COLS
         kp = (k + 3) // 4 * 4
-        cnp = np.zeros(kp * (dp + W), dtype=np.float32)  # prototypes padded with zeros to kp x dp, row
-        shiftp = np.zeros(dp, dtype=np.float32)  # stride dp + W (not a power of two, as the block buffer)
+        cnp = aligned_zeros(kp * (dp + W), np.float32)  # prototypes padded with zeros to kp x dp, row
+        shiftp = aligned_zeros(dp, np.float32)  # stride dp + W (not a power of two, as the block buffer)
         for kk in range(k):
             for j in range(d):
                 cnp[kk * (dp + W) + j] = cn[kk, j]
