@@ -34,17 +34,19 @@ clean:
 # in which tests/test_official_parity.py checks every encoder against the official code at real
 # sizes. Its pip sees PyPI only: this machine's pip configuration (the local wheel folder with the
 # CPU torch, the torch version cap, local mirrors) is left out, because PyPI's torchvision imports
-# only beside PyPI's own torch. The conch package is on no registry: it comes from
-# PROALIGN_CONCH_SRC (a CONCH checkout or wheel) when given, else from its git URL when that is
-# reachable; without it, the conch-package test skips and CONCH is checked against timm and
-# open_clip parts wired as CONCH. CONCH v1.5's official code is TRIDENT's model file, also on no
-# registry: PROALIGN_TRIDENT_SRC (a TRIDENT checkout) adds the check against it, with einops and
-# einops-exts from PyPI (installed only then); without it that test skips (docs/ENCODERS.md).
+# only beside PyPI's own torch. The conch package (CONCH v1's official code) is not on PyPI under
+# its own name: it comes from PROALIGN_CONCH_SRC (a CONCH checkout or wheel) when given, else from
+# PyPI's `conch-fork` 0.1.0 (a third party's upload whose conch/ files are byte-identical to
+# mahmoodlab/CONCH 141cc09), pinned by hash in requirements-conch.txt; either way `conch` must
+# import (PROALIGN_REQUIRE_OFFICIAL), so the conch-package test runs in every CI run. The two
+# install the same `conch/` files under different names, so the one not wanted is removed first.
+# CONCH v1.5's official code is TRIDENT's model file, on no registry: PROALIGN_TRIDENT_SRC (a
+# TRIDENT checkout) adds the check against it, with einops and einops-exts from PyPI (installed
+# only then); without it that test skips (docs/ENCODERS.md).
 PARITY_VENV ?= .venv-parity
 PARITY_PY := $(PARITY_VENV)/bin/python
 PARITY_PIP := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_NO_INDEX \
 	PIP_CONFIG_FILE=/dev/null $(PARITY_PY) -m pip -q
-CONCH_GIT := git+https://github.com/mahmoodlab/CONCH@141cc09c7d4ff33d8eda562bd75169b457f71a62
 PARITY_REPORT := build/parity-report.jsonl
 
 $(PARITY_VENV)/.installed: requirements-parity.txt setup.py pyproject.toml
@@ -52,16 +54,19 @@ $(PARITY_VENV)/.installed: requirements-parity.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(PARITY_VENV)
 	$(PARITY_PIP) install --upgrade pip
 	PROALIGN_NO_NATIVE=1 $(PARITY_PIP) install -r requirements-parity.txt -e .
-	@if timeout 120 $(PARITY_PIP) install --no-deps "$(CONCH_GIT)" >$(PARITY_VENV)/conch-install.log 2>&1; \
-	then touch $(PARITY_VENV)/.conch; \
-	else echo "parity: no conch package (its git URL failed: $(PARITY_VENV)/conch-install.log; PROALIGN_CONCH_SRC adds it)"; fi
 	touch $@
 
 parity-install: $(PARITY_VENV)/.installed
 
-parity: $(PARITY_VENV)/.installed
+parity: $(PARITY_VENV)/.installed requirements-conch.txt
+	@rm -f $(PARITY_VENV)/.conch
 	@if [ -n "$(PROALIGN_CONCH_SRC)" ]; then \
-	  $(PARITY_PIP) install --no-deps "$(PROALIGN_CONCH_SRC)" && touch $(PARITY_VENV)/.conch; fi
+	  if $(PARITY_PY) -m pip show -q conch-fork 2>/dev/null; then $(PARITY_PIP) uninstall -y conch-fork; fi; \
+	  $(PARITY_PIP) install --no-deps "$(PROALIGN_CONCH_SRC)"; \
+	else \
+	  if $(PARITY_PY) -m pip show -q conch 2>/dev/null; then $(PARITY_PIP) uninstall -y conch; fi; \
+	  $(PARITY_PIP) install --no-deps --require-hashes -r requirements-conch.txt; \
+	fi && touch $(PARITY_VENV)/.conch
 	@if [ -n "$(PROALIGN_TRIDENT_SRC)" ]; then $(PARITY_PIP) install --no-deps einops==0.8.2 einops-exts==0.0.4; fi
 	mkdir -p build && rm -f $(PARITY_REPORT)
 	PROALIGN_REQUIRE_OFFICIAL="torchvision,timm,open_clip,transformers$$([ -f $(PARITY_VENV)/.conch ] && echo ,conch)$$([ -n "$(PROALIGN_TRIDENT_SRC)" ] && echo ,einops,einops_exts)" \

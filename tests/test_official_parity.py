@@ -1,11 +1,11 @@
 """Our encoders against the official code (timm, open_clip, CONCH) at the real architecture sizes.
 
 These tests run in the parity environment that `make parity` builds (and `.ci/run` runs): PyPI's
-torch with torchvision, timm, open_clip_torch and transformers, plus the conch package where it
-can be installed (it is on no registry; see the README). In the project's own environment those
-packages do not import (PyPI's torchvision fails beside the local CPU torch wheel) and every test
-here skips, saying why; `make parity` sets PROALIGN_REQUIRE_OFFICIAL so that there a package that
-does not import fails instead.
+torch with torchvision, timm, open_clip_torch and transformers, plus the conch package (PyPI's
+`conch-fork`, CONCH v1's code unchanged, or PROALIGN_CONCH_SRC; docs/ENCODERS.md). In the
+project's own environment those packages do not import (PyPI's torchvision fails beside the local
+CPU torch wheel) and every test here skips, saying why; `make parity` sets PROALIGN_REQUIRE_OFFICIAL
+so that there a package that does not import fails instead.
 
 Method, for every encoder `list_encoders()` names: build the official model, fill every parameter
 with seeded random numbers (no weights are ever downloaded), save its state dict in the official
@@ -695,12 +695,13 @@ def test_trident_conch_v15_equals_ours(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # CONCH v1
 # ---------------------------------------------------------------------------------------------
-# The conch package (github.com/mahmoodlab/CONCH) is on no package registry, and CI reaches only
-# PyPI. CI therefore checks CONCH against a model assembled from the official parts CONCH itself is
-# made of, wired as CONCH's coca_model.py / vision_tower.py wire them (facts from that code): the
-# image trunk is timm's VisionTransformer (ViT-B/16, 448 px, forward_features = all tokens after
-# the final norm), the contrastive head open_clip's AttentionalPooler (1 query, 512-d, keys 768-d,
-# 8 heads) + LayerNorm + the 512 x 512 `proj_contrast`, the text tower open_clip's TextTransformer
+# The conch package (github.com/mahmoodlab/CONCH) is not on PyPI under its own name (CI installs
+# `conch-fork`, a third party's byte-identical upload; docs/ENCODERS.md). CONCH is also checked
+# against a model assembled from the official parts CONCH itself is made of, wired as CONCH's
+# coca_model.py / vision_tower.py wire them (facts from that code): the image trunk is timm's
+# VisionTransformer (ViT-B/16, 448 px, forward_features = all tokens after the final norm), the
+# contrastive head open_clip's AttentionalPooler (1 query, 512-d, keys 768-d, 8 heads) + LayerNorm
+# + the 512 x 512 `proj_contrast`, the text tower open_clip's TextTransformer
 # with CONCH's settings (127 tokens + the appended CLS embedding = 128 positions, the legacy CoCa
 # CLS mask, pad id 0), and the captioning parts (open_clip's pooler with 256 queries and its
 # MultimodalTransformer) so that the checkpoint has the released file's keys. Where the conch
@@ -824,9 +825,10 @@ def test_conch_v1_equals_official_parts(conch_parts_checkpoint, tmp_path):
 
 
 def test_conch_package_equals_ours(conch_parts_checkpoint, tmp_path):
-    """Against the conch package itself, where it is installed (PROALIGN_CONCH_SRC for `make parity`)."""
-    occ = optional_import("conch.open_clip_custom", "the conch package is on no registry: `make parity "
-                          "PROALIGN_CONCH_SRC=<a CONCH checkout>` installs it (see the README)")
+    """Against the conch package itself, where it is installed (`make parity`: PyPI's conch-fork, or
+    PROALIGN_CONCH_SRC)."""
+    occ = optional_import("conch.open_clip_custom", "`make parity` installs the conch package (PyPI's "
+                          "conch-fork, or PROALIGN_CONCH_SRC=<a CONCH checkout>; docs/ENCODERS.md)")
     t0 = time.perf_counter()
     parts, d = conch_parts_checkpoint
     ckpt = d / "pytorch_model.bin"
