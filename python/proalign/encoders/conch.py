@@ -50,7 +50,8 @@ then download its `pytorch_model.bin`, e.g.
     create_encoder("conch_v1", "~/models/conch_v1")
 For text (building prototypes), put the tokenizer `conch_byte_level_bpe_uncased.json` from
 https://github.com/mahmoodlab/CONCH (conch/open_clip_custom/tokenizers/) in the same folder, or install
-the conch package (pip install git+https://github.com/mahmoodlab/CONCH)."""
+the conch package (pip install git+https://github.com/mahmoodlab/CONCH, or PyPI's conch-fork 0.1.0,
+whose conch/ is byte-identical to that repository at 141cc09: docs/ENCODERS.md)."""
 
 
 @dataclass
@@ -281,7 +282,8 @@ def build_conch_v1(weights: Optional[str | os.PathLike], *, device: Any = "cpu",
         ok, why = _official_conch()
         if impl == "conch" and not ok:
             raise EncoderError(f"conch_v1: impl='conch' needs the conch package, and {why} "
-                               "(pip install git+https://github.com/mahmoodlab/CONCH; impl='native' needs nothing)")
+                               "(pip install git+https://github.com/mahmoodlab/CONCH, or PyPI's conch-fork==0.1.0, "
+                               "the same code; impl='native' needs nothing)")
         if ok:
             return _build_official(path, Path(weights).expanduser(), device=device, dtype=dtype, compile=compile)
         if _conch_spec() is not None:
