@@ -47,7 +47,6 @@ COLS = 64  # columns per pooling tile (4 vectors); buffers are padded to a multi
 FMT_F32, FMT_F16, FMT_BF16, FMT_F16_SOFT = 0, 1, 2, 3  # FMT_F16_SOFT: the integer path (tests)
 
 
-
 def drop_stale_caches(ops: Path = Path(__file__).parent) -> None:
     """Delete the cached numba kernels of ops/ (`__pycache__/*.nbi`, `*.nbc` beside the sources)
     when the hash of the kernels' sources (this file and every `ops/*/numba_cpu.py`) differs from
@@ -346,7 +345,7 @@ _LN2_HI = 0.693145751953125  # ln 2 split in two (8 significant bits in the high
 _LN2_LO = 1.4286068203094172e-06
 # exp below -50 gives 0. The kernels take exp of (score - the running max) only, as weights whose
 # total is >= 1, so a term below e^-50 changes no result; kept, such terms make subnormal numbers
-# downstream (q * x), whose arithmetic takes a microcode assist (~100x slower) on x86: 10% of the
+# downstream (q * x), whose arithmetic takes a microcode assist (~100x slower) on x86: 13% of the
 # PANTHER pass on spread-out data (46.7 -> 40.7 ms).
 _EXP_MIN = -50.0
 _EXP_MAX = 88.0
@@ -590,9 +589,8 @@ def block_pool(buf, boff, bstride, rows, w, wt_stride, wk_stride, nt, kp, width,
 def aligned_zeros(n, dtype):
     """n zeros of dtype whose first element starts a 64-byte cache line, so that every 16-lane
     vector at a multiple-of-16 index (every row of the kernels' buffers) is one line. numba aligns
-    its arrays to 32 bytes only: half of them then split every vector load and store across two
-    lines, and a kernel ran at half speed or not by the luck of its allocations (PANTHER's pass
-    35 or 82 ms on the same data)."""
+    its arrays to 32 bytes only, so about half of them split every vector load and store across two
+    lines (PANTHER's pass 36.2 -> 29.9 ms once aligned)."""
     raw = np.zeros(n + 64, dtype=dtype)
     off = (64 - raw.ctypes.data % 64) % 64 // raw.itemsize
     return raw[off:off + n]
