@@ -284,8 +284,9 @@ def test_unknown_lister():
 def test_without_numba(tmp_path, rng, monkeypatch):
     """Where numba does not import, the default call takes the numpy path (and h5py's lister for
     layout-4 indexes)."""
-    monkeypatch.setattr(h5_chunks, "_nb", False)
-    monkeypatch.setattr(h5_chunks, "_nb_why", "ImportError: no numba (simulated)")
+    def no_numba():
+        raise ImportError("no numba (simulated)")
+    monkeypatch.setattr(h5_chunks, "_compiled_module", h5_chunks._LoadOnce(no_numba))
     x = rng.standard_normal((600, 16)).astype(np.float32)
     write_trident_h5(tmp_path / "t.h5", x, np.zeros((600, 2), np.int64))
     with h5py.File(tmp_path / "n.h5", "w", libver="latest") as f:

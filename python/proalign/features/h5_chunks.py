@@ -336,40 +336,53 @@ def _preadv_all(fd: int, path: str, bufs: list, at: int, want: int) -> None:
 # The compiled half (numba)
 
 
-_nb = None  # None: not tried yet; False: unavailable (compiled_unavailable() says why); else the module
-_nb_why = ""
-_nb_lock = threading.Lock()
+class _LoadOnce:
+    """What `load()` returns, loaded by the first caller (thread-safe) and kept; None when it raised,
+    `why` then saying what failed (each part below has another path to take)."""
+
+    def __init__(self, load):
+        self._load = load
+        self._lock = threading.Lock()
+        self._tried = False
+        self.value = None
+        self.why = ""
+
+    def get(self):
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    try:
+                        self.value = self._load()
+                    except Exception as e:  # noqa: BLE001 - any failure means: take the other path
+                        self.why = f"{type(e).__name__}: {e}"
+                    self._tried = True
+        return self.value
+
+
+def _import_compiled():
+    if not _HAVE_PREADV or sys.platform == "win32":
+        raise RuntimeError("no pread/preadv on this platform")
+    if sys.byteorder != "little":
+        raise RuntimeError("the compiled B-tree walker reads little-endian words")
+    from . import _h5_numba
+    return _h5_numba
+
+
+_compiled_module = _LoadOnce(_import_compiled)  # else the numpy path
 
 
 def compiled_unavailable() -> str | None:
     """Why the compiled reader (numba) cannot run here, or None when it can."""
-    _load_compiled()
-    return _nb_why or None
-
-
-def _load_compiled():
-    global _nb, _nb_why
-    if _nb is None:
-        with _nb_lock:
-            if _nb is None:
-                try:
-                    if not _HAVE_PREADV or sys.platform == "win32":
-                        raise RuntimeError("no pread/preadv on this platform")
-                    if sys.byteorder != "little":
-                        raise RuntimeError("the compiled B-tree walker reads little-endian words")
-                    from . import _h5_numba
-                    _nb = _h5_numba
-                except Exception as e:  # noqa: BLE001 - any failure means: the numpy path
-                    _nb, _nb_why = False, f"{type(e).__name__}: {e}"
-    return _nb or None
+    _compiled_module.get()
+    return _compiled_module.why or None
 
 
 def _compiled(compiled: bool | None):
     if compiled is False:
         return None
-    nb = _load_compiled()
+    nb = _compiled_module.get()
     if compiled and nb is None:
-        raise RuntimeError(f"the compiled h5 reader is unavailable: {_nb_why}")
+        raise RuntimeError(f"the compiled h5 reader is unavailable: {_compiled_module.why}")
     return nb
 
 
@@ -570,33 +583,10 @@ def _read_nodes(fd: int, addrs: list[int], n_words: int, file_size: int):
 # Lister 2: H5Dchunk_iter of h5py's own libhdf5 with a compiled callback
 
 
-_native = None  # None: not tried yet; False: unavailable (native_unavailable() says why); else loaded
-_native_why = ""
-_native_lock = threading.Lock()
-
-
-def native_unavailable() -> str | None:
-    """Why the native chunk lister cannot run here, or None when it can."""
-    _native_lister()
-    return _native_why or None
-
-
-def _native_lister():
-    global _native, _native_why
-    if _native is None:
-        with _native_lock:
-            if _native is None:
-                try:
-                    _native = _load_native()
-                except Exception as e:  # noqa: BLE001 - any failure means: use another lister
-                    _native, _native_why = False, f"{type(e).__name__}: {e}"
-    return _native or None
-
-
 def _load_native():
-    nb = _load_compiled()
+    nb = _compiled_module.get()
     if nb is None:
-        raise RuntimeError(f"needs the compiled callback: {_nb_why}")
+        raise RuntimeError(f"needs the compiled callback: {_compiled_module.why}")
     if h5py.version.hdf5_version_tuple < (1, 14, 0):
         raise RuntimeError(f"HDF5 {h5py.version.hdf5_version} predates H5Dchunk_iter as used here (1.14)")
     from h5py import _objects, h5d  # h5py's lock on the library; a module linked to its libhdf5
@@ -615,8 +605,17 @@ def _load_native():
     return fn, nb.on_chunk.address, _objects.phil
 
 
+_native = _LoadOnce(_load_native)  # else h5py's own chunk lookups
+
+
+def native_unavailable() -> str | None:
+    """Why the native chunk lister cannot run here, or None when it can."""
+    _native.get()
+    return _native.why or None
+
+
 def _native_index(ds: h5py.Dataset, n_chunks: int) -> ChunkIndex | None:
-    lister = _native_lister()
+    lister = _native.get()
     if lister is None:
         return None
     fn, on_chunk, phil = lister
