@@ -449,6 +449,16 @@ def vaccumulate(typingctx, a, i, v, scale):
 
 # --- block GEMMs --------------------------------------------------------------------------------
 
+@njit(nogil=True, cache=True)
+def _prefetch_every(x, steps, pf, pf_end):
+    """Elements of x per cache line, and how many of a GEMM's `steps` inner iterations pass between
+    two prefetches, so that the lines of x[pf:pf_end] are spread evenly over it. (The prefetch step
+    itself stays written out in each GEMM's inner loop: as a function it made the loops 2-5x
+    slower.)"""
+    line = 64 // x.itemsize
+    return line, max(1, steps // max(1, (max(pf_end - pf, 0) + line - 1) // line))
+
+
 @njit(fastmath=True, nogil=True, cache=True)
 def block_scores(buf, boff, bstride, rows, cm, cstride, kp, width, s, sstride, x, pf, pf_end):
     """s[k * sstride + r] = sum_j buf[boff + r * bstride + j] * cm[k * cstride + j] for r < rows rounded up
@@ -458,9 +468,7 @@ def block_scores(buf, boff, bstride, rows, cm, cstride, kp, width, s, sstride, x
     Meanwhile x[pf:pf_end] (flat; the kernel's next block) is prefetched, one cache line every few
     inner iterations (evenly over the GEMM: a burst would hold every line-fill buffer and stall the
     GEMM's own loads), so the next block's read from memory overlaps this block's arithmetic."""
-    line = 64 // x.itemsize  # elements per cache line
-    steps = ((rows + 3) // 4) * (kp // 4) * (width // W)  # inner iterations
-    every = max(1, steps // max(1, (max(pf_end - pf, 0) + line - 1) // line))  # one line per `every`
+    line, every = _prefetch_every(x, ((rows + 3) // 4) * (kp // 4) * (width // W), pf, pf_end)
     count = every
     for r in range(0, rows, 4):
         x0o = boff + r * bstride
@@ -518,9 +526,7 @@ def block_pool(buf, boff, bstride, rows, w, wt_stride, wk_stride, nt, kp, width,
     The block's sum is formed in float32 registers (4 prototypes x 64 columns, 16 accumulators,
     starting from zero) and added once into acc (float32 or float64). x[pf:pf_end] is prefetched
     meanwhile, as in block_scores."""
-    line = 64 // x.itemsize
-    steps = (width // COLS) * nt * (kp // 4) * rows  # inner iterations
-    every = max(1, steps // max(1, (max(pf_end - pf, 0) + line - 1) // line))  # one line per `every`
+    line, every = _prefetch_every(x, (width // COLS) * nt * (kp // 4) * rows, pf, pf_end)
     count = every
     for j in range(0, width, COLS):
         for t in range(nt):
