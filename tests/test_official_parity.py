@@ -71,11 +71,17 @@ def check_preprocess(name: str, rec: dict) -> None:
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def _record(encoder: str, **numbers) -> None:
+def _report(encoder: str, rec: dict, seconds: float, reference: str | None = None) -> None:
+    """rec with its time (and the code it was checked against) into the parity report
+    (PROALIGN_PARITY_REPORT, one JSON line per check) and the test's output."""
+    rec["seconds"] = round(seconds, 1)
+    if reference:
+        rec["reference"] = reference
     path = os.environ.get("PROALIGN_PARITY_REPORT")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"encoder": encoder, **numbers}) + "\n")
+            f.write(json.dumps({"encoder": encoder, **rec}) + "\n")
+    print(encoder, rec)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -287,9 +293,7 @@ def test_timm_vit_equals_timm(name, scratch):
     rec.update(preprocess_parity(enc, official_tf, patches))
     if e2e_official is not None:
         rec["pipeline_min_cosine"] = float(F.cosine_similarity(enc(patches), e2e_official, dim=1).min())
-    rec["seconds"] = round(time.perf_counter() - t0, 1)
-    _record(name, **rec)
-    print(name, rec)
+    _report(name, rec, time.perf_counter() - t0)
     assert err < FEATURE_TOL, f"{name}: max |ours - timm| = {err:.3g}"
     assert rec.get("image_256px_max_abs", 0.0) < FEATURE_TOL, rec
     check_preprocess(name, rec)
@@ -370,9 +374,7 @@ def test_open_clip_equals_open_clip(arch, scratch, clip_tokenizer_json):
         rec["token_ids_equal"] = bool(torch.equal(ids, official_ids))
         rec["text_max_abs"] = _max_diff(enc.encode_text(TOWER_TEXTS), t_official)
         rec.update(preprocess_parity(enc, official_tf, tissue_like_patches(n, s + 32, seed=3)))
-        rec["seconds"] = round(time.perf_counter() - t0, 1)
-        _record(name, **rec)
-        print(name, rec)
+        _report(name, rec, time.perf_counter() - t0)
         del enc
         gc.collect()
         bad = [f"{k} = {rec[k]:.3g}" for k in ("image_max_abs", "joint_max_abs", "text_max_abs") if rec[k] >= FEATURE_TOL]
@@ -471,9 +473,7 @@ def test_timm_card_preset_equals_timm(group, scratch):
         rec = {"params_M": round(n_params / 1e6, 1), "input": enc.input_size,
                "image_max_abs": _max_diff(enc.encode_image(px), want)}
         rec.update(preprocess_parity(enc, tf, patches))
-        rec["seconds"] = round(time.perf_counter() - t1 + (setup if name == group[0] else 0.0), 1)
-        _record(name, **rec)
-        print(name, rec)
+        _report(name, rec, time.perf_counter() - t1 + (setup if name == group[0] else 0.0))
         del enc
         gc.collect()
         if rec["image_max_abs"] >= FEATURE_TOL:
@@ -516,10 +516,7 @@ def test_phikon_v2_equals_transformers(scratch):
     rec = {"params_M": round(n_params / 1e6, 1), "input": 224, "image_max_abs": _max_diff(enc.encode_image(px), want),
            "image_256px_max_abs": _max_diff(enc.encode_image(px256), want256)}
     rec.update(preprocess_parity(enc, official_tf, patches))
-    rec["seconds"] = round(time.perf_counter() - t0, 1)
-    rec["reference"] = "transformers Dinov2Model"
-    _record("phikon_v2", **rec)
-    print("phikon_v2", rec)
+    _report("phikon_v2", rec, time.perf_counter() - t0, "transformers Dinov2Model")
     assert rec["image_max_abs"] < FEATURE_TOL and rec["image_256px_max_abs"] < FEATURE_TOL, rec
     check_preprocess("phikon_v2", rec)
 
@@ -619,10 +616,7 @@ def test_conch_v15_equals_official_parts(scratch):
     assert (enc.input_size, enc.feature_dim, enc.patch_size) == (448, 768, 512)
     rec = {"params_M": round(n_params / 1e6, 1), "input": 448, "image_max_abs": _max_diff(enc.encode_image(px), want)}
     rec.update(preprocess_parity(enc, official_tf, patches))
-    rec["seconds"] = round(time.perf_counter() - t0, 1)
-    rec["reference"] = "timm trunk + pooler wired as TRIDENT conchv1_5"
-    _record("conch_v15", **rec)
-    print("conch_v15", rec)
+    _report("conch_v15", rec, time.perf_counter() - t0, "timm trunk + pooler wired as TRIDENT conchv1_5")
     assert rec["image_max_abs"] < FEATURE_TOL, rec
     check_preprocess("conch_v15", rec)
 
@@ -684,10 +678,7 @@ def test_trident_conch_v15_equals_ours(tmp_path):
     enc = create_encoder("conch_v15", tmp_path)
     rec["image_max_abs"] = _max_diff(enc.encode_image(px), want)
     rec.update(preprocess_parity(enc, tf, patches))
-    rec["seconds"] = round(time.perf_counter() - t0, 1)
-    rec["reference"] = "TRIDENT conchv1_5.py"
-    _record("conch_v15 (TRIDENT code)", **rec)
-    print("conch_v15 (TRIDENT code)", rec)
+    _report("conch_v15 (TRIDENT code)", rec, time.perf_counter() - t0, "TRIDENT conchv1_5.py")
     assert rec["image_max_abs"] < FEATURE_TOL and rec["parts_vs_trident_max_abs"] < FEATURE_TOL, rec
     check_preprocess("conch_v15", rec)
 
@@ -813,10 +804,7 @@ def test_conch_v1_equals_official_parts(conch_parts_checkpoint, tmp_path):
     with torch.inference_mode():
         e2e = model.visual.features(torch.stack([official_tf(Image.fromarray(p)) for p in patches]))
     rec["pipeline_min_cosine"] = float(F.cosine_similarity(enc(patches), e2e, dim=1).min())
-    rec["seconds"] = round(time.perf_counter() - t0, 1)
-    rec["reference"] = "timm + open_clip parts wired as CONCH"
-    _record("conch_v1", **rec)
-    print("conch_v1", rec)
+    _report("conch_v1", rec, time.perf_counter() - t0, "timm + open_clip parts wired as CONCH")
     assert rec["token_ids_equal"], (ids, official_ids)
     for k in ("image_max_abs", "joint_max_abs", "text_max_abs"):
         assert rec[k] < FEATURE_TOL, f"conch_v1: {k} = {rec[k]:.3g}"
@@ -861,10 +849,7 @@ def test_conch_package_equals_ours(conch_parts_checkpoint, tmp_path):
     rec["text_max_abs"] = _max_diff(enc.encode_text(TOWER_TEXTS), t_conch)
     rec["parts_vs_package_text_max_abs"] = _max_diff(t_parts, t_conch)
     rec.update(preprocess_parity(enc, conch_tf, tissue_like_patches(2, enc.patch_size, seed=3)))
-    rec["seconds"] = round(time.perf_counter() - t0, 1)
-    rec["reference"] = "conch package"
-    _record("conch_v1 (conch package)", **rec)
-    print("conch_v1 (conch package)", rec)
+    _report("conch_v1 (conch package)", rec, time.perf_counter() - t0, "conch package")
     assert rec["token_ids_equal"]
     for k in ("image_max_abs", "joint_max_abs", "text_max_abs", "parts_vs_package_image_max_abs",
               "parts_vs_package_text_max_abs", "impl_conch_vs_native_image_max_abs"):
